@@ -1,0 +1,225 @@
+"""Process group, fairscale model parallelism, device and dtype choice.
+
+Everything that depends on *where* the model runs lives here, so that ``model.py`` only says *what*
+it computes. Two ways in:
+
+* under ``torchrun``: the process group comes from its environment (NCCL on CUDA, gloo on CPU);
+* a plain ``python`` process: a one-process gloo group on an in-memory store, so nothing has to be
+  set in the environment and no port is opened.
+
+The three model-parallel layers are fairscale's own classes (their ``forward`` does the
+communication). They are re-built here only so that they honour ``torch.device("meta")``:
+fairscale allocates its weights with the legacy ``torch.Tensor(...)`` constructor, which ignores
+the device context, so a 70B model would be materialised on the CPU before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel import layers as fs_layers
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "init_model_parallel",
+    "model_parallel_rank",
+    "model_parallel_world_size",
+    "select_device",
+    "select_dtype",
+]
+
+
+class ModelParallelError(RuntimeError):
+    """The requested model-parallel layout cannot be set up in this process group."""
+
+
+def _under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def init_model_parallel(model_parallel_size: int | None = None) -> int:
+    """Make sure ``torch.distributed`` and fairscale's model-parallel groups exist.
+
+    Safe to call many times. Without torchrun this creates a one-process gloo group on an
+    in-memory store. Under torchrun it joins the job's group (NCCL when CUDA is available, else
+    gloo) and uses ``model_parallel_size`` ranks per model (default: all of them).
+
+    Returns the model-parallel world size.
+    """
+    if not dist.is_initialized():
+        if _under_torchrun():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend)
+        else:
+            # Single process: a HashStore needs no address, port or environment variables.
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    world_size = dist.get_world_size()
+    if model_parallel_size is None:
+        model_parallel_size = world_size if not fs_init.model_parallel_is_initialized() else (
+            fs_init.get_model_parallel_world_size()
+        )
+    if model_parallel_size < 1 or world_size % model_parallel_size != 0:
+        raise ModelParallelError(
+            f"model_parallel_size={model_parallel_size} must be >= 1 and divide the number of "
+            f"processes ({world_size}); launch with torchrun --nproc_per_node {model_parallel_size} "
+            "or pass a model_parallel_size that divides it"
+        )
+    if fs_init.model_parallel_is_initialized():
+        current = fs_init.get_model_parallel_world_size()
+        if current != model_parallel_size:
+            raise ModelParallelError(
+                f"model parallelism is already set up with size {current}; "
+                f"cannot switch to {model_parallel_size} in the same process"
+            )
+        return current
+    # fairscale prints its set-up on every rank; keep stdout for the user's output.
+    _quiet_call(fs_init.initialize_model_parallel, model_parallel_size)
+    return model_parallel_size
+
+
+def _quiet_call(fn, *args):
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def model_parallel_world_size() -> int:
+    """Number of ranks one model is split across (initialising a one-process group if needed)."""
+    return init_model_parallel()
+
+
+def model_parallel_rank() -> int:
+    """This process's rank within its model-parallel group."""
+    init_model_parallel()
+    return fs_init.get_model_parallel_rank()
+
+
+def select_device(override: str | torch.device | None = None) -> torch.device:
+    """The device to run on: ``override`` if given, else cuda > mps > cpu.
+
+    Under torchrun with CUDA each process takes ``cuda:LOCAL_RANK``.
+    """
+    if override is not None:
+        return torch.device(override)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+# Chosen by scripts/benchmark.py on the project's reference CPU: see README, "Speed".
+CPU_DEFAULT_DTYPE = torch.bfloat16
+
+
+def select_dtype(device: torch.device, override: str | torch.dtype | None = None) -> torch.dtype:
+    """The weight/activation dtype: ``override`` if given; bfloat16 on CUDA where supported, else
+    float16; float16 on MPS; ``CPU_DEFAULT_DTYPE`` on CPU."""
+    if override is not None:
+        if isinstance(override, torch.dtype):
+            return override
+        try:
+            return _DTYPES[str(override).lower()]
+        except KeyError:
+            raise ValueError(f"unknown dtype {override!r}; choose one of {sorted(_DTYPES)}") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return CPU_DEFAULT_DTYPE
+
+
+# --- fairscale layers that can be built on the meta device -------------------------------------
+
+
+class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+    """``y = x Wᵀ`` with W's rows (output features) split across model-parallel ranks.
+
+    fairscale's class and forward; only the constructor differs (allocation through
+    ``torch.empty`` so the active device, meta included, is honoured; no bias).
+    """
+
+    def __init__(self, in_features: int, out_features: int, gather_output: bool = False) -> None:
+        torch.nn.Module.__init__(self)
+        world_size = model_parallel_world_size()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.gather_output = gather_output
+        self.output_size_per_partition = _divide(out_features, world_size, "output features")
+        self.weight = torch.nn.Parameter(torch.empty(self.output_size_per_partition, in_features))
+        self.register_parameter("bias", None)
+        self.master_weight = None
+
+
+class RowParallelLinear(fs_layers.RowParallelLinear):
+    """``y = x Wᵀ`` with W's columns (input features) split across ranks; partial sums all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        torch.nn.Module.__init__(self)
+        world_size = model_parallel_world_size()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.input_is_parallel = True
+        self.input_size_per_partition = _divide(in_features, world_size, "input features")
+        self.weight = torch.nn.Parameter(torch.empty(out_features, self.input_size_per_partition))
+        self.register_parameter("bias", None)
+        self.master_weight = None
+
+
+class VocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
+    """Token embedding with the vocabulary (dim 0) split across ranks, as Llama 3 checkpoints are."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        torch.nn.Module.__init__(self)
+        world_size = model_parallel_world_size()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = None
+        self.max_norm = None
+        self.norm_type = 2.0
+        self.scale_grad_by_freq = False
+        self.sparse = False
+        self._weight = None
+        per_rank = _divide(num_embeddings, world_size, "vocabulary entries")
+        self.vocab_start_index = model_parallel_rank() * per_rank
+        self.vocab_end_index = self.vocab_start_index + per_rank
+        self.num_embeddings_per_partition = per_rank
+        self.weight = torch.nn.Parameter(torch.empty(per_rank, embedding_dim))
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.num_embeddings_per_partition == self.num_embeddings:
+            # One rank holds the whole table: skip fairscale's masking and all-reduce.
+            return torch.nn.functional.embedding(input_, self.weight)
+        return super().forward(input_)
+
+
+def _divide(n: int, parts: int, what: str) -> int:
+    if n % parts != 0:
+        raise ModelParallelError(
+            f"{n} {what} cannot be split evenly across {parts} model-parallel ranks; "
+            "choose a model-parallel size that divides it"
+        )
+    return n // parts
