@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up .venv with the test extras, then lint and run the whole test suite (CPU only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+. .venv/bin/activate
+ruff check llama3 scripts tests
+python -m pytest -q "$@"

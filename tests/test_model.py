@@ -1,0 +1,279 @@
+"""The Transformer against implementations we did not write: Meta's reference model (from the
+``llama-models`` wheel) and Hugging Face ``transformers``' LlamaForCausalLM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llama3.model as model_module
+from llama3 import ModelArgs, Transformer
+
+meta_model = pytest.importorskip("llama_models.llama3.model", reason="pip install --no-deps llama-models")
+from llama_models.llama3.args import ModelArgs as MetaModelArgs  # noqa: E402
+
+FP32_TOL = 1e-4
+
+BASE = dict(dim=64, n_layers=2, n_heads=8, vocab_size=256, multiple_of=32, norm_eps=1e-5,
+            rope_theta=500000.0, max_batch_size=2, max_seq_len=320)
+CONFIGS = {
+    "mha": dict(n_kv_heads=8),
+    "gqa_half": dict(n_kv_heads=4, ffn_dim_multiplier=1.3),
+    "gqa_quarter": dict(n_kv_heads=2),
+    "scaled_rope": dict(n_kv_heads=2, ffn_dim_multiplier=1.5, use_scaled_rope=True),
+}
+# 300 positions: with head_dim 8 and theta 500000 the 4440-token wavelength sits in Llama 3.1's
+# interpolation band and longer ones are divided by 8; by position 300 the scaled angles are
+# ~0.2 rad away from the unscaled ones, so a missing or wrong scaling shows in the logits.
+SEQ = 300
+
+
+def make_model(overrides: dict, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**BASE, **overrides}))
+    with torch.no_grad():
+        # Larger than the default init so that eps, norm gains and head grouping all move logits.
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.08)
+    return model
+
+
+def meta_oracle(model: Transformer, overrides: dict) -> torch.nn.Module:
+    ref = meta_model.Transformer(MetaModelArgs(**{**BASE, **overrides}))
+    ref.load_state_dict(model.state_dict(), strict=True)
+    return ref
+
+
+def to_hf_layout(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta pairs dims (2i, 2i+1) of each head; HF pairs (i, i + head_dim/2)."""
+    out_features, in_features = w.shape
+    head_dim = out_features // n_heads
+    return w.view(n_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+
+
+def hf_oracle(model: Transformer, overrides: dict) -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    args = model.params
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.use_scaled_rope:
+        rope.update(rope_type="llama3", factor=args.rope_scale_factor,
+                    low_freq_factor=args.rope_low_freq_factor, high_freq_factor=args.rope_high_freq_factor,
+                    original_max_position_embeddings=args.rope_original_max_seq_len)
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
+        max_position_embeddings=16384, rope_parameters=rope, tie_word_embeddings=False,
+    )
+    hf = transformers.LlamaForCausalLM(config).eval()
+    sd = model.state_dict()
+    hf_sd = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
+             "lm_head.weight": sd["output.weight"]}
+    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    for i in range(args.n_layers):
+        for ours, theirs in names.items():
+            w = sd[f"layers.{i}.{ours}.weight"]
+            if ours == "attention.wq":
+                w = to_hf_layout(w, args.n_heads)
+            elif ours == "attention.wk":
+                w = to_hf_layout(w, args.n_kv_heads)
+            hf_sd[f"model.layers.{i}.{theirs}.weight"] = w
+    hf.load_state_dict(hf_sd, strict=True)
+    return hf
+
+
+def tokens(bsz: int = 2, seqlen: int = SEQ, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, BASE["vocab_size"], (bsz, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_meta_reference(name):
+    overrides = CONFIGS[name]
+    model = make_model(overrides)
+    ref = meta_oracle(model, overrides)
+    toks = tokens()
+    ours = model(toks, 0)
+    assert ours.dtype == torch.float32 and ours.shape == (2, SEQ, BASE["vocab_size"])
+    assert (ours - ref(toks, 0)).abs().max().item() <= FP32_TOL
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(name):
+    overrides = CONFIGS[name]
+    model = make_model(overrides)
+    hf = hf_oracle(model, overrides)
+    toks = tokens()
+    with torch.no_grad():
+        theirs = hf(toks).logits
+    assert (model(toks, 0) - theirs).abs().max().item() <= FP32_TOL
+
+
+def _max_diff_vs_meta(overrides: dict, oracle_overrides: dict | None = None) -> float:
+    model = make_model(overrides)
+    ref = meta_oracle(model, oracle_overrides or overrides)
+    toks = tokens(seqlen=64)
+    return (model(toks, 0) - ref(toks, 0)).abs().max().item()
+
+
+def _rotate_half_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's pairing (i, i + d/2) applied to Meta-layout weights: the wrong layout."""
+    x32 = x.float()
+    half = x.shape[-1] // 2
+    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]
+    x0, x1 = x32[..., :half], x32[..., half:]
+    return torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).type_as(x)
+
+
+_sdpa = F.scaled_dot_product_attention
+
+
+def _wrong_grouping_sdpa(q, k, v, attn_mask=None, enable_gqa=False):
+    """Query head h reads KV head h % n_kv instead of h // n_rep: the wrong grouping."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat(1, n_rep, 1, 1), v.repeat(1, n_rep, 1, 1)
+    return _sdpa(q, k, v, attn_mask=attn_mask)
+
+
+def test_parity_check_catches_wrong_rope_eps_and_grouping(monkeypatch):
+    """A test of the tests: each classic mistake moves logits far past the parity tolerance."""
+    gqa = CONFIGS["gqa_quarter"]
+    assert _max_diff_vs_meta(gqa) <= FP32_TOL
+
+    assert _max_diff_vs_meta({**gqa, "norm_eps": 1e-2}, gqa) > 100 * FP32_TOL
+    long_model = make_model({**gqa, "use_scaled_rope": True})
+    ref = meta_oracle(long_model, gqa)
+    assert (long_model(tokens(), 0) - ref(tokens(), 0)).abs().max().item() > 100 * FP32_TOL
+
+    with monkeypatch.context() as m:
+        m.setattr(model_module, "apply_rope", _rotate_half_rope)
+        assert _max_diff_vs_meta(gqa) > 100 * FP32_TOL
+    with monkeypatch.context() as m:
+        m.setattr(model_module.F, "scaled_dot_product_attention", _wrong_grouping_sdpa)
+        assert _max_diff_vs_meta(gqa) > 100 * FP32_TOL
+
+
+@pytest.mark.parametrize("name", ["gqa_half", "scaled_rope"])
+def test_kv_cache_steps_equal_full_forward(name):
+    model = make_model(CONFIGS[name])
+    toks = tokens(seqlen=48)
+    full = model(toks, 0)
+    prefill = 20
+    steps = [model(toks[:, :prefill], 0)]
+    steps += [model(toks[:, pos:pos + 1], pos) for pos in range(prefill, 48)]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+    last = model(toks[:, :prefill], 0, last_only=True)
+    assert (last - steps[0][:, -1:]).abs().max().item() <= 1e-6
+
+
+def test_forward_static_equals_forward():
+    model = make_model(CONFIGS["gqa_half"])
+    toks = tokens(seqlen=24)
+    full = model(toks, 0)
+    model(toks[:, :16], 0)
+    for pos in range(16, 24):
+        step = model.forward_static(toks[:, pos:pos + 1], torch.tensor([pos]))
+        assert (step[:, 0] - full[:, pos]).abs().max().item() <= 1e-5
+
+
+# params.json values of Meta's releases (3.2 ties the output projection to the embedding).
+REAL_SHAPES = {
+    "llama-3-8b": (dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
+                        ffn_dim_multiplier=1.3), 8_030_261_248),
+    "llama-3-70b": (dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+                         ffn_dim_multiplier=1.3), 70_553_706_496),
+    "llama-3.1-405b": (dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, multiple_of=4096,
+                            ffn_dim_multiplier=1.2, use_scaled_rope=True), 405_853_388_800),
+    "llama-3.2-1b": (dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256,
+                          ffn_dim_multiplier=1.5, use_scaled_rope=True, tie_word_embeddings=True),
+                     1_235_814_400),
+    "llama-3.2-3b": (dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, multiple_of=256,
+                          ffn_dim_multiplier=1.0, use_scaled_rope=True, tie_word_embeddings=True),
+                     3_212_749_824),
+}
+
+
+@pytest.mark.parametrize("name", REAL_SHAPES)
+def test_parameter_count_of_released_shapes(name):
+    params, expected = REAL_SHAPES[name]
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, **params))
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_bfloat16_and_float16_logits_close_to_float32():
+    model = make_model(CONFIGS["gqa_half"])
+    toks = tokens(seqlen=64)
+    ref = model(toks, 0)
+    scale = ref.abs().max().item()
+    for dtype, tol in ((torch.bfloat16, 0.05), (torch.float16, 0.01)):
+        low = make_model(CONFIGS["gqa_half"]).to(dtype)
+        assert low.layers[0].attention.kv_cache.k.dtype == dtype
+        assert low.rope.dtype == torch.float32  # RoPE angles stay in float32
+        out = low(toks, 0)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        # Relative to the logit range: bf16 keeps 8 mantissa bits, fp16 11.
+        assert (out - ref).abs().max().item() <= tol * scale, dtype
+
+
+def test_model_args_from_params_json(caplog):
+    params = {"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128256,
+              "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "norm_eps": 1e-05, "rope_theta": 500000.0,
+              "use_scaled_rope": True, "vision_chunk_size": 560}
+    with caplog.at_level(logging.INFO, logger="llama3.model"):
+        args = ModelArgs(max_seq_len=128, max_batch_size=4, **params)
+    assert "vision_chunk_size" in caplog.text
+    assert args.use_scaled_rope and args.n_kv_heads == 2 and args.max_seq_len == 128
+    assert args.rope_scale_factor == 8.0 and args.rope_original_max_seq_len == 8192
+    assert ModelArgs(dim=64, n_heads=4).n_kv_heads == 4
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(dim=64, n_heads=5), "must divide dim"),
+    (dict(dim=64, n_heads=4, n_kv_heads=3), "must divide n_heads"),
+    (dict(dim=64, n_heads=4, max_seq_len=0), "max_seq_len"),
+    (dict(dim=60, n_heads=4, n_kv_heads=4), "must be even"),
+])
+def test_model_args_rejects_bad_values(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ModelArgs(**bad)
+
+
+def test_forward_rejects_too_long_and_too_wide():
+    model = make_model(CONFIGS["mha"])
+    with pytest.raises(ValueError, match="max_seq_len=320"):
+        model(tokens(seqlen=8), 315)
+    with pytest.raises(ValueError, match="max_batch_size=2"):
+        model(tokens(bsz=3, seqlen=4), 0)
+
+
+def test_runs_in_a_plain_process_with_nothing_in_the_environment(tmp_path):
+    """No torchrun, no MASTER_ADDR/RANK/WORLD_SIZE: the model sets up what fairscale needs itself."""
+    script = textwrap.dedent("""
+        import torch
+        from llama3 import ModelArgs, Transformer
+        model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=16,
+                                      max_batch_size=1))
+        out = model(torch.tensor([[1, 2, 3]]), 0)
+        print(tuple(out.shape), bool(torch.isfinite(out).all()))
+    """)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "(1, 3, 64) True"
