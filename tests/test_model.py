@@ -11,9 +11,7 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import llama3.model as model_module
 from llama3 import ModelArgs, Transformer
 
 meta_model = pytest.importorskip("llama_models.llama3.model", reason="pip install --no-deps llama-models")
@@ -122,48 +120,59 @@ def test_logits_match_transformers(name):
     assert (model(toks, 0) - theirs).abs().max().item() <= FP32_TOL
 
 
-def _max_diff_vs_meta(overrides: dict, oracle_overrides: dict | None = None) -> float:
-    model = make_model(overrides)
-    ref = meta_oracle(model, oracle_overrides or overrides)
-    toks = tokens(seqlen=64)
+def _max_diff_vs_meta(model: Transformer, oracle_overrides: dict, transform=None, seqlen: int = 64) -> float:
+    """Largest logit gap between our model and Meta's fed the same weights (optionally transformed)."""
+    ref = meta_model.Transformer(MetaModelArgs(**{**BASE, **oracle_overrides}))
+    sd = model.state_dict()
+    ref.load_state_dict(transform(sd) if transform else sd, strict=True)
+    toks = tokens(seqlen=seqlen)
     return (model(toks, 0) - ref(toks, 0)).abs().max().item()
 
 
-def _rotate_half_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's pairing (i, i + d/2) applied to Meta-layout weights: the wrong layout."""
-    x32 = x.float()
-    half = x.shape[-1] // 2
-    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]
-    x0, x1 = x32[..., :half], x32[..., half:]
-    return torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).type_as(x)
+def _each_layer(sd: dict, n_layers: int, fn) -> dict:
+    sd = dict(sd)
+    for i in range(n_layers):
+        fn(sd, f"layers.{i}.attention.")
+    return sd
 
 
-_sdpa = F.scaled_dot_product_attention
-
-
-def _wrong_grouping_sdpa(q, k, v, attn_mask=None, enable_gqa=False):
-    """Query head h reads KV head h % n_kv instead of h // n_rep: the wrong grouping."""
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat(1, n_rep, 1, 1), v.repeat(1, n_rep, 1, 1)
-    return _sdpa(q, k, v, attn_mask=attn_mask)
-
-
-def test_parity_check_catches_wrong_rope_eps_and_grouping(monkeypatch):
-    """A test of the tests: each classic mistake moves logits far past the parity tolerance."""
+def test_parity_check_catches_wrong_rope_eps_and_grouping():
+    """A test of the tests: each classic mistake, played out in the oracle, moves logits far past
+    the parity tolerance, so an implementation making it could not pass."""
     gqa = CONFIGS["gqa_quarter"]
-    assert _max_diff_vs_meta(gqa) <= FP32_TOL
+    n_heads, n_kv, n_layers = BASE["n_heads"], gqa["n_kv_heads"], BASE["n_layers"]
+    model = make_model(gqa)
+    assert _max_diff_vs_meta(model, gqa) <= FP32_TOL
 
-    assert _max_diff_vs_meta({**gqa, "norm_eps": 1e-2}, gqa) > 100 * FP32_TOL
-    long_model = make_model({**gqa, "use_scaled_rope": True})
-    ref = meta_oracle(long_model, gqa)
-    assert (long_model(tokens(), 0) - ref(tokens(), 0)).abs().max().item() > 100 * FP32_TOL
+    # Wrong norm epsilon.
+    assert _max_diff_vs_meta(model, {**gqa, "norm_eps": 1e-2}) > 100 * FP32_TOL
 
-    with monkeypatch.context() as m:
-        m.setattr(model_module, "apply_rope", _rotate_half_rope)
-        assert _max_diff_vs_meta(gqa) > 100 * FP32_TOL
-    with monkeypatch.context() as m:
-        m.setattr(model_module.F, "scaled_dot_product_attention", _wrong_grouping_sdpa)
-        assert _max_diff_vs_meta(gqa) > 100 * FP32_TOL
+    # Wrong RoPE layout: rotating (i, i + d/2) pairs instead of adjacent ones is the same as
+    # feeding the adjacent-pair oracle weights whose rows were permuted to the other layout.
+    def rotate_half_layout(sd):
+        def fn(sd, p):
+            sd[p + "wq.weight"] = to_hf_layout(sd[p + "wq.weight"], n_heads)
+            sd[p + "wk.weight"] = to_hf_layout(sd[p + "wk.weight"], n_kv)
+        return _each_layer(sd, n_layers, fn)
+    assert _max_diff_vs_meta(model, gqa, rotate_half_layout) > 100 * FP32_TOL
+
+    # Wrong GQA grouping: query head h reading KV head h % n_kv instead of h // n_rep. Reordering
+    # the query heads (rows of wq, columns of wo) changes nothing but which KV head each one reads.
+    n_rep = n_heads // n_kv
+    order = [g * n_rep + r for r in range(n_rep) for g in range(n_kv)]  # head slot -> old head
+
+    def regroup(sd):
+        def fn(sd, p):
+            head_dim = sd[p + "wq.weight"].shape[0] // n_heads
+            sd[p + "wq.weight"] = sd[p + "wq.weight"].view(n_heads, head_dim, -1)[order].flatten(0, 1)
+            wo = sd[p + "wo.weight"]
+            sd[p + "wo.weight"] = wo.view(wo.shape[0], n_heads, head_dim)[:, order].flatten(1)
+        return _each_layer(sd, n_layers, fn)
+    assert _max_diff_vs_meta(model, gqa, regroup) > 100 * FP32_TOL
+
+    # Missing Llama 3.1 RoPE scaling (needs long positions to show; see SEQ).
+    scaled = make_model({**gqa, "use_scaled_rope": True})
+    assert _max_diff_vs_meta(scaled, gqa, seqlen=SEQ) > 100 * FP32_TOL
 
 
 @pytest.mark.parametrize("name", ["gqa_half", "scaled_rope"])
