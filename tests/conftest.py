@@ -1,0 +1,82 @@
+"""Shared pytest fixtures.
+
+Each section below belongs to one area of the test suite; keep sections independent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+# ----------------------------------------------------------------------------------
+# Tokenizer / chat format (tests/test_tokenizer.py, tests/test_chat_format.py)
+#
+# Meta's real tokenizer.model is never committed: it comes from Meta's `llama-models`
+# package (`pip install --no-deps llama-models`), which CI installs and which also
+# provides Meta's reference Tokenizer / ChatFormat used as oracles. Locally a missing
+# oracle skips the test; in CI (CI=true) it fails, so CI can never pass by skipping.
+# ----------------------------------------------------------------------------------
+
+LLAMA3_TOKENIZER_MD5 = "08292403f8b173e7524d7fba7bbbd2d3"
+_LLAMA_MODELS_HINT = (
+    "Meta's llama-models package provides the Llama 3 tokenizer.model and the reference "
+    "implementation used as test oracle; install it with `pip install --no-deps llama-models`"
+)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def _oracle_unavailable(reason: str) -> NoReturn:
+    if _in_ci():
+        pytest.fail(f"{reason} (tests must not be skipped in CI)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def oracle_unavailable() -> Callable[[str], NoReturn]:
+    """Call with a reason when a test oracle is missing: skips locally, fails in CI."""
+    return _oracle_unavailable
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_path() -> Path:
+    """Path of Meta's Llama 3 tokenizer.model as shipped in the llama-models package."""
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or not spec.submodule_search_locations:
+        _oracle_unavailable(f"llama_models is not installed. {_LLAMA_MODELS_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "llama3" / "tokenizer.model"
+    if not path.is_file():
+        _oracle_unavailable(f"{path} is missing. {_LLAMA_MODELS_HINT}")
+    digest = hashlib.md5(path.read_bytes()).hexdigest()
+    if digest != LLAMA3_TOKENIZER_MD5:
+        pytest.fail(f"{path} has md5 {digest}, expected Meta's Llama 3 tokenizer ({LLAMA3_TOKENIZER_MD5})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(llama3_tokenizer_path: Path):
+    """Our Tokenizer on the real Llama 3 vocabulary (loaded once per session)."""
+    from llama3.tokenizer import Tokenizer
+
+    return Tokenizer(llama3_tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def meta_tokenizer(llama3_tokenizer_path: Path):
+    """Meta's reference Tokenizer from llama-models (needs only tiktoken)."""
+    try:
+        from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+    except ImportError as e:
+        _oracle_unavailable(f"cannot import llama_models.llama3.tokenizer ({e}). {_LLAMA_MODELS_HINT}")
+    return MetaTokenizer(llama3_tokenizer_path)
+
+
+# ------------------------------------------------------------- end tokenizer section
