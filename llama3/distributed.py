@@ -45,18 +45,21 @@ def _under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def init_model_parallel(model_parallel_size: int | None = None) -> int:
+def init_model_parallel(model_parallel_size: int | None = None, *, backend: str | None = None) -> int:
     """Make sure ``torch.distributed`` and fairscale's model-parallel groups exist.
 
     Safe to call many times. Without torchrun this creates a one-process gloo group on an
-    in-memory store. Under torchrun it joins the job's group (NCCL when CUDA is available, else
-    gloo) and uses ``model_parallel_size`` ranks per model (default: all of them).
+    in-memory store. Under torchrun it joins the job's group and uses ``model_parallel_size``
+    ranks per model (default: all of them). ``backend`` defaults to NCCL when CUDA is available,
+    else gloo; pass "gloo" to run on the CPU of a machine that has GPUs (NCCL cannot move CPU
+    tensors). It only matters for the first call, which creates the group.
 
     Returns the model-parallel world size.
     """
     if not dist.is_initialized():
         if _under_torchrun():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend is None:
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(backend)

@@ -80,3 +80,29 @@ def meta_tokenizer(llama3_tokenizer_path: Path):
 
 
 # ------------------------------------------------------------- end tokenizer section
+
+
+# ----------------------------------------------------------------------------------
+# Generation / chat CLI (tests/test_generation.py, tests/test_chat_cli.py)
+# ----------------------------------------------------------------------------------
+
+GENERATION_TINY_ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256,
+                            multiple_of=32, norm_eps=1e-5, rope_theta=500000.0)
+
+
+@pytest.fixture(scope="session")
+def generation_checkpoint(tmp_path_factory, llama3_tokenizer_path: Path) -> Path:
+    """A tiny random-weight Meta-format checkpoint with the real vocabulary, and the real
+    tokenizer.model linked beside it (outside the repository), as ``Llama.build`` expects."""
+    from llama3 import ModelArgs
+    from llama3.checkpoint import random_state_dict, save_meta_checkpoint
+
+    out = tmp_path_factory.mktemp("generation_ckpt")
+    args = ModelArgs(**GENERATION_TINY_ARGS)
+    # std 0.1: logits spread enough that greedy choices have clear margins.
+    save_meta_checkpoint(random_state_dict(args, seed=0, std=0.1), args, out)
+    (out / "tokenizer.model").symlink_to(llama3_tokenizer_path)
+    return out
+
+
+# ------------------------------------------------------------- end generation section

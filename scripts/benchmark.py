@@ -1,0 +1,540 @@
+"""Prefill and decode speed of llama3's Transformer, against the memory-bandwidth roofline and,
+optionally, Hugging Face transformers on the same weights, in the same process.
+
+    python scripts/benchmark.py --shape llama-3.2-1b --dtype bf16 --compare hf
+    python scripts/benchmark.py --shape llama-3-8b --device cuda --quantize int8 --compile
+    python scripts/benchmark.py --ckpt_dir ~/.llama/checkpoints/Llama3.2-1B --out results.json
+
+What is measured (all greedy, batch of identical-length random prompts):
+
+* prefill tokens/s: one ``forward(prompt, 0, last_only=True)`` per prompt length, batch 1;
+* decode tokens/s: after a ``--decode_context``-token prompt and 2 warm-up steps,
+  ``--decode_tokens`` single-token steps (argmax fed back), each timed; tokens/s = batch / median
+  step time (the JSON also has the mean), counting every sequence of the batch;
+* roofline: decoding one step must read every weight once plus the KV cache written so far, so
+  tokens/s <= batch · bandwidth / bytes_per_step. The bandwidth is measured in the same run, at
+  its start and its end (the best of a copy, a sum and a float32 matrix-vector product over
+  1 GiB, 4 GiB on GPU, each the best of 5); the highest reading is used, since other processes
+  on a shared machine can only lower it;
+* peak memory: the process's peak resident set (VmHWM, reset before each model) on CPU,
+  ``torch.cuda.max_memory_allocated`` on CUDA.
+
+``--compare hf`` builds ``transformers.LlamaForCausalLM`` (attn_implementation="sdpa", its default
+dynamic KV cache) holding the same weights and dtype, and times ``model.generate`` with
+``do_sample=False`` as users run it: prefill = ``generate(max_new_tokens=1)``; decode steps are
+timed inside ``generate(min_new_tokens=max_new_tokens=N+3)`` by a logits processor that notes
+the time of each token (the first two steps are dropped, as our warm-up steps are).
+
+Defaults are picked so that the 1B shape finishes in a few minutes on a 2-core CPU: on CPU the
+prompt lengths are 128, the decode run 16 tokens after a 64-token prompt; on CUDA 512 and 2048, 128
+tokens after 512. Pass ``--prompt_lens 512,2048`` etc. to override.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import fire
+import torch
+
+from llama3.distributed import select_device, select_dtype
+from llama3.model import ModelArgs, Transformer
+
+# params.json of Meta's releases. "tiny" is for trying the script out.
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=4096, multiple_of=64),
+    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                         multiple_of=256, ffn_dim_multiplier=1.5, rope_theta=500000.0,
+                         use_scaled_rope=True, rope_scale_factor=32.0, tie_word_embeddings=True),
+    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256,
+                         multiple_of=256, ffn_dim_multiplier=1.0, rope_theta=500000.0,
+                         use_scaled_rope=True, rope_scale_factor=32.0, tie_word_embeddings=True),
+    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                       multiple_of=1024, ffn_dim_multiplier=1.3, rope_theta=500000.0),
+    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256,
+                        multiple_of=4096, ffn_dim_multiplier=1.3, rope_theta=500000.0),
+}
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls (after one untimed warm-up): the least disturbed by
+    other processes, which on a shared machine only ever make things slower."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
+    """Memory bandwidth in GB/s (1e9 bytes/s) by three streaming kernels over ``gib`` GiB."""
+    n = int(gib * 2**30) // 4
+    a = torch.ones(n, device=device)
+    b = torch.empty_like(a)
+    probes = {
+        "copy": (lambda: b.copy_(a), 2 * a.nbytes),  # reads a, writes b
+        "sum": (lambda: a.sum(), a.nbytes),
+        "gemv_fp32": (lambda: torch.mv(a.view(-1, 4096), b[:4096]), a.nbytes),
+    }
+    result = {name: nbytes / _best_time(fn, device, repeats) / 1e9 for name, (fn, nbytes) in probes.items()}
+    result["best"] = max(result.values())
+    return result
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device, record: dict[str, float]):
+    """Puts the peak memory (GB) used inside the block into ``record["peak_mem_gb"]``."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError):  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+    yield
+    if device.type == "cuda":
+        record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    else:
+        record["peak_mem_gb"] = _vm_hwm_bytes() / 1e9
+
+
+def _vm_hwm_bytes() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # not Linux: the peak of the whole process
+
+    peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def decode_bytes_per_step(model: torch.nn.Module, args: ModelArgs, batch: int, kv_len: int,
+                          kv_dtype: torch.dtype) -> tuple[int, int]:
+    """(weight bytes, KV-cache bytes) one decoding step must read: every parameter and buffer of
+    the linear layers and norms (int8 weights and their scales after quantization; the token
+    embedding only for the ``batch`` rows looked up, unless it is the output projection too) and
+    keys and values of ``kv_len`` positions."""
+    weight_bytes = 0
+    seen: set[int] = set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen or "kv_cache" in name:
+            continue
+        seen.add(id(t))
+        # Only the looked-up rows of the embedding are read, unless it is also the output weight.
+        if name == "tok_embeddings.weight" and t is not getattr(model.output, "weight", None):
+            weight_bytes += batch * t.shape[1] * t.element_size()
+        else:
+            weight_bytes += t.numel() * t.element_size()
+    elem = torch.tensor([], dtype=kv_dtype).element_size()
+    kv_bytes = 2 * args.n_layers * batch * args.n_kv_heads * args.head_dim * kv_len * elem
+    return weight_bytes, kv_bytes
+
+
+# --- the models under test ----------------------------------------------------------------------
+
+
+def build_model(shape: str | None, ckpt_dir: str | None, n_layers: int | None, device: torch.device,
+                dtype: torch.dtype, max_batch_size: int, max_seq_len: int) -> Transformer:
+    """Random weights of a named shape, or a checkpoint through llama3.checkpoint.load_model."""
+    if ckpt_dir:
+        from llama3.checkpoint import load_model  # lazily: only needed for real weights
+
+        model = load_model(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                           device=device, dtype=dtype)
+        return model.eval()
+    params = dict(SHAPES[shape])
+    if n_layers:
+        params["n_layers"] = n_layers
+    args = ModelArgs(**params, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    torch.manual_seed(0)  # the same weights every time: --compare rebuilds them for transformers
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise directly in the run dtype: no float32 copy
+    try:
+        with torch.device(device):
+            model = Transformer(args)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def to_hf_model_dict(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Meta names and RoPE layout → Hugging Face's. Meta rotates adjacent pairs (2i, 2i+1) of
+    each head, HF rotates (i, i + head_dim/2): wq and wk rows are permuted to match."""
+
+    def rotate_half_layout(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+        out_features, in_features = w.shape
+        return (w.view(n_heads, out_features // n_heads // 2, 2, in_features)
+                .transpose(1, 2).reshape(out_features, in_features))
+
+    hf = {"model.embed_tokens.weight": state_dict["tok_embeddings.weight"],
+          "model.norm.weight": state_dict["norm.weight"]}
+    if not args.tie_word_embeddings:
+        hf["lm_head.weight"] = state_dict["output.weight"]
+    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+             "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    for i in range(args.n_layers):
+        for ours, theirs in names.items():
+            w = state_dict[f"layers.{i}.{ours}.weight"]
+            if ours == "attention.wq":
+                w = rotate_half_layout(w, args.n_heads)
+            elif ours == "attention.wk":
+                w = rotate_half_layout(w, args.n_kv_heads)
+            hf[f"model.layers.{i}.{theirs}.weight"] = w
+    return hf
+
+
+def build_hf_model(model: Transformer, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """transformers' LlamaForCausalLM with ``model``'s weights."""
+    import transformers
+
+    args = model.params
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.use_scaled_rope:
+        rope.update(rope_type="llama3", factor=args.rope_scale_factor,
+                    low_freq_factor=args.rope_low_freq_factor, high_freq_factor=args.rope_high_freq_factor,
+                    original_max_position_embeddings=args.rope_original_max_seq_len)
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
+        max_position_embeddings=max(args.max_seq_len, 131072), rope_parameters=rope,
+        rope_scaling=rope, tie_word_embeddings=args.tie_word_embeddings,
+        attn_implementation="sdpa", bos_token_id=None, eos_token_id=None, pad_token_id=0,
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            hf = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    missing, unexpected = hf.load_state_dict(to_hf_model_dict(model.state_dict(), args), strict=False)
+    missing = [k for k in missing if not (args.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"HF conversion: missing {missing}, unexpected {unexpected}")
+    if args.tie_word_embeddings:
+        hf.tie_weights()
+    return hf.eval()
+
+
+# --- timing loops ---------------------------------------------------------------------------------
+
+
+def _prompt(batch: int, length: int, vocab: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(batch * 100003 + length)
+    return torch.randint(0, vocab, (batch, length), generator=g).to(device)
+
+
+def ours_prefill(model: Transformer, prompt: torch.Tensor) -> None:
+    model.forward(prompt, 0, last_only=True)
+
+
+def ours_decode(model: Transformer, step: Callable, prompt: torch.Tensor, n_tokens: int,
+                device: torch.device) -> list[float]:
+    """Seconds of each of ``n_tokens`` greedy steps after ``prompt`` (prefill not timed)."""
+    logits = model.forward(prompt, 0, last_only=True)
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    pos = prompt.shape[1]
+    for _ in range(2):  # warm-up steps (compiled step: the first call compiles)
+        token = step(token, pos)[:, -1].argmax(-1, keepdim=True)
+        pos += 1
+    times = []
+    for _ in range(n_tokens):
+        _sync(device)
+        start = time.perf_counter()
+        token = step(token, pos)[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        pos += 1
+    return times
+
+
+def _logit_diff(model: Transformer, hf: torch.nn.Module, device: torch.device) -> float:
+    """Both models hold the same weights: their logits agree to the dtype's rounding."""
+    prompt = _prompt(1, 8, model.params.vocab_size, device)
+    with torch.inference_mode():
+        theirs = hf(prompt).logits.float()
+    return (model.forward(prompt, 0) - theirs).abs().max().item()
+
+
+def hf_generate(hf: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> list[float]:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens; returns the seconds between
+    consecutive tokens (a logits processor, called once per generated token, takes the times)."""
+    import transformers
+
+    stamps: list[float] = []
+
+    class Clock(transformers.LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            _sync(scores.device)
+            stamps.append(time.perf_counter())
+            return scores
+
+    with torch.inference_mode():
+        hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                    logits_processor=transformers.LogitsProcessorList([Clock()]))
+    return [t1 - t0 for t0, t1 in zip(stamps, stamps[1:], strict=False)]
+
+
+def _decode_summary(row: dict[str, Any], batch: int, times: list[float]) -> float:
+    """tokens/s of the median step (robust to other processes stealing a step), and the mean."""
+    median = statistics.median(times)
+    row[f"decode_b{batch}_tok_s"] = batch / median
+    row[f"decode_b{batch}_mean_tok_s"] = batch * len(times) / sum(times)
+    return batch / median
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def _as_ints(value: int | str | Sequence[int] | None, default: Sequence[int]) -> list[int]:
+    if value is None:
+        return list(default)
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, str):
+        return [int(v) for v in value.split(",") if v.strip()]
+    return [int(v) for v in value]
+
+
+def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int | None = None,
+         dtype: str | None = None, device: str | None = None, compile: bool = False,
+         quantize: str | None = None, batch_sizes: Any = None, prompt_lens: Any = None,
+         decode_tokens: int | None = None, decode_context: int | None = None, repeats: int = 2,
+         compare: str | None = None, threads: int | None = None, out: str | None = None) -> dict:
+    """Run the benchmark; print a table; write JSON to ``out`` if given. Returns the results.
+
+    Args:
+        shape: one of tiny, llama-3.2-1b, llama-3.2-3b, llama-3-8b, llama-3-70b (random weights).
+        ckpt_dir: a checkpoint directory instead (loaded by llama3.checkpoint.load_model).
+        n_layers: keep only this many layers (quick runs of big shapes).
+        dtype: bf16 / fp16 / fp32 (default: llama3's choice for the device).
+        device: cpu / cuda / ... (default: llama3's choice).
+        compile: decode with torch.compile(model.forward_static) (CUDA: mode="reduce-overhead").
+        quantize: "int8" for int8 weight-only linear layers.
+        batch_sizes: decode batch sizes, e.g. "1,8" (default 1,8).
+        prompt_lens: prefill prompt lengths (default CPU 128; CUDA 512,2048).
+        decode_tokens: timed decode steps (default CPU 16, CUDA 128).
+        decode_context: prompt length before decoding (default CPU 64, CUDA 512).
+        repeats: timed prefill repetitions (the best is kept).
+        compare: "hf" to run transformers' LlamaForCausalLM on the same weights too.
+        threads: torch CPU threads (default: torch's choice, one per core).
+        out: path of the JSON results file.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    dev = select_device(device)
+    dt = select_dtype(dev, dtype)
+    on_cpu = dev.type == "cpu"
+    batch_sizes = _as_ints(batch_sizes, (1, 8))
+    prompt_lens = _as_ints(prompt_lens, (128,) if on_cpu else (512, 2048))
+    decode_tokens = decode_tokens or (16 if on_cpu else 128)
+    decode_context = decode_context or (64 if on_cpu else 512)
+    max_seq_len = max([*prompt_lens, decode_context + decode_tokens + 2]) + 8
+    max_batch = max(batch_sizes)
+
+    machine = {"device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "cpu": platform.processor() or platform.machine(), "load_avg_at_start": os.getloadavg()[0]}
+    if dev.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(dev)
+    else:
+        machine["cpu"] = _cpu_name()
+    print(f"# {machine}", flush=True)
+
+    bandwidth = measure_bandwidth(dev, gib=1.0 if on_cpu else 4.0)
+    print("# memory bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()), flush=True)
+
+    mode = "+".join(m for m in ("eager" if not compile else "compile", quantize) if m)
+    rows: list[dict[str, Any]] = []
+    record: dict[str, Any] = {}
+    with peak_memory(dev, record):
+        model = build_model(shape, ckpt_dir, n_layers, dev, dt, max_batch, max_seq_len)
+        args = model.params
+        if quantize == "int8":
+            from llama3.quantize import quantize_int8
+
+            quantize_int8(model)
+        elif quantize:
+            raise ValueError(f"unknown quantize={quantize!r} (int8 is the one we have)")
+        step = _decode_step(model, dev, compile)
+        ours = _run_ours(model, step, args, dev, dt, prompt_lens, batch_sizes, decode_tokens,
+                         decode_context, repeats)
+    ours.update(impl="llama3", mode=mode, peak_mem_gb=record["peak_mem_gb"])
+    rows.append(ours)
+    del model, step
+    gc.collect()
+
+    if compare == "hf":
+        # The same weights again (same seed, or the same checkpoint), unquantized, handed to
+        # transformers; each implementation's peak memory is measured on its own.
+        record = {}
+        with peak_memory(dev, record):
+            model = build_model(shape, ckpt_dir, n_layers, dev, dt, max_batch, max_seq_len)
+            hf_model = build_hf_model(model, dev, dt)
+            print(f"# transformers vs llama3 logits, max |diff| on 8 tokens: "
+                  f"{_logit_diff(model, hf_model, dev):.3g}", flush=True)
+            del model
+            gc.collect()
+            theirs = _run_hf(hf_model, args, dev, prompt_lens, batch_sizes, decode_tokens,
+                             decode_context, repeats)
+        theirs.update(impl="transformers", mode="eager generate", peak_mem_gb=record["peak_mem_gb"])
+        rows.append(theirs)
+        ours["vs_transformers"] = {
+            k: ours[k] / theirs[k] for k in ours if k.startswith(("prefill_", "decode_"))
+            and k.endswith("tok_s") and theirs.get(k)
+        }
+    elif compare:
+        raise ValueError(f"unknown compare={compare!r} (hf is the one we have)")
+
+    # Other processes only ever lower a bandwidth reading: measure again at the end, keep the best.
+    for probe, value in measure_bandwidth(dev, gib=1.0 if on_cpu else 4.0).items():
+        bandwidth[probe] = max(bandwidth[probe], value)
+    print("# memory bandwidth GB/s, best of start and end: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()), flush=True)
+    for batch in batch_sizes:
+        roofline = batch * bandwidth["best"] * 1e9 / ours[f"decode_b{batch}_bytes_per_step"]
+        ours[f"decode_b{batch}_roofline_tok_s"] = roofline
+        ours[f"decode_b{batch}_pct_roofline"] = 100 * ours[f"decode_b{batch}_tok_s"] / roofline
+
+    name = shape if not ckpt_dir else os.path.basename(os.path.normpath(ckpt_dir))
+    if n_layers:
+        name += f" ({n_layers} layers)"
+    results = {"machine": machine, "bandwidth_gb_s": bandwidth, "shape": name,
+               "dtype": str(dt).replace("torch.", ""), "prompt_lens": prompt_lens, "batch_sizes": batch_sizes,
+               "decode_tokens": decode_tokens, "decode_context": decode_context, "rows": rows,
+               "load_avg_at_end": os.getloadavg()[0], "argv": sys.argv[1:]}
+    _print_table(results)
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"# wrote {out}")
+    return results
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _decode_step(model: Transformer, device: torch.device, compile: bool) -> Callable:
+    """One decoding step ``(token [b, 1], pos) -> logits [b, 1, vocab]``: eager ``forward``, or
+    the fixed-shape ``forward_static`` under torch.compile (CUDA graphs on GPU)."""
+    if not compile:
+        return lambda token, pos: model.forward(token, pos, last_only=True)
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    compiled = torch.compile(model.forward_static, mode=mode, fullgraph=False)
+
+    def step(token: torch.Tensor, pos: int) -> torch.Tensor:
+        if device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        # A fresh tensor each step: CUDA graphs replay with the value copied into their input.
+        return compiled(token, torch.tensor([pos], device=device))
+
+    return step
+
+
+def _run_ours(model: Transformer, step: Callable, args: ModelArgs, dev: torch.device, dt: torch.dtype,
+              prompt_lens: list[int], batch_sizes: list[int], decode_tokens: int, decode_context: int,
+              repeats: int) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    ours_prefill(model, _prompt(1, 8, args.vocab_size, dev))  # warm-up (kernel selection, allocator)
+    for length in prompt_lens:
+        prompt = _prompt(1, length, args.vocab_size, dev)
+        seconds = _best_time(lambda p=prompt: ours_prefill(model, p), dev, repeats)
+        row[f"prefill_{length}_tok_s"] = length / seconds
+        print(f"  llama3 prefill {length}: {length / seconds:.1f} tok/s", flush=True)
+    for batch in batch_sizes:
+        prompt = _prompt(batch, decode_context, args.vocab_size, dev)
+        tok_s = _decode_summary(row, batch, ours_decode(model, step, prompt, decode_tokens, dev))
+        mean_kv = decode_context + 2 + decode_tokens / 2
+        w_bytes, kv_bytes = decode_bytes_per_step(model, args, batch, int(mean_kv), dt)
+        row[f"decode_b{batch}_bytes_per_step"] = w_bytes + kv_bytes
+        print(f"  llama3 decode b{batch}: {tok_s:.2f} tok/s ({(w_bytes + kv_bytes) / 1e9:.2f} GB read "
+              f"per step)", flush=True)
+    return row
+
+
+def _run_hf(hf: torch.nn.Module, args: ModelArgs, dev: torch.device, prompt_lens: list[int],
+            batch_sizes: list[int], decode_tokens: int, decode_context: int, repeats: int) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    hf_generate(hf, _prompt(1, 8, args.vocab_size, dev), 1)
+    for length in prompt_lens:
+        prompt = _prompt(1, length, args.vocab_size, dev)
+        seconds = _best_time(lambda p=prompt: hf_generate(hf, p, 1), dev, repeats)
+        row[f"prefill_{length}_tok_s"] = length / seconds
+        print(f"  transformers prefill {length}: {length / seconds:.1f} tok/s", flush=True)
+    for batch in batch_sizes:
+        prompt = _prompt(batch, decode_context, args.vocab_size, dev)
+        hf_generate(hf, prompt, 3)  # warm-up
+        times = hf_generate(hf, prompt, decode_tokens + 3)[2:]  # the same 2 warm-up steps as ours
+        tok_s = _decode_summary(row, batch, times)
+        print(f"  transformers decode b{batch}: {tok_s:.2f} tok/s", flush=True)
+    return row
+
+
+def _print_table(results: dict[str, Any]) -> None:
+    machine = results["machine"]
+    where = machine.get("gpu") or f"{machine['cpu']} ({machine['threads']} threads)"
+    print(f"\n{where}, {results['shape']}, {results['dtype']}, bandwidth "
+          f"{results['bandwidth_gb_s']['best']:.1f} GB/s, load avg {machine['load_avg_at_start']:.2f}"
+          f" -> {results['load_avg_at_end']:.2f}")
+    cols = ([f"prefill_{n}_tok_s" for n in results["prompt_lens"]]
+            + [f"decode_b{b}_tok_s" for b in results["batch_sizes"]])
+    header = ["impl", "mode"] + [c.replace("_tok_s", "") for c in cols] + [
+        f"b{b} %roofline" for b in results["batch_sizes"]] + ["peak GB"]
+    lines = [header]
+    for row in results["rows"]:
+        pct = [f"{row[f'decode_b{b}_pct_roofline']:.0f}%" if f"decode_b{b}_pct_roofline" in row else "-"
+               for b in results["batch_sizes"]]
+        lines.append([row["impl"], row["mode"]] + [f"{row.get(c, float('nan')):.2f}" for c in cols]
+                     + pct + [f"{row['peak_mem_gb']:.1f}"])
+        if "vs_transformers" in row:
+            lines.append(["  ratio", "vs transformers"] + [
+                f"{row['vs_transformers'][c]:.2f}x" if c in row["vs_transformers"] else "-" for c in cols]
+                + [""] * (len(results["batch_sizes"]) + 1))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
+
+
+def cli(**kwargs: Any) -> None:
+    """Command line: ``main`` without echoing its result dict."""
+    main(**kwargs)
+
+
+cli.__doc__ = main.__doc__
+
+if __name__ == "__main__":
+    fire.Fire(main if "--help" in sys.argv or "-h" in sys.argv else cli)

@@ -1,0 +1,118 @@
+"""Model parallelism and resharding: a checkpoint saved with M shards, loaded on N ranks under
+torchrun (gloo, CPU), gives the logits of the same weights in one plain process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama3 import ModelArgs, Transformer
+from llama3.checkpoint import load_model, random_state_dict, save_hf_checkpoint, save_meta_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TOL = 1e-5
+CONFIGS = {
+    # n_kv_heads 2: split across 2 ranks, replicated across 4.
+    "gqa": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=256, multiple_of=32,
+                ffn_dim_multiplier=1.3, use_scaled_rope=True),
+    # One KV head: every rank keeps a copy; tied embedding and output.
+    "one_kv": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=256, multiple_of=32,
+                   tie_word_embeddings=True),
+}
+# (config, layout, shards saved)
+CHECKPOINTS = [("gqa", "meta", 1), ("gqa", "meta", 2), ("gqa", "meta", 4), ("gqa", "hf", 1),
+               ("one_kv", "meta", 1), ("one_kv", "meta", 2), ("one_kv", "meta", 4)]
+RUNS = {2: CHECKPOINTS, 4: [c for c in CHECKPOINTS if c != ("gqa", "hf", 1)]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reference(name: str, sd: dict, tokens: torch.Tensor) -> dict:
+    args = ModelArgs(**CONFIGS[name], max_seq_len=tokens.shape[1] + 4, max_batch_size=tokens.shape[0])
+    model = Transformer(args)
+    model.load_state_dict(sd, strict=True)
+    return {"prefill": model(tokens[:, :-1], 0), "step": model(tokens[:, -1:], tokens.shape[1] - 1)}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp")
+    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.save(tokens, root / "tokens.pt")
+    dirs, refs = {}, {}
+    for i, name in enumerate(CONFIGS):
+        args = ModelArgs(**CONFIGS[name])
+        sd = random_state_dict(args, seed=i, std=0.1)
+        refs[name] = _reference(name, sd, tokens)
+        for config, layout, shards in CHECKPOINTS:
+            if config == name:
+                d = root / f"{config}-{layout}-{shards}"
+                if layout == "meta":
+                    save_meta_checkpoint(sd, args, d, num_shards=shards)
+                else:
+                    save_hf_checkpoint(sd, args, d)
+                dirs[(config, layout, shards)] = d
+    return root, tokens, dirs, refs
+
+
+def _torchrun(setup, nproc: int) -> list[dict]:
+    root, _, dirs, _ = setup
+    out = root / f"out{nproc}"
+    out.mkdir(exist_ok=True)
+    ckpts = [str(dirs[c]) for c in RUNS[nproc]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(REPO / "tests" / "_mp_worker.py"), str(out), str(root / "tokens.pt"), *ckpts]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(out / f"{i}.pt", weights_only=True) for i in range(len(ckpts))]
+
+
+@pytest.fixture(scope="module")
+def results(setup):
+    return {n: _torchrun(setup, n) for n in RUNS}
+
+
+def _assert_close(got: dict, want: dict) -> None:
+    for key in ("prefill", "step"):
+        assert got[key].shape == want[key].shape
+        torch.testing.assert_close(got[key], want[key], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("ckpt", [c for c in CHECKPOINTS if c[1] == "meta" and c[2] > 1],
+                         ids=lambda c: f"{c[0]}-{c[2]}to1")
+def test_merge_shards_on_one_process(setup, ckpt):
+    _, tokens, dirs, refs = setup
+    model = load_model(dirs[ckpt], max_seq_len=tokens.shape[1] + 4, max_batch_size=2,
+                       device="cpu", dtype=torch.float32, verbose=False)
+    got = {"prefill": model(tokens[:, :-1], 0), "step": model(tokens[:, -1:], tokens.shape[1] - 1)}
+    _assert_close(got, refs[ckpt[0]])
+
+
+@pytest.mark.parametrize("nproc", sorted(RUNS))
+def test_model_parallel_logits_match_one_process(setup, results, nproc):
+    _, _, _, refs = setup
+    for ckpt, got in zip(RUNS[nproc], results[nproc], strict=True):
+        assert got["world"] == nproc
+        try:
+            _assert_close(got, refs[ckpt[0]])
+        except AssertionError as e:
+            raise AssertionError(f"{ckpt} on {nproc} ranks: {e}") from None
+
+
+@pytest.mark.parametrize("nproc", sorted(RUNS))
+def test_kv_heads_replicated_when_more_ranks_than_heads(results, nproc):
+    for ckpt, got in zip(RUNS[nproc], results[nproc], strict=True):
+        n_kv = CONFIGS[ckpt[0]]["n_kv_heads"]
+        assert got["local_heads"] == max(n_kv, nproc) // nproc
