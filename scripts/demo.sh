@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# No weights needed: set up .venv, write a tiny checkpoint with RANDOM weights and Meta's real
+# tokenizer (from the llama-models wheel), then run chat completion on it end to end.
+# Extra arguments go to scripts/example_chat_completion.py (e.g. --temperature 0).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh demo
+. .venv/bin/activate
+ckpt=checkpoints/tiny-random
+[ -f "$ckpt/params.json" ] || python scripts/make_tiny_checkpoint.py "$ckpt" --std 0.1
+echo "NOTE: $ckpt has RANDOM weights: everything runs for real, but the replies are gibberish."
+echo "      With real weights: python scripts/example_chat_completion.py /path/to/Llama3.1-8B-Instruct"
+python scripts/example_chat_completion.py "$ckpt" --max_gen_len 32 "$@"
