@@ -46,12 +46,14 @@ def main(
     seed: int = 1,
     device: str | None = None,
     dtype: str | None = None,
+    rope_scale_factor: float | None = None,
     compile: bool = False,
     quantize: str | None = None,
 ) -> None:
     """Answer each example dialog and print the conversation."""
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size, seed,
-                            device=device, dtype=dtype, compile=compile, quantize=quantize)
+                            device=device, dtype=dtype, rope_scale_factor=rope_scale_factor,
+                            compile=compile, quantize=quantize)
     dialogs = DIALOGS[:max_batch_size]
     results = generator.chat_completion(dialogs, temperature=temperature, top_p=top_p,
                                         max_gen_len=max_gen_len)

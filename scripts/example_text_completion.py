@@ -46,12 +46,14 @@ def main(
     seed: int = 1,
     device: str | None = None,
     dtype: str | None = None,
+    rope_scale_factor: float | None = None,
     compile: bool = False,
     quantize: str | None = None,
 ) -> None:
     """Generate a continuation of each example prompt and print it."""
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size, seed,
-                            device=device, dtype=dtype, compile=compile, quantize=quantize)
+                            device=device, dtype=dtype, rope_scale_factor=rope_scale_factor,
+                            compile=compile, quantize=quantize)
     prompts = PROMPTS[:max_batch_size]
     results = generator.text_completion(prompts, temperature=temperature, top_p=top_p,
                                         max_gen_len=max_gen_len)
