@@ -158,6 +158,14 @@ def select_dtype(device: torch.device, override: str | torch.dtype | None = None
 # --- fairscale layers that can be built on the meta device -------------------------------------
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ. A single bfloat16 row on the CPU goes through torch.mv: its GEMV kernel streams W at
+    memory speed, while the matmul path (oneDNN, without AVX512-BF16) reaches about half of it."""
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]:
+        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, weight)
+
+
 class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
     """``y = x Wᵀ`` with W's rows (output features) split across model-parallel ranks.
 
@@ -176,6 +184,12 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         self.register_parameter("bias", None)
         self.master_weight = None
 
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.output_size_per_partition == self.out_features:
+            # One rank: nothing to communicate, and no autograd mapping to break torch.compile.
+            return _linear(input_, self.weight)
+        return super().forward(input_)
+
 
 class RowParallelLinear(fs_layers.RowParallelLinear):
     """``y = x Wᵀ`` with W's columns (input features) split across ranks; partial sums all-reduced."""
@@ -190,6 +204,11 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
         self.weight = torch.nn.Parameter(torch.empty(out_features, self.input_size_per_partition))
         self.register_parameter("bias", None)
         self.master_weight = None
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.input_size_per_partition == self.in_features:
+            return _linear(input_, self.weight)
+        return super().forward(input_)
 
 
 class VocabParallelEmbedding(fs_layers.VocabParallelEmbedding):

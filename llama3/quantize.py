@@ -115,12 +115,13 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     dtype) and after moving to the device. The token embedding stays as it is, even when the output
     projection shares it (Llama 3.2 1B/3B): the output gets its own int8 copy.
     """
-    targets = [(name, module) for name, module in model.named_modules()
-               if type(module) in (ColumnParallelLinear, RowParallelLinear)]
-    for name, module in targets:
+    names = [name for name, module in model.named_modules()
+             if type(module) in (ColumnParallelLinear, RowParallelLinear)]
+    for name in names:  # one layer at a time: its float weight is freed before the next is quantized
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, child)
         cls = Int8ColumnParallelLinear if isinstance(module, ColumnParallelLinear) else Int8RowParallelLinear
-        new = cls.from_float(module)
-        setattr(parent, child, new.to(module.weight.device))
+        setattr(parent, child, cls.from_float(module).to(module.weight.device))
+        del module
     return model

@@ -396,14 +396,14 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
     if compare == "hf":
         # The same weights again (same seed, or the same checkpoint), unquantized, handed to
         # transformers; each implementation's peak memory is measured on its own.
+        model = build_model(shape, ckpt_dir, n_layers, dev, dt, max_batch, max_seq_len)
+        hf_model = build_hf_model(model, dev, dt)
+        print(f"# transformers vs llama3 logits, max |diff| on 8 tokens: "
+              f"{_logit_diff(model, hf_model, dev):.3g}", flush=True)
+        del model
+        gc.collect()
         record = {}
-        with peak_memory(dev, record):
-            model = build_model(shape, ckpt_dir, n_layers, dev, dt, max_batch, max_seq_len)
-            hf_model = build_hf_model(model, dev, dt)
-            print(f"# transformers vs llama3 logits, max |diff| on 8 tokens: "
-                  f"{_logit_diff(model, hf_model, dev):.3g}", flush=True)
-            del model
-            gc.collect()
+        with peak_memory(dev, record):  # from after the conversion: our copy is gone by then
             theirs = _run_hf(hf_model, args, dev, prompt_lens, batch_sizes, decode_tokens,
                              decode_context, repeats)
         theirs.update(impl="transformers", mode="eager generate", peak_mem_gb=record["peak_mem_gb"])
