@@ -47,6 +47,7 @@ from typing import Any
 import fire
 import torch
 
+from llama3.checkpoint import meta_to_hf_state_dict
 from llama3.distributed import select_device, select_dtype
 from llama3.model import ModelArgs, Transformer
 
@@ -182,35 +183,6 @@ def build_model(shape: str | None, ckpt_dir: str | None, n_layers: int | None, d
     return model.eval()
 
 
-def to_hf_model_dict(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Meta names and RoPE layout → Hugging Face's. Meta rotates adjacent pairs (2i, 2i+1) of
-    each head, HF rotates (i, i + head_dim/2): wq and wk rows are permuted to match."""
-
-    def rotate_half_layout(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-        out_features, in_features = w.shape
-        return (w.view(n_heads, out_features // n_heads // 2, 2, in_features)
-                .transpose(1, 2).reshape(out_features, in_features))
-
-    hf = {"model.embed_tokens.weight": state_dict["tok_embeddings.weight"],
-          "model.norm.weight": state_dict["norm.weight"]}
-    if not args.tie_word_embeddings:
-        hf["lm_head.weight"] = state_dict["output.weight"]
-    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-             "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
-    for i in range(args.n_layers):
-        for ours, theirs in names.items():
-            w = state_dict[f"layers.{i}.{ours}.weight"]
-            if ours == "attention.wq":
-                w = rotate_half_layout(w, args.n_heads)
-            elif ours == "attention.wk":
-                w = rotate_half_layout(w, args.n_kv_heads)
-            hf[f"model.layers.{i}.{theirs}.weight"] = w
-    return hf
-
-
 def build_hf_model(model: Transformer, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """transformers' LlamaForCausalLM with ``model``'s weights."""
     import transformers
@@ -236,7 +208,7 @@ def build_hf_model(model: Transformer, device: torch.device, dtype: torch.dtype)
             hf = transformers.LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    missing, unexpected = hf.load_state_dict(to_hf_model_dict(model.state_dict(), args), strict=False)
+    missing, unexpected = hf.load_state_dict(meta_to_hf_state_dict(model.state_dict(), args), strict=False)
     missing = [k for k in missing if not (args.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"HF conversion: missing {missing}, unexpected {unexpected}")
