@@ -1,9 +1,22 @@
 """llama3: a pure-PyTorch reference implementation of Llama 3 / 3.1 / 3.2 / 3.3 inference."""
 
+from .chat_format import (
+    BRAVE_SEARCH,
+    CODE_INTERPRETER,
+    WOLFRAM_ALPHA,
+    ChatFormat,
+    Dialog,
+    Message,
+    ToolCall,
+    ToolDefinition,
+    ToolParameter,
+)
 from .generation import Llama
 from .model import ModelArgs, Transformer
-from .tokenizer import ChatFormat, Dialog, Message, StreamDecoder, Tokenizer
+from .tokenizer import StreamDecoder, Tokenizer
 
 __all__ = [
-    "ChatFormat", "Dialog", "Llama", "Message", "ModelArgs", "StreamDecoder", "Tokenizer", "Transformer",
+    "BRAVE_SEARCH", "CODE_INTERPRETER", "WOLFRAM_ALPHA",
+    "ChatFormat", "Dialog", "Llama", "Message", "ModelArgs", "StreamDecoder", "Tokenizer", "ToolCall",
+    "ToolDefinition", "ToolParameter", "Transformer",
 ]

@@ -1,18 +1,20 @@
-"""Llama 3 tokenizer and chat format.
+"""Llama 3 tokenizer, and where to find its ``tokenizer.model``.
 
 The tokenizer is a tiktoken byte-level BPE built from Meta's ``tokenizer.model``
 (128,000 ranks) plus the 256 special tokens of the Llama 3.1 layout. Its output is
 meant to be identical, id for id, to Meta's reference implementation, and its public
-API (``Tokenizer``, ``ChatFormat``, ``Message``, ``Dialog``, ``Role``) mirrors Meta's so
-that code written against Meta's ``llama`` package ports without changes.
+API mirrors Meta's so that code written against Meta's ``llama`` package ports without
+changes. The chat format lives in :mod:`llama3.chat_format`; ``ChatFormat``, ``Message``,
+``Dialog`` and ``Role`` can still be imported from here, as in Meta's package.
 
 Additions over the reference:
 
 * ``StreamDecoder`` / ``Tokenizer.decode_stream`` turn a stream of ids into text
   without ever emitting half of a multi-byte UTF-8 character.
-* ``ChatFormat.decode_assistant_message`` turns generated ids back into a message.
 * Very long inputs are encoded exactly as tiktoken would encode them whole, even where
-  tiktoken itself cannot (see ``Tokenizer.encode``).
+  tiktoken itself cannot, in time linear in the input (see ``Tokenizer.encode``).
+* A truncated or foreign ``tokenizer.model`` is refused with a message saying what is wrong.
+* ``find_tokenizer`` / ``require_tokenizer`` / ``llama_models_tokenizer`` locate the file.
 """
 
 from __future__ import annotations
@@ -21,41 +23,41 @@ import base64
 import binascii
 import codecs
 import functools
+import hashlib
+import importlib.util
 import re
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypedDict, get_args
+from typing import Any, Literal
 
 import tiktoken
 
 __all__ = [
-    "AssistantMessage",
-    "ChatFormat",
-    "Dialog",
-    "Message",
-    "Role",
-    "StopReason",
+    "LLAMA3_NUM_BASE_TOKENS",
+    "TOKENIZER_HELP",
     "StreamDecoder",
     "Tokenizer",
     "TokenizerFileError",
+    "TokenizerNotFoundError",
+    "find_tokenizer",
+    "llama_models_tokenizer",
+    "load_bpe_ranks",
+    "require_tokenizer",
 ]
 
-Role = Literal["system", "user", "assistant", "ipython"]
+# Names that moved to llama3.chat_format; importable from here as in Meta's package
+# (resolved lazily: chat_format imports this module).
+_CHAT_FORMAT_NAMES = frozenset({"ChatFormat", "Dialog", "Message", "Role", "StopReason", "ROLES"})
 
 
-class Message(TypedDict):
-    """One chat message: ``{"role": ..., "content": ...}``."""
+def __getattr__(name: str) -> Any:
+    if name in _CHAT_FORMAT_NAMES:
+        from . import chat_format
 
-    role: Role
-    content: str
+        return getattr(chat_format, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-Dialog = Sequence[Message]
-StopReason = Literal["end_of_turn", "end_of_message", "out_of_tokens"]
-
-ROLES: tuple[str, ...] = get_args(Role)
 
 # Meta's pre-tokenizer pattern; it must stay byte-for-byte identical for the ids to match.
 PAT_STR = (
@@ -82,12 +84,19 @@ SPECIAL_TOKENS: tuple[str, ...] = _NAMED_SPECIAL_TOKENS + tuple(
     f"<|reserved_special_token_{i}|>" for i in range(2, 2 + NUM_SPECIAL_TOKENS - len(_NAMED_SPECIAL_TOKENS))
 )
 
-_WHERE_TO_GET_IT = (
-    "The Llama 3 tokenizer is the `tokenizer.model` file of Meta's Llama 3 download "
-    "(`original/tokenizer.model` in the Hugging Face model repos, e.g. meta-llama/Llama-3.1-8B-Instruct), "
-    "or run `pip install --no-deps llama-models`, which ships it at "
-    "`<site-packages>/llama_models/llama3/tokenizer.model`."
+# The one text saying where the tokenizer file comes from.
+TOKENIZER_HELP = (
+    "The Llama 3 tokenizer.model comes with Meta's weights download (in a Hugging Face model repo, "
+    "e.g. meta-llama/Llama-3.1-8B-Instruct, it is original/tokenizer.model), or run "
+    "`pip install --no-deps llama-models`, which ships it as "
+    "<site-packages>/llama_models/llama3/tokenizer.model."
 )
+
+# Meta's Llama 3 file: 128,000 ranks. Its first 256 tokens (in rank order) have this
+# fingerprint, which tells a cut-short copy of it from a genuinely different vocabulary.
+LLAMA3_NUM_BASE_TOKENS = 128_000
+_LLAMA3_HEAD_SHA256 = "@@HEAD@@"
+
 
 # tiktoken's pattern engine (fancy-regex) evaluates the `\s+(?!\S)` branch with a
 # backtracking VM whose stack is capped at ~1M entries, so a whitespace run without
@@ -102,7 +111,60 @@ _HSPACE_CLASS = "\t\x0b\x0c \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\
 
 
 class TokenizerFileError(ValueError):
-    """The tokenizer file exists but is not a usable tiktoken BPE file."""
+    """The tokenizer file exists but is not a usable tiktoken BPE file (or is cut short)."""
+
+
+class TokenizerNotFoundError(FileNotFoundError):
+    """No tokenizer.model where one was expected."""
+
+
+def find_tokenizer(ckpt_dir: str | Path) -> Path | None:
+    """``ckpt_dir/tokenizer.model`` or ``ckpt_dir/original/tokenizer.model``, whichever exists."""
+    root = Path(ckpt_dir).expanduser()
+    for candidate in (root / "tokenizer.model", root / "original" / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def require_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None = None) -> Path:
+    """``tokenizer_path`` if given (it must exist), else :func:`find_tokenizer` of ``ckpt_dir``.
+
+    Raises:
+        TokenizerNotFoundError: (a ``FileNotFoundError``) no file; the message says where to get it.
+    """
+    if tokenizer_path is not None:
+        path = Path(tokenizer_path).expanduser()
+        if path.is_file():
+            return path
+        raise TokenizerNotFoundError(f"tokenizer file {path} does not exist. {TOKENIZER_HELP}")
+    found = find_tokenizer(ckpt_dir)
+    if found is None:
+        raise TokenizerNotFoundError(
+            f"no tokenizer.model in {ckpt_dir} or {Path(ckpt_dir) / 'original'}. {TOKENIZER_HELP}"
+        )
+    return found
+
+
+def llama_models_tokenizer() -> Path | None:
+    """The tokenizer.model inside an installed ``llama-models`` wheel, if there is one."""
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "llama3" / "tokenizer.model"
+        if path.is_file():
+            return path
+    return None
+
+
+def _head_fingerprint(ranks: dict[bytes, int], n: int = 256) -> str:
+    """SHA-256 over the first ``n`` tokens in rank order (length-prefixed)."""
+    by_rank = sorted(ranks.items(), key=lambda item: item[1])[:n]
+    digest = hashlib.sha256()
+    for token, _ in by_rank:
+        digest.update(len(token).to_bytes(4, "little") + token)
+    return digest.hexdigest()
 
 
 def load_bpe_ranks(model_path: str | Path) -> dict[bytes, int]:
@@ -117,17 +179,17 @@ def load_bpe_ranks(model_path: str | Path) -> dict[bytes, int]:
     """
     path = Path(model_path)
     if not path.exists():
-        raise FileNotFoundError(f"Tokenizer file not found: {str(path)!r}. {_WHERE_TO_GET_IT}")
+        raise FileNotFoundError(f"Tokenizer file not found: {str(path)!r}. {TOKENIZER_HELP}")
     if path.is_dir():
         hint = (
             " It contains a tokenizer.model; pass that file." if (path / "tokenizer.model").is_file() else ""
         )
         raise TokenizerFileError(
-            f"{str(path)!r} is a directory, not a tokenizer file.{hint} {_WHERE_TO_GET_IT}"
+            f"{str(path)!r} is a directory, not a tokenizer file.{hint} {TOKENIZER_HELP}"
         )
 
     def bad(reason: str) -> TokenizerFileError:
-        return TokenizerFileError(f"{str(path)!r} is not a tiktoken BPE file: {reason}. {_WHERE_TO_GET_IT}")
+        return TokenizerFileError(f"{str(path)!r} is not a tiktoken BPE file: {reason}. {TOKENIZER_HELP}")
 
     data = path.read_bytes()
     try:
@@ -160,18 +222,36 @@ def load_bpe_ranks(model_path: str | Path) -> dict[bytes, int]:
 
     if not ranks:
         raise bad("it is empty")
+    truncated = (
+        f"{str(path)!r} looks like an incomplete copy of the Llama 3 tokenizer.model "
+        f"(a cut-short download or copy?): get the file again. {TOKENIZER_HELP}"
+    )
     # Special-token ids are appended after the last rank, so gaps would make them collide.
     if min(seen_ranks) != 0 or max(seen_ranks) != len(ranks) - 1:
-        raise bad(f"ranks must be exactly 0..{len(ranks) - 1}")
+        raise TokenizerFileError(
+            f"{str(path)!r} is not a usable tiktoken BPE file: its {len(ranks)} ranks must be exactly "
+            f"0..{len(ranks) - 1} (a file cut in the middle of a line ends this way; if it is Meta's "
+            f"Llama 3 file, get it again). {TOKENIZER_HELP}"
+        )
+    looks_like_llama3 = len(ranks) >= 256 and _head_fingerprint(ranks) == _LLAMA3_HEAD_SHA256
+    if looks_like_llama3 and len(ranks) != LLAMA3_NUM_BASE_TOKENS:
+        raise TokenizerFileError(
+            f"{truncated} It has {len(ranks):,} ranks; the Llama 3 file has {LLAMA3_NUM_BASE_TOKENS:,}, "
+            "and with fewer every special token id would shift."
+        )
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise bad(f"{len(missing)} of the 256 single bytes are not tokens (first: {bytes([missing[0]])!r})")
+        raise bad(
+            f"{len(missing)} of the 256 single bytes are not tokens (first: {bytes([missing[0]])!r}); "
+            "a cut-short file ends this way"
+        )
     return ranks
 
 
-@functools.lru_cache(maxsize=8)
-def _long_hspace_run(min_run: int) -> re.Pattern[str]:
-    return re.compile(f"[{_HSPACE_CLASS}]{{{min_run},}}")
+# Maximal runs of horizontal whitespace. Matching whole runs (then filtering by length)
+# keeps the scan linear: a pattern like `[ ]{100000,}` would restart inside every run
+# shorter than the threshold, once per start position (quadratic in the run length).
+_HSPACE_RUN = re.compile(f"[{_HSPACE_CLASS}]+")
 
 
 @functools.lru_cache(maxsize=64)
@@ -206,9 +286,13 @@ def _plan_ordinary(text: str, min_run: int) -> Iterator[tuple[int, int, bool]]:
     """
     pos = 0
     n = len(text)
-    for m in _long_hspace_run(min_run).finditer(text):
+    if n < min_run:
+        if n:
+            yield 0, n, False
+        return
+    for m in _HSPACE_RUN.finditer(text):
         start, end = m.span()
-        if end < n and text[end] in "\r\n":
+        if end - start < min_run or (end < n and text[end] in "\r\n"):
             continue
         if end < n:
             end -= 1  # the last space joins the next piece (" word") or stands alone
@@ -442,115 +526,3 @@ class StreamDecoder:
     def pending_bytes(self) -> bytes:
         """Bytes received but not yet returned because their character is incomplete."""
         return self._decoder.getstate()[0]
-
-
-# ---------------------------------------------------------------------- chat format
-
-
-@dataclass(frozen=True)
-class AssistantMessage:
-    """An assistant reply decoded from generated ids.
-
-    Attributes:
-        content: the text up to (not including) the stop token.
-        stop_reason: ``"end_of_turn"`` (``<|eot_id|>`` or ``<|end_of_text|>``),
-            ``"end_of_message"`` (``<|eom_id|>``: the model expects a tool result next) or
-            ``"out_of_tokens"`` (no stop token: generation was cut off).
-        python_tag: the reply opened with ``<|python_tag|>``, i.e. it is code / a call for
-            the ipython tool; the tag itself is not part of ``content``.
-        role: always ``"assistant"``.
-    """
-
-    content: str
-    stop_reason: StopReason
-    python_tag: bool = False
-    role: Literal["assistant"] = "assistant"
-
-    def as_message(self) -> Message:
-        """The reply as a :data:`Message`, ready to append to a dialog."""
-        return {"role": self.role, "content": self.content}
-
-
-class ChatFormat:
-    """Llama 3 chat prompt format.
-
-    A message is ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``
-    with ``content`` stripped of surrounding whitespace, as in Meta's llama3 repository
-    and the Hugging Face chat template (Meta's newer llama-models package does not
-    strip; the two agree whenever content has no surrounding whitespace). A dialog
-    prompt is ``<|begin_of_text|>``, the messages, then an open assistant header for
-    the model to complete. Message content is always encoded as plain text, so text
-    such as ``<|eot_id|>`` inside it cannot act as a control token.
-    """
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        special = tokenizer.special_tokens
-        self._headers = {
-            role: [special["<|start_header_id|>"]]
-            + tokenizer.encode(role, bos=False, eos=False)
-            + [special["<|end_header_id|>"]]
-            + tokenizer.encode("\n\n", bos=False, eos=False)
-            for role in ROLES
-        }
-
-    def encode_header(self, message: Message) -> list[int]:
-        """Ids of the header of ``message`` (only its ``role`` is used)."""
-        return list(self._headers[_role_of(message)])
-
-    def encode_message(self, message: Message) -> list[int]:
-        """Ids of a whole message: header, stripped content, ``<|eot_id|>``."""
-        role = _role_of(message)
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if not isinstance(content, str):
-            raise TypeError(f"message content must be a str, got {type(content).__name__}")
-        return (
-            self._headers[role]
-            + self.tokenizer.encode(content.strip(), bos=False, eos=False)
-            + [self.tokenizer.eot_id]
-        )
-
-    def encode_dialog_prompt(self, dialog: Dialog) -> list[int]:
-        """Ids of a full prompt: ``<|begin_of_text|>``, every message, an open assistant header."""
-        ids = [self.tokenizer.bos_id]
-        for message in dialog:
-            ids += self.encode_message(message)
-        ids += self._headers["assistant"]
-        return ids
-
-    def decode_assistant_message(self, ids: Sequence[int]) -> AssistantMessage:
-        """Turn ids generated after :meth:`encode_dialog_prompt` into an assistant reply.
-
-        The reply ends at the first ``<|eot_id|>``, ``<|eom_id|>`` or ``<|end_of_text|>``
-        (ids after it are ignored); without one it is ``"out_of_tokens"``. A leading
-        ``<|python_tag|>`` is removed and reported as ``python_tag=True``. Content is
-        returned as decoded, without stripping.
-        """
-        ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
-        tok = self.tokenizer
-        stop_reason: StopReason = "out_of_tokens"
-        for i, token in enumerate(ids):
-            if token in (tok.eot_id, tok.eos_id):
-                stop_reason = "end_of_turn"
-            elif token == tok.eom_id:
-                stop_reason = "end_of_message"
-            else:
-                continue
-            ids = ids[:i]
-            break
-        python_tag = bool(ids) and ids[0] == tok.python_tag_id
-        if python_tag:
-            ids = ids[1:]
-        return AssistantMessage(content=tok.decode(ids), stop_reason=stop_reason, python_tag=python_tag)
-
-
-def _role_of(message: Message) -> str:
-    if not isinstance(message, Mapping):
-        raise TypeError(
-            f"a message must be a mapping with 'role' and 'content', got {type(message).__name__}"
-        )
-    role = message.get("role")
-    if role not in ROLES:
-        hint = " (tool results use the role 'ipython')" if role == "tool" else ""
-        raise ValueError(f"unknown role {role!r}{hint}; expected one of: {', '.join(ROLES)}")
-    return role

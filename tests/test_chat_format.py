@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama3.tokenizer import AssistantMessage, ChatFormat, Dialog, Message, Role, Tokenizer
+# Meta-style imports from llama3.tokenizer keep working (the chat format lives in llama3.chat_format).
+from llama3.tokenizer import ChatFormat, Dialog, Message, Role, Tokenizer
 
 ROLES = ["system", "user", "assistant", "ipython"]
 START, END, EOT, EOM, BOS, EOS, PYTHON_TAG = 128006, 128007, 128009, 128008, 128000, 128001, 128010
@@ -79,7 +80,9 @@ def rendered_prompt(dialog: Dialog) -> str:
 
 def test_exported_types() -> None:
     assert list(get_args(Role)) == ROLES
-    assert get_type_hints(Message) == {"role": Role, "content": str}
+    hints = get_type_hints(Message)
+    assert (hints["role"], hints["content"]) == (Role, str)
+    assert Message.__required_keys__ == {"role", "content"}
     message: Message = {"role": "user", "content": "x"}
     dialog: Dialog = [message]
     assert dialog[0]["role"] == "user"
@@ -196,25 +199,31 @@ def test_message_must_be_a_mapping(chat: ChatFormat) -> None:
 def test_decode_end_of_turn(chat: ChatFormat, llama3_tokenizer: Tokenizer) -> None:
     body = llama3_tokenizer.encode("Hello there! 😀", bos=False, eos=False)
     reply = chat.decode_assistant_message(body + [EOT, 9906, EOT])
-    assert reply == AssistantMessage(content="Hello there! 😀", stop_reason="end_of_turn", python_tag=False)
-    assert reply.role == "assistant"
-    assert reply.as_message() == {"role": "assistant", "content": "Hello there! 😀"}
-    assert chat.decode_assistant_message(body + [EOS]).stop_reason == "end_of_turn"
+    assert reply == {
+        "role": "assistant", "content": "Hello there! 😀", "tool_calls": [], "stop_reason": "end_of_turn",
+        "python_tag": False,
+    }
+    assert chat.decode_assistant_message(body + [EOS])["stop_reason"] == "end_of_turn"
 
 
 def test_decode_tool_call(chat: ChatFormat, llama3_tokenizer: Tokenizer) -> None:
     code = llama3_tokenizer.encode("print(2**100)", bos=False, eos=False)
     reply = chat.decode_assistant_message([PYTHON_TAG] + code + [EOM])
-    assert reply == AssistantMessage(content="print(2**100)", stop_reason="end_of_message", python_tag=True)
+    assert reply["stop_reason"] == "end_of_message" and reply["python_tag"] is True
+    assert [(c["tool_name"], c["arguments"]) for c in reply["tool_calls"]] == [
+        ("code_interpreter", {"code": "print(2**100)"})
+    ]
+    assert reply["content"] == "" and reply["tool_call_text"] == "print(2**100)"
 
 
 def test_decode_out_of_tokens(chat: ChatFormat, llama3_tokenizer: Tokenizer) -> None:
     emoji = llama3_tokenizer.encode("😀", bos=False, eos=False)
     ids = llama3_tokenizer.encode("naïve ", bos=False, eos=False) + emoji[:-1]  # cut inside the emoji
     reply = chat.decode_assistant_message(ids)
-    assert reply.stop_reason == "out_of_tokens"
-    assert reply.content == llama3_tokenizer.decode(ids) == "naïve \ufffd"
-    assert chat.decode_assistant_message([]) == AssistantMessage(content="", stop_reason="out_of_tokens")
+    assert reply["stop_reason"] == "out_of_tokens"
+    assert reply["content"] == llama3_tokenizer.decode(ids) == "naïve \ufffd"
+    empty = {"role": "assistant", "content": "", "tool_calls": [], "stop_reason": "out_of_tokens"}
+    assert chat.decode_assistant_message([]) == {**empty, "python_tag": False}
 
 
 def test_decode_reverses_encode_message(chat: ChatFormat) -> None:
@@ -222,8 +231,8 @@ def test_decode_reverses_encode_message(chat: ChatFormat) -> None:
     ids = chat.encode_message(message)
     header = chat.encode_header(message)
     reply = chat.decode_assistant_message(ids[len(header) :])
-    assert reply.as_message() == {"role": "assistant", "content": message["content"].strip()}
-    assert reply.stop_reason == "end_of_turn"
+    assert (reply["role"], reply["content"]) == ("assistant", message["content"].strip())
+    assert reply["stop_reason"] == "end_of_turn" and reply["tool_calls"] == []
 
 
 @pytest.mark.parametrize(
@@ -235,8 +244,7 @@ def test_decode_agrees_with_llama_models(chat: ChatFormat, meta_chat, llama3_tok
     ids = prefix + llama3_tokenizer.encode(text, bos=False, eos=False) + [stop]
     ours = chat.decode_assistant_message(ids)
     theirs = meta_format.decode_assistant_message(ids, StopReason.out_of_tokens)
-    assert ours.stop_reason == theirs.stop_reason.value
-    if prefix:  # llama-models turns python_tag content into a code_interpreter tool call
-        assert ours.python_tag and theirs.tool_calls[0].arguments == {"code": ours.content}
-    else:
-        assert not ours.python_tag and ours.content == theirs.content
+    assert ours["stop_reason"] == theirs.stop_reason.value
+    assert ours["content"] == theirs.content
+    assert [c["arguments"] for c in ours["tool_calls"]] == [c.arguments for c in theirs.tool_calls]
+    assert ours["python_tag"] == bool(prefix)
