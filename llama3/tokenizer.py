@@ -95,7 +95,7 @@ TOKENIZER_HELP = (
 # Meta's Llama 3 file: 128,000 ranks. Its first 256 tokens (in rank order) have this
 # fingerprint, which tells a cut-short copy of it from a genuinely different vocabulary.
 LLAMA3_NUM_BASE_TOKENS = 128_000
-_LLAMA3_HEAD_SHA256 = "@@HEAD@@"
+_LLAMA3_HEAD_SHA256 = "e3f664cdc34b1341932cd4aea21c3f052ff7c759bfeac8b5830c5992be912c99"
 
 
 # tiktoken's pattern engine (fancy-regex) evaluates the `\s+(?!\S)` branch with a
@@ -158,6 +158,16 @@ def llama_models_tokenizer() -> Path | None:
     return None
 
 
+def _parse_bpe_line(line: str) -> tuple[bytes, int]:
+    fields = line.split()
+    if len(fields) != 2:
+        raise ValueError(line)
+    try:
+        return base64.b64decode(fields[0], validate=True), int(fields[1])
+    except binascii.Error:
+        raise ValueError(line) from None
+
+
 def _head_fingerprint(ranks: dict[bytes, int], n: int = 256) -> str:
     """SHA-256 over the first ``n`` tokens in rank order (length-prefixed)."""
     by_rank = sorted(ranks.items(), key=lambda item: item[1])[:n]
@@ -202,21 +212,31 @@ def load_bpe_ranks(model_path: str | Path) -> dict[bytes, int]:
 
     ranks: dict[bytes, int] = {}
     seen_ranks: set[int] = set()
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    lines = text.splitlines()
+    cut_short = bool(lines) and not text.endswith("\n")
+
+    def bad_line(lineno: int, reason: str) -> TokenizerFileError:
+        if cut_short and lineno == len(lines):
+            # A file cut in the middle of a line (an interrupted download or copy) fails on
+            # its last line in one of many ways; say what happened rather than what broke.
+            return TokenizerFileError(
+                f"{str(path)!r} ends in the middle of a line ({reason}): it is an incomplete "
+                f"(cut-short) file; get it again. {TOKENIZER_HELP}"
+            )
+        return bad(reason)
+
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        fields = line.split()
-        if len(fields) != 2:
-            raise bad(f"line {lineno} should be 'base64-token rank', got {line[:80]!r}")
         try:
-            token = base64.b64decode(fields[0], validate=True)
-            rank = int(fields[1])
-        except (binascii.Error, ValueError):
-            raise bad(f"line {lineno} should be 'base64-token rank', got {line[:80]!r}") from None
+            token, rank = _parse_bpe_line(line)
+        except ValueError:
+            reason = f"line {lineno} should be 'base64-token rank', got {line[:80]!r}"
+            raise bad_line(lineno, reason) from None
         if token in ranks:
-            raise bad(f"line {lineno} repeats token {token!r}")
+            raise bad_line(lineno, f"line {lineno} repeats token {token!r}")
         if rank in seen_ranks:
-            raise bad(f"line {lineno} repeats rank {rank}")
+            raise bad_line(lineno, f"line {lineno} repeats rank {rank}")
         ranks[token] = rank
         seen_ranks.add(rank)
 

@@ -498,3 +498,102 @@ def test_inconsistent_ranks(tmp_path: Path) -> None:
     (tmp_path / "gap.model").write_text("\n".join(lines + [f"{base64.b64encode(b'zz').decode()} 999"]))
     with pytest.raises(TokenizerFileError, match="exactly 0"):
         Tokenizer(tmp_path / "gap.model")
+
+
+# --------------------------------------------------------------------- reliability (issue 10)
+
+
+def _llama3_lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize("keep", [256, 5_000, 100_000, 127_999])
+def test_reliability_truncated_tokenizer_file_at_line_boundary(
+    llama3_tokenizer_path: Path, tmp_path: Path, keep: int
+) -> None:
+    # Cut at a line boundary the file is a smaller valid BPE whose special ids would shift.
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(b"".join(_llama3_lines(llama3_tokenizer_path)[:keep]))
+    with pytest.raises(TokenizerFileError, match="incomplete copy of the Llama 3 tokenizer.model") as info:
+        Tokenizer(path)
+    message = str(info.value)
+    assert f"{keep:,} ranks" in message and "128,000" in message
+    assert "pip install --no-deps llama-models" in message
+
+
+def test_reliability_truncated_tokenizer_file_inside_a_line(
+    llama3_tokenizer_path: Path, tmp_path: Path
+) -> None:
+    data = llama3_tokenizer_path.read_bytes()
+    path = tmp_path / "tokenizer.model"
+    for cut in (len(data) - 3, len(data) // 2 + 1, 1_000):
+        path.write_bytes(data[:cut])
+        with pytest.raises(TokenizerFileError, match="get it again|cut-short|incomplete") as info:
+            Tokenizer(path)
+        assert "llama-models" in str(info.value)
+
+
+def test_reliability_vocabulary_size_is_exposed(llama3_tokenizer: Tokenizer) -> None:
+    # Llama.build compares this with the model's vocab_size.
+    assert llama3_tokenizer.n_words == tokmod.LLAMA3_NUM_BASE_TOKENS + 256 == 128_256
+
+
+def test_reliability_tokenizer_discovery(tmp_path: Path) -> None:
+    assert tokmod.find_tokenizer(tmp_path) is None
+    with pytest.raises(tokmod.TokenizerNotFoundError, match="pip install --no-deps llama-models") as info:
+        tokmod.require_tokenizer(tmp_path)
+    assert isinstance(info.value, FileNotFoundError) and str(tmp_path) in str(info.value)
+    (tmp_path / "original").mkdir()
+    _write_bpe(tmp_path / "original" / "tokenizer.model", TINY)
+    assert tokmod.require_tokenizer(tmp_path) == tmp_path / "original" / "tokenizer.model"
+    _write_bpe(tmp_path / "tokenizer.model", TINY)
+    assert tokmod.find_tokenizer(tmp_path) == tmp_path / "tokenizer.model"
+    with pytest.raises(tokmod.TokenizerNotFoundError, match="does not exist"):
+        tokmod.require_tokenizer(tmp_path, tmp_path / "other.model")
+
+
+_T = tokmod._MIN_SPLIT_RUN
+# Run lengths just under and over the split threshold, and short ones between them.
+_RUN_LENGTHS = st.sampled_from([1, 2, 3, _T - 2, _T - 1, _T, _T + 1, _T + 2])
+_SEPARATORS = st.sampled_from(["x", "word", "\n", "\r\n", "!", "é", "7", "<|eot_id|>", "'s", "\u3000a"])
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    runs=st.lists(
+        st.tuples(st.text(alphabet=WS_CHARS, min_size=1, max_size=4), _RUN_LENGTHS, _SEPARATORS),
+        min_size=1,
+        max_size=6,
+    ),
+    tail=st.booleans(),
+)
+def test_reliability_whitespace_runs_linear_and_exact(llama3_tokenizer: Tokenizer, runs, tail) -> None:
+    # Many runs of mixed whitespace kinds around the threshold: exact ids (tiktoken on the
+    # whole string is the oracle; these runs are far below its crash size) in bounded time.
+    # Before the fix a single 99,999-character run took over 10 s.
+    import time
+
+    text = "".join((kinds * length)[:length] + sep for kinds, length, sep in runs)
+    if tail:
+        text += " " * _T
+    start = time.perf_counter()
+    ids = llama3_tokenizer.encode(text, bos=False, eos=False, allowed_special="all")
+    elapsed = time.perf_counter() - start
+    assert ids == llama3_tokenizer.model.encode(text, allowed_special="all")
+    assert elapsed < 10.0, f"{len(text):,} characters took {elapsed:.1f} s"
+
+
+def test_reliability_planner_is_linear_in_run_count() -> None:
+    # Fifty runs just under and fifty just over the threshold, mixed kinds: the planner used
+    # to rescan each run once per start position (fifty such runs: more than 120 s).
+    import time
+
+    text = ("a" + " \t" * (_T // 2) + "b" + "\u3000" * (_T - 1)) * 50
+    start = time.perf_counter()
+    plan = list(tokmod._plan_ordinary(text, _T))
+    elapsed = time.perf_counter() - start
+    singles = [(s, e) for s, e, single in plan if single]
+    assert len(singles) == 50 and all(e - s == _T - 1 for s, e in singles)
+    assert plan[0][0] == 0 and plan[-1][1] == len(text)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(plan))
+    assert elapsed < 5.0, f"planning {len(text):,} characters took {elapsed:.1f} s"
