@@ -177,6 +177,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rope-scale-factor", type=float, default=None)
     parser.add_argument("--compile", action="store_true", help="decode with torch.compile")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linear layers")
+    parser.add_argument("--tools", default=None, metavar="FILE.json",
+                        help="tool mode: custom tool definitions (JSON list); you supply each call's result")
+    parser.add_argument("--builtin-tools", default=None, metavar="NAMES",
+                        help="tool mode: comma-separated brave_search, wolfram_alpha, code_interpreter")
+    parser.add_argument("--tool-format", choices=["json", "function_tag", "python_list"], default="json",
+                        help="how custom tools are described and called (default json; python_list for 3.2)")
     return parser.parse_args(argv)
 
 
@@ -187,6 +193,14 @@ def _rank() -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``llama3-chat`` and ``python -m llama3.chat``."""
     args = _parse_args(argv)
+    session_class, tool_options = ChatSession, {}
+    if args.tools or args.builtin_tools:
+        from .tool_session import ToolChatSession, tool_options_from_flags
+        try:
+            session_class, tool_options = ToolChatSession, tool_options_from_flags(args)
+        except ValueError as e:
+            print(f"llama3-chat: error: {e}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     generator = Llama.build(
         args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=1,
@@ -197,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     with contextlib.ExitStack() as stack:
         out = sys.stdout if rank == 0 else stack.enter_context(open(os.devnull, "w"))
-        session = ChatSession(generator, system_prompt=args.system, temperature=args.temperature,
-                              top_p=args.top_p, max_gen_len=args.max_gen_len, out=out)
+        session = session_class(generator, system_prompt=args.system, temperature=args.temperature,
+                                top_p=args.top_p, max_gen_len=args.max_gen_len, out=out, **tool_options)
         interactive = rank == 0 and sys.stdin.isatty()
 
         def read_line() -> str | None:

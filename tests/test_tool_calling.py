@@ -595,3 +595,124 @@ def test_edited_call_is_encoded_from_its_arguments(chat: ChatFormat, llama3_toke
         json.dumps({"type": "function", "name": "f", "parameters": {"a": 2}}), bos=False, eos=False
     )
     assert chat.encode_message(message)[4:] == expected + [EOM]
+
+
+# ------------------------------------------------------------ llama3-chat tool mode
+
+
+class ScriptedLlama:
+    """Stands in for Llama: chat_completion answers with the next scripted reply (text with
+    special tokens), decoded as generation would, and records every dialog it was given."""
+
+    def __init__(self, tokenizer: Tokenizer, replies: list[str], plain: bool = False) -> None:
+        from types import SimpleNamespace
+
+        self.tokenizer = tokenizer
+        self.formatter = ChatFormat(tokenizer)
+        self.model = SimpleNamespace(params=SimpleNamespace(max_seq_len=4096))
+        self.replies = list(replies)
+        self.plain = plain  # reply like the pre-tool-calling generation: {"role", "content"} only
+        self.dialogs: list[list[Message]] = []
+
+    def chat_completion(self, dialogs, temperature=0.6, top_p=0.9, max_gen_len=None):
+        self.dialogs.append([dict(m) for m in dialogs[0]])
+        ids = self.tokenizer.encode(self.replies.pop(0), bos=False, eos=False, allowed_special="all")
+        if self.plain:
+            stop = next((i for i, t in enumerate(ids) if t in (EOT, EOM)), len(ids))
+            return [{"generation": {"role": "assistant", "content": self.tokenizer.decode(ids[:stop])}}]
+        return [{"generation": self.formatter.decode_assistant_message(ids)}]
+
+
+def _lines(*items: str):
+    it = iter(items)
+    return lambda: next(it, None)
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["dict-reply", "content-only-reply"])
+def test_chat_tool_mode_scripted(llama3_tokenizer, tmp_path: Path, plain: bool) -> None:
+    import io
+
+    from llama3.tool_session import ToolChatSession
+
+    llama = ScriptedLlama(
+        llama3_tokenizer,
+        [
+            '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eom_id|>',
+            "It is 21 C and sunny in Paris.<|eot_id|>",
+        ],
+        plain=plain,
+    )
+    out = io.StringIO()
+    session = ToolChatSession(
+        llama,
+        tools=[GET_WEATHER],
+        builtin_tools=[BRAVE_SEARCH],
+        today=date(2024, 9, 21),
+        out=out,
+        system_prompt="Be brief.",
+    )
+    session.run(_lines("Weather in Paris?", '{"temperature": "21 C", "sky": "sunny"}', "/exit"))
+    text = out.getvalue()
+    assert '[tool call: get_weather({"city": "Paris"})]' in text
+    assert "result of get_weather" in text and text.endswith("It is 21 C and sunny in Paris.\n")
+    system = llama.dialogs[0][0]
+    assert system["role"] == "system" and system["content"].startswith(
+        "Environment: ipython\nTools: brave_search\nCutting Knowledge Date: December 2023\n"
+        "Today Date: 21 September 2024\n\n" + json_tools_prompt([GET_WEATHER])
+    )
+    assert system["content"].endswith("\n\nBe brief.")
+    second = llama.dialogs[1]
+    assert [m["role"] for m in second] == ["system", "user", "assistant", "ipython"]
+    assert _calls(second[2]) == [("get_weather", {"city": "Paris"})]
+    assert second[3]["content"] == '{"temperature": "21 C", "sky": "sunny"}'
+    if not plain:  # a content-only reply cannot say it ended with <|eom_id|>
+        # The history re-encodes the call exactly as generated, ending with <|eom_id|>.
+        assert second[2]["stop_reason"] == "end_of_message"
+        call = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+        call_ids = llama3_tokenizer.encode(call, bos=False, eos=False)
+        prompt = llama.formatter.encode_dialog_prompt(second)
+        assert _contains(prompt, [78191, 128007, 271] + call_ids + [EOM])
+    assert [m["role"] for m in session.history] == ["system", "user", "assistant", "ipython", "assistant"]
+
+
+def _contains(ids: list[int], part: list[int]) -> bool:
+    return any(ids[i : i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+def test_chat_tool_mode_never_runs_code_and_skip(llama3_tokenizer, tmp_path: Path) -> None:
+    import io
+
+    from llama3.tool_session import ToolChatSession
+
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').write('x')"
+    llama = ScriptedLlama(llama3_tokenizer, [f"<|python_tag|>{code}<|eom_id|>", "Fine.<|eot_id|>"])
+    out = io.StringIO()
+    session = ToolChatSession(llama, builtin_tools=[CODE_INTERPRETER], out=out)
+    session.run(_lines("Write a file", "/skip", "Thanks", "/exit"))
+    assert not marker.exists()
+    text = out.getvalue()
+    assert "not executed" in text and code in text and "left unanswered" in text
+    assert text.endswith("Fine.\n")
+    assert [m["role"] for m in llama.dialogs[1]] == ["system", "user", "assistant", "user"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "content", "message"),
+    [
+        (["--builtin-tools", "bing"], None, "unknown built-in tool"),
+        (["--tools", "{tmp}/missing.json"], None, "does not exist"),
+        (["--tools", "{tmp}/tools.json"], '[{"name": 3}]', "tool 0"),
+        (["--tools", "{tmp}/tools.json"], "not json", "not readable JSON"),
+    ],
+)
+def test_chat_tool_flags_rejected_before_loading(tmp_path: Path, capsys, flags, content, message) -> None:
+    from llama3.chat import main
+
+    if content is not None:
+        (tmp_path / "tools.json").write_text(content)
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    # The checkpoint does not exist: a flag error must be reported before any loading.
+    assert main([str(tmp_path / "no-checkpoint"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
