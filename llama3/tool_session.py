@@ -32,6 +32,7 @@ from .chat_format import (
 
 __all__ = [
     "ToolChatSession",
+    "as_assistant_message",
     "load_tool_definitions",
     "parse_builtin_tools",
     "tool_options_from_flags",
@@ -207,12 +208,19 @@ class ToolChatSession(ChatSession):
         result = self.generator.chat_completion(
             [dialog], temperature=self.temperature, top_p=self.top_p, max_gen_len=self.max_gen_len
         )[0]["generation"]
-        if "tool_calls" in result:
-            return result
-        # A generator whose reply is only {"role", "content"}: the content is the decoded text, in
-        # which a python tag the model generated reads "<|python_tag|>"; parse it back.
-        tokenizer = self.generator.tokenizer
-        ids = tokenizer.encode(result["content"], bos=False, eos=False, allowed_special={"<|python_tag|>"})
-        return self.generator.formatter.decode_assistant_message(
-            ids, result.get("stop_reason", "end_of_turn")
-        )
+        return as_assistant_message(self.generator, result)
+
+
+def as_assistant_message(generator: Any, generation: Message) -> Message:
+    """``chat_completion``'s ``generation`` as an assistant message with ``tool_calls``.
+
+    A generation that already has ``tool_calls`` is returned as is. One with only ``role`` and
+    ``content`` (decoded text, in which a python tag the model generated reads
+    ``<|python_tag|>``) is parsed back with :meth:`ChatFormat.decode_assistant_message`.
+    """
+    if "tool_calls" in generation:
+        return generation
+    ids = generator.tokenizer.encode(
+        generation["content"], bos=False, eos=False, allowed_special={"<|python_tag|>"}
+    )
+    return generator.formatter.decode_assistant_message(ids, generation.get("stop_reason", "end_of_turn"))

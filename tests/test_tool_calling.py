@@ -716,3 +716,49 @@ def test_chat_tool_flags_rejected_before_loading(tmp_path: Path, capsys, flags, 
     assert main([str(tmp_path / "no-checkpoint"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------ scripts/example_tool_calling.py
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location(
+        "example_tool_calling", Path(__file__).resolve().parents[1] / "scripts" / "example_tool_calling.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tool_format", ["json", "function_tag", "python_list"])
+def test_example_script_flow(llama3_tokenizer, monkeypatch, capsys, tool_format) -> None:
+    example = _load_example()
+    call = format_tool_call(
+        {"call_id": "1", "tool_name": "get_weather", "arguments": {"city": "Paris"}}, tool_format
+    )
+    llama = ScriptedLlama(llama3_tokenizer, [call + "<|eot_id|>", "Sunny, 21 C.<|eot_id|>"])
+    monkeypatch.setattr(example.Llama, "build", lambda *a, **k: llama)
+    example.main("unused", tool_format=tool_format)
+    out = capsys.readouterr().out
+    assert 'assistant calls get_weather with {"city": "Paris"}' in out
+    assert '"temperature": 21' in out and out.rstrip().endswith("Sunny, 21 C.")
+    roles = [m["role"] for m in llama.dialogs[1]]
+    assert roles[-3:] == ["user", "assistant", "ipython"]
+    assert json.loads(llama.dialogs[1][-1]["content"])["city"] == "Paris"
+
+
+def test_example_script_on_random_checkpoint(generation_checkpoint, capsys) -> None:
+    # A random model will not call the tool; the script must still run to the end.
+    example = _load_example()
+    example.main(str(generation_checkpoint), max_gen_len=4, max_seq_len=1024)
+    assert "--- assistant" in capsys.readouterr().out
+
+
+def test_example_script_rejects_unknown_flags(capsys) -> None:
+    example = _load_example()
+    with pytest.raises(SystemExit) as info:
+        example.reject_unknown_flags(example.main, ["/ckpt", "--max_gen_lenn", "3"])
+    assert info.value.code == 2 and "--max_gen_lenn" in capsys.readouterr().err
+    example.reject_unknown_flags(
+        example.main, ["/ckpt", "--max-gen-len=3", "--nocompile", "--tool_format", "json"]
+    )

@@ -1,0 +1,147 @@
+"""Tool calling with a Llama 3.1+ instruct model: a custom tool, the model's call, its result, the answer.
+
+    python scripts/example_tool_calling.py CKPT_DIR [--tokenizer_path PATH] [--tool_format json]
+    torchrun --nproc_per_node N scripts/example_tool_calling.py CKPT_DIR
+
+The script defines one custom tool (``get_weather``), describes it to the model in Meta's
+documented prompt format (``--tool_format json`` or ``function_tag`` for Llama 3.1 / 3.3,
+``python_list`` for Llama 3.2), and asks a question. If the model calls the tool, the script runs
+its own Python function for it (the weather is made up), sends the result back as an ``ipython``
+message and prints the final answer. Nothing the model writes is executed. A random-weight test
+checkpoint runs too; it just will not call the tool. Every rank runs the model; rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+from datetime import date
+from typing import Any
+
+import fire
+
+from llama3.chat_format import (
+    TOOL_PROMPT_FORMATS,
+    Message,
+    ToolCall,
+    ToolDefinition,
+    ToolParameter,
+    builtin_tools_system_prompt,
+    format_tool_call,
+    function_tag_tools_prompt,
+    json_tools_prompt,
+    python_list_tools_prompt,
+)
+from llama3.generation import Llama
+from llama3.tool_session import as_assistant_message
+
+GET_WEATHER = ToolDefinition(
+    name="get_weather",
+    description="Get the current weather in a city",
+    parameters={
+        "city": ToolParameter("string", "The name of the city, e.g. San Francisco"),
+        "unit": ToolParameter("string", "celsius or fahrenheit", required=False, default="celsius"),
+    },
+)
+
+
+def get_weather(city: str, unit: str = "celsius") -> dict[str, Any]:
+    """The tool itself: a stand-in that makes up the weather."""
+    temperature = 21 if unit == "celsius" else 70
+    return {"city": city, "temperature": temperature, "unit": unit, "sky": "sunny"}
+
+
+def run_tool(call: ToolCall) -> str:
+    """Run one of *our* tools for a call the model made; bad calls get an error result."""
+    if call["tool_name"] != GET_WEATHER.name:
+        return json.dumps({"error": f"unknown tool {call['tool_name']!r}"})
+    try:
+        return json.dumps(get_weather(**call["arguments"]))
+    except TypeError as e:  # missing or unexpected arguments
+        return json.dumps({"error": str(e)})
+
+
+def build_dialog(question: str, tool_format: str) -> list[Message]:
+    """The documented layout: 3.1 formats put the tools in a user message after an
+    ``Environment: ipython`` system prompt; the 3.2 Python-list format puts them in the system prompt."""
+    if tool_format == "python_list":
+        return [
+            {"role": "system", "content": python_list_tools_prompt([GET_WEATHER])},
+            {"role": "user", "content": question},
+        ]
+    tools = json_tools_prompt if tool_format == "json" else function_tag_tools_prompt
+    system = builtin_tools_system_prompt(today=date.today(), instructions="You are a helpful assistant.")
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": tools([GET_WEATHER])},
+        {"role": "user", "content": question},
+    ]
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str | None = None,
+    question: str = "What is the weather like in Paris right now?",
+    tool_format: str = "json",
+    temperature: float = 0.0,
+    top_p: float = 0.9,
+    max_seq_len: int = 2048,
+    max_gen_len: int = 256,
+    max_tool_rounds: int = 3,
+    model_parallel_size: int | None = None,
+    seed: int = 1,
+    device: str | None = None,
+    dtype: str | None = None,
+    rope_scale_factor: float | None = None,
+    compile: bool = False,
+    quantize: str | None = None,
+) -> None:
+    """Ask ``question`` with the get_weather tool available and print every step."""
+    if tool_format not in TOOL_PROMPT_FORMATS:
+        fail(f"--tool_format must be one of {', '.join(TOOL_PROMPT_FORMATS)}, got {tool_format!r}")
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, model_parallel_size, seed,
+                            device=device, dtype=dtype, rope_scale_factor=rope_scale_factor,
+                            compile=compile, quantize=quantize)
+    show = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
+    dialog = build_dialog(question, tool_format)
+    for message in dialog:
+        show(f"--- {message['role']}\n{message['content']}\n")
+    for _ in range(max_tool_rounds):
+        generation = generator.chat_completion([dialog], temperature=temperature, top_p=top_p,
+                                               max_gen_len=max_gen_len)[0]["generation"]
+        reply = as_assistant_message(generator, generation)
+        dialog.append(reply)
+        if not reply["tool_calls"]:
+            show(f"--- assistant (final answer)\n{reply['content']}")
+            return
+        for call in reply["tool_calls"]:
+            show(f"--- assistant calls {call['tool_name']} with {json.dumps(call['arguments'])}")
+            show(f"    (written as: {format_tool_call(call, tool_format)})")  # type: ignore[arg-type]
+            result = run_tool(call)
+            show(f"--- ipython (our tool's result)\n{result}\n")
+            dialog.append({"role": "ipython", "content": result})
+    show(f"--- stopped after {max_tool_rounds} rounds of tool calls")
+
+
+def fail(message: str) -> None:
+    """A user error: one line on stderr, exit status 2."""
+    print(f"example_tool_calling.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def reject_unknown_flags(fn: Any, argv: list[str]) -> None:
+    """Exit 2 on a flag ``fn`` does not take (fire would run first and complain only afterwards)."""
+    names = set(inspect.signature(fn).parameters)
+    names |= {n.replace("_", "-") for n in names} | {"no" + n for n in names} | {"help"}
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg.startswith("--") and arg[2:].split("=", 1)[0] not in names:
+            fail(f"unknown flag {arg.split('=', 1)[0]}; run with --help for the flags")
+
+
+if __name__ == "__main__":
+    reject_unknown_flags(main, sys.argv[1:])
+    fire.Fire(main)
