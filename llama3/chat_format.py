@@ -420,8 +420,6 @@ _FUNCTION_TAG = re.compile(r"<function=([^>\s]+)>(.*?)</function>", re.DOTALL)
 
 def _parse_builtin(text: str) -> list[ToolCall] | None:
     # name.call(query="...") for brave_search / wolfram_alpha (a Python string literal).
-    if not text.startswith(_QUERY_TOOLS) or ".call(" not in text[:32]:
-        return None
     node = ast.parse(text, mode="eval").body
     if not (
         isinstance(node, ast.Call)
@@ -492,25 +490,42 @@ def parse_tool_calls(text: str, *, python_tag: bool = False, complete: bool = Tr
     one or more ``<function=name>{...}</function>``; a Python list ``[f(a=1), g(b="x")]`` (every
     call). Text after ``<|python_tag|>`` (``python_tag=True``) that is none of these is code for
     ``code_interpreter`` — unless the reply was cut off (``complete=False``), since half a program
-    is not a call. Malformed text gives ``None``; this function never raises on any string.
+    is not a call, or it is a broken attempt at one of the formats above (broken JSON is not code).
+    Malformed text gives ``None``; this function never raises on any string.
     """
     stripped = text.strip()
     if not stripped:
         return None
-    for parser in (_parse_builtin, _parse_function_tags, _parse_json_call, _parse_python_list):
-        if parser is _parse_json_call and not stripped.startswith("{"):
+    attempted = False  # the text starts like a call in one of the formats
+    for parser, looks_like in _PARSERS:
+        if not looks_like(stripped):
             continue
-        if parser is _parse_python_list and not stripped.startswith("["):
-            continue
+        attempted = True
         try:
             calls = parser(stripped)
         except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError, AttributeError):
             calls = None  # malformed call text is just content
         if calls:
             return calls
-    if python_tag and complete:
+    if python_tag and complete and not (attempted and not _is_python(stripped)):
         return [_new_call(CODE_INTERPRETER, {"code": text})]
     return None
+
+
+def _is_python(text: str) -> bool:
+    try:
+        ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return True
+
+
+_PARSERS = (
+    (_parse_builtin, lambda s: s.startswith(_QUERY_TOOLS) and ".call(" in s[:32]),
+    (_parse_function_tags, lambda s: s.startswith("<function=")),
+    (_parse_json_call, lambda s: s.startswith("{")),
+    (_parse_python_list, lambda s: s.startswith("[")),
+)
 
 
 # ------------------------------------------------------------------------ validation

@@ -762,3 +762,29 @@ def test_example_script_rejects_unknown_flags(capsys) -> None:
     example.reject_unknown_flags(
         example.main, ["/ckpt", "--max-gen-len=3", "--nocompile", "--tool_format", "json"]
     )
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ('<|python_tag|>{"name": "get_weather", "parameters": {"city": <|eom_id|>', None),
+        ("<|python_tag|><function=f>{'a': 1}</function><|eom_id|>", None),
+        ('<|python_tag|>brave_search.call(query="unterminated)<|eom_id|>', None),
+        ("<|python_tag|>[f(a=1), g(b=<|eom_id|>", None),
+        ("<|python_tag|>[print(i) for i in range(3)]<|eom_id|>", "[print(i) for i in range(3)]"),
+        ('<|python_tag|>{"a": 1}.get("a")<|eom_id|>', '{"a": 1}.get("a")'),
+    ],
+)
+def test_broken_tagged_calls_are_content_not_code(
+    chat: ChatFormat, llama3_tokenizer, reply, expected
+) -> None:
+    # Broken JSON / call text after the python tag is not a program; valid Python still is.
+    message = chat.decode_assistant_message(_reply_ids(llama3_tokenizer, reply))
+    assert message["stop_reason"] == "end_of_message" and message["python_tag"] is True
+    if expected is None:
+        assert (
+            message["tool_calls"] == []
+            and message["content"] == reply[len("<|python_tag|>") : -len("<|eom_id|>")]
+        )
+    else:
+        assert _calls(message) == [(CODE_INTERPRETER, {"code": expected})]
