@@ -39,6 +39,7 @@ __all__ = [
     "BRAVE_SEARCH",
     "BUILTIN_TOOLS",
     "CODE_INTERPRETER",
+    "NO_DEFAULT",
     "ROLES",
     "WOLFRAM_ALPHA",
     "ChatFormat",

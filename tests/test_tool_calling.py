@@ -788,3 +788,54 @@ def test_broken_tagged_calls_are_content_not_code(
         )
     else:
         assert _calls(message) == [(CODE_INTERPRETER, {"code": expected})]
+
+
+def test_chat_main_tool_mode_on_scripted_stdin(llama3_tokenizer, tmp_path: Path, monkeypatch, capsys) -> None:
+    import io
+
+    from llama3 import chat
+
+    (tmp_path / "tools.json").write_text(json.dumps([GET_WEATHER_SPEC]))
+    llama = ScriptedLlama(
+        llama3_tokenizer,
+        ['[get_weather(city="Oslo"), get_weather(city="Rome")]<|eot_id|>', "Cold; warm.<|eot_id|>"],
+    )
+    monkeypatch.setattr(chat.Llama, "build", lambda *a, **k: llama)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Oslo and Rome?\n-3 C\n25 C\n"))
+    flags = [
+        "--tools",
+        str(tmp_path / "tools.json"),
+        "--builtin-tools",
+        "wolfram_alpha",
+        "--tool-format",
+        "python_list",
+    ]
+    assert chat.main([str(tmp_path), *flags]) == 0
+    out = capsys.readouterr().out
+    assert (
+        '[tool call: get_weather({"city": "Oslo"})]' in out
+        and '[tool call: get_weather({"city": "Rome"})]' in out
+    )
+    assert out.endswith("Cold; warm.\n")
+    system = llama.dialogs[0][0]["content"]
+    assert system.startswith("Environment: ipython\nTools: wolfram_alpha\n")
+    assert python_list_tools_prompt([GET_WEATHER]) in system
+    assert [(m["role"], m["content"]) for m in llama.dialogs[1][-2:]] == [
+        ("ipython", "-3 C"),
+        ("ipython", "25 C"),
+    ]
+
+
+GET_WEATHER_SPEC = {
+    "name": "get_weather",
+    "description": "Get weather info for places",
+    "parameters": {
+        "city": {"type": "string", "description": "The name of the city to get the weather for"},
+        "metric": {
+            "type": "string",
+            "description": "The metric for weather. Options are: celsius, fahrenheit",
+            "required": False,
+            "default": "celsius",
+        },
+    },
+}
