@@ -43,7 +43,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _format_action_invocation(self, action: argparse.Action) -> str:
         if action.option_strings:
             names = action.option_strings
-            shown = [s for s in names if not (s.startswith("--") and "_" in s and s.replace("_", "-") in names)]
+            shown = [s for s in names if not ("_" in s and s.replace("_", "-") in names)]
             action = argparse.Action(shown, action.dest, nargs=action.nargs, metavar=action.metavar,
                                      help=action.help)
         return super()._format_action_invocation(action)
