@@ -59,7 +59,7 @@ def recorder(monkeypatch) -> Recorder:
 def lines(*items: str):
     """A read_line function returning ``items`` one by one, then None (end of input)."""
     it = iter(items)
-    return lambda: next(it, None)
+    return lambda prompt: next(it, None)
 
 
 def test_reset_through_stdin(generation_checkpoint, recorder, monkeypatch, capsys, llama3_tokenizer):
@@ -159,7 +159,7 @@ def test_commands_and_end_of_input(llama3_tokenizer, recorder):
     session = ChatSession(llama, system_prompt="S", temperature=0, max_gen_len=4, out=out)
     calls = iter(["/help", KeyboardInterrupt, "/frobnicate", "  ", "hi"])
 
-    def read_line():
+    def read_line(prompt):
         item = next(calls, None)
         if item is KeyboardInterrupt:
             raise KeyboardInterrupt
@@ -167,7 +167,7 @@ def test_commands_and_end_of_input(llama3_tokenizer, recorder):
 
     session.run(read_line)  # ends at end of input after "hi"
     text = out.getvalue()
-    assert text.startswith("[commands: /reset")
+    assert text.startswith('[commands: """ (start/end a multi-line message), /file PATH')
     assert "[use /exit or Ctrl-D to quit]" in text
     assert "[unknown command /frobnicate; commands:" in text
     assert len(recorder.prompts) == 1
