@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .generation import Llama
     from .tokenizer import Message
 
-__all__ = ["ChatSession", "TerminalInput", "main"]
+__all__ = ["ChatSession", "TerminalInput", "make_read_line", "main"]
 
 HELP = ('commands: """ (start/end a multi-line message), /file PATH (send a file), '
         "/reset (forget the conversation), /exit or /quit (leave), /help")
@@ -338,6 +338,35 @@ class TerminalInput:
         return "\n".join(lines)
 
 
+def make_read_line(out: TextIO, *, rank: int = 0, multi: bool = False,
+                   stdin: TextIO | None = None) -> tuple[ReadLine, TerminalInput | None]:
+    """The ``read_line(prompt)`` that :meth:`ChatSession.run` takes, for this process's stdin: a
+    :class:`TerminalInput` on a terminal (returned too, to save its history), plain lines otherwise.
+    Under ``torchrun`` (``multi``) rank 0 reads and every rank gets the line."""
+    stdin = stdin if stdin is not None else sys.stdin
+    terminal = TerminalInput(out, stdin) if rank == 0 and stdin.isatty() else None
+
+    def read_line(prompt: str) -> str | None:
+        line: str | None = None
+        if terminal is not None:
+            if prompt == PROMPT:
+                out.write("\n")  # a blank line between an answer and the next prompt
+            line = terminal(prompt)
+        elif rank == 0:
+            raw = stdin.readline()
+            line = raw.removesuffix("\n") if raw else None
+        if multi:
+            import torch.distributed as dist
+
+            # Every rank takes part in generation, so every rank needs the line.
+            box = [line]
+            dist.broadcast_object_list(box, src=0)
+            line = box[0]
+        return line
+
+    return read_line, terminal
+
+
 def _parse_args(argv: list[str] | None):
     parser = make_parser(
         "llama3-chat",
@@ -411,28 +440,9 @@ def _chat(argv: list[str] | None) -> int:
                                   top_p=top_p, max_gen_len=args.max_gen_len, out=out)
         except ValueError as exc:  # the system prompt fills the context: said once, at start
             raise UsageError(str(exc).replace("max_seq_len", "--max-seq-len")) from None
-        interactive = rank == 0 and sys.stdin.isatty()
-        terminal = TerminalInput(out) if interactive else None
+        read_line, terminal = make_read_line(out, rank=rank, multi=multi)
         if terminal is not None:
             stack.callback(terminal.save_history)
-
-        def read_line(prompt: str) -> str | None:
-            line: str | None = None
-            if terminal is not None:
-                if prompt == PROMPT:
-                    out.write("\n")  # a blank line between an answer and the next prompt
-                line = terminal(prompt)
-            elif rank == 0:
-                raw = sys.stdin.readline()
-                line = raw.removesuffix("\n") if raw else None
-            if multi:
-                # Every rank takes part in generation, so every rank needs the line.
-                box = [line]
-                dist.broadcast_object_list(box, src=0)
-                line = box[0]
-            return line
-
-        if interactive:
             out.write(f"Chatting with {args.ckpt_dir}. {HELP}\n")
         session.run(read_line)
     return 0
