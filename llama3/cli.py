@@ -54,16 +54,27 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _with_twins(names: Sequence[str]) -> list[str]:
+    """``names`` plus the ``--underscore_name`` spelling of every ``--dashed-name``."""
+    spelled = list(names)
+    for name in names:
+        if name.startswith("--") and "-" in name[2:]:
+            twin = "--" + name[2:].replace("-", "_")
+            if twin not in spelled:
+                spelled.append(twin)
+    return spelled
+
+
 class _Parser(argparse.ArgumentParser):
     def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
         """As argparse's, plus the ``--underscore_name`` spelling of every ``--dashed-name``."""
-        spelled = list(names)
-        for name in names:
-            if name.startswith("--") and "-" in name[2:]:
-                twin = "--" + name[2:].replace("-", "_")
-                if twin not in spelled:
-                    spelled.append(twin)
-        return super().add_argument(*spelled, **kwargs)
+        return super().add_argument(*_with_twins(names), **kwargs)
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> Any:
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+        group.add_argument = lambda *names, **kw: add(*_with_twins(names), **kw)  # type: ignore[method-assign]
+        return group
 
     def error(self, message: str) -> NoReturn:
         """One line, not the usage block: ``prog: error: ... (see prog --help)``."""
