@@ -244,9 +244,10 @@ class ChatSession:
         """The rest of a ``\"\"\"`` block opened by a line whose remainder is ``first``.
 
         Returns (text or None if cancelled, whether input ended)."""
+        # The line breaks right after the opening and right before the closing quotes are not text.
         if first.rstrip().endswith(BLOCK):  # """one line""" (or a pasted block closed in the paste)
-            return first.rstrip()[: -len(BLOCK)], False
-        parts = [first] if first.strip() else []
+            return first.rstrip()[: -len(BLOCK)].removeprefix("\n").removesuffix("\n"), False
+        parts = [first.removeprefix("\n")] if first.strip() else []
         while True:
             try:
                 line = read_line(CONTINUATION)
@@ -258,7 +259,9 @@ class ChatSession:
                 self._note(f'end of input inside a {BLOCK} block: sending the {len(parts)} line(s) read')
                 return "\n".join(parts), True
             if line.rstrip().endswith(BLOCK):
-                parts.append(line.rstrip()[: -len(BLOCK)])
+                last = line.rstrip()[: -len(BLOCK)].removesuffix("\n")
+                if last:
+                    parts.append(last)
                 return "\n".join(parts), False
             parts.append(line)
 
@@ -326,8 +329,11 @@ class TerminalInput:
             self.out.flush()
             return None
         if self.readline is None and any(len(x) >= TERMINAL_LINE_LIMIT for x in lines):
-            self.out.write(f"[note: a line of {TERMINAL_LINE_LIMIT} characters may have been cut by the "
-                           f'terminal; use a {BLOCK} block or /file PATH for long messages]\n')
+            # Without readline the terminal driver keeps only the first 4095 characters of a line.
+            self.out.write(f"[a line of {TERMINAL_LINE_LIMIT} characters was probably cut short by the "
+                           "terminal; not sent: put a long message in a file and use /file PATH]\n")
+            self.out.flush()
+            return ""
         if len(lines) > 1 and self.readline is not None:
             # One history entry for the whole paste, as it was sent.
             n = self.readline.get_current_history_length()

@@ -127,6 +127,11 @@ def run_main(body: Callable[[], int | None], prog: str) -> int:
     """
     try:
         return int(body() or 0)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error, already reported (2)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        sys.stderr.write(f"{exc.code}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("\n")
         return 130
