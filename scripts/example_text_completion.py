@@ -12,6 +12,7 @@ import os
 
 from llama3.cli import check_sampling, fire_strict, require_dir
 from llama3.generation import Llama
+from llama3.progress import configure_logging
 
 PROMPTS = [
     # Plain continuation
@@ -71,6 +72,7 @@ def main(
     """
     temperature, top_p = check_sampling(temperature, top_p)
     require_dir(ckpt_dir)
+    configure_logging(True)  # loading progress on stderr (rank 0)
     options = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size, seed,
                             device=device, dtype=dtype, rope_scale_factor=rope_scale_factor,
