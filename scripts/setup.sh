@@ -35,7 +35,7 @@ else
     echo "       CUDA build, several GB; a local wheel cache may hold another). CPU only: --cpu"
     pip install -q "torch==$TORCH_VERSION"
 fi
-python -c "import torch; print('setup: torch', torch.__version__, '(CUDA ' + str(torch.version.cuda) + ')' if torch.version.cuda else '(CPU only)')"
+python -W ignore -c "import torch; print('setup: torch', torch.__version__, '(CUDA ' + str(torch.version.cuda) + ')' if torch.version.cuda else '(CPU only)')"
 case "$extra" in
     test) echo "setup: installing llama3 (editable) + test extras"; pip install -q -e ".[test]" ;;
     *) echo "setup: installing llama3 (editable)"; pip install -q -e . ;;
