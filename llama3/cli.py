@@ -20,6 +20,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -142,10 +143,19 @@ def run_main(body: Callable[[], int | None], prog: str) -> int:
         return EXIT_USAGE
 
 
-def require_dir(path: str | os.PathLike[str], what: str = "checkpoint directory") -> Path:
-    """``path`` as a Path, or a :class:`UsageError` saying that it is missing or not a directory."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def require_dir(path: str | os.PathLike[str], what: str = "checkpoint directory") -> Path | str:
+    """``path`` as a Path, or a :class:`UsageError` saying that it is missing or not a directory.
+
+    A string shaped like a Hugging Face Hub repo id (``owner/name``) that is not a local path is
+    returned unchanged, for the loader to resolve.
+    """
     p = Path(path).expanduser()
     if not p.exists():
+        if isinstance(path, str) and _HUB_ID.fullmatch(path):
+            return path
         raise UsageError(f"{what} {str(path)!r} does not exist")
     if not p.is_dir():
         raise UsageError(f"{what} {str(path)!r} is not a directory")

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import UsageError, add_subparsers, make_parser, run_main
+from .cli import UsageError, add_subparsers, make_parser, require_dir, run_main
 
 __all__ = ["main"]
 
@@ -57,9 +57,7 @@ def _parser():
 
 def _convert(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    src = Path(args.src).expanduser()
-    if not src.is_dir():
-        raise UsageError(f"source checkpoint {args.src!r} is not a directory")
+    src = require_dir(args.src, "source checkpoint")
     dst = Path(args.dst).expanduser()
     if dst.exists() and not dst.is_dir():
         raise UsageError(f"{args.dst} exists and is not a directory")
