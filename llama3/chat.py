@@ -319,29 +319,31 @@ class TerminalInput:
         return bool(ready)
 
     def __call__(self, prompt: str) -> str | None:
+        before = self.readline.get_current_history_length() if self.readline is not None else 0
         try:
-            line = input(prompt)
-            lines = [line]
-            while self._pending():  # the rest of a paste the terminal did not bracket
-                lines.append(input(""))
+            lines = [input(prompt)]
         except EOFError:
             self.out.write("\n")
             self.out.flush()
             return None
+        while self._pending():  # the rest of a paste the terminal did not bracket
+            try:
+                lines.append(input(""))
+            except EOFError:  # the paste ended the input: send it; the next call sees the end
+                break
         if self.readline is None and any(len(x) >= TERMINAL_LINE_LIMIT for x in lines):
             # Without readline the terminal driver keeps only the first 4095 characters of a line.
             self.out.write(f"[a line of {TERMINAL_LINE_LIMIT} characters was probably cut short by the "
                            "terminal; not sent: put a long message in a file and use /file PATH]\n")
             self.out.flush()
             return ""
+        text = "\n".join(lines)
         if len(lines) > 1 and self.readline is not None:
-            # One history entry for the whole paste, as it was sent.
-            n = self.readline.get_current_history_length()
-            for _ in range(len(lines) - 1):
-                if n > 0:
-                    self.readline.remove_history_item(n - 1)
-                    n -= 1
-        return "\n".join(lines)
+            # One history entry for the whole paste, as it was sent, instead of one per line.
+            while self.readline.get_current_history_length() > before:
+                self.readline.remove_history_item(self.readline.get_current_history_length() - 1)
+            self.readline.add_history(text)
+        return text
 
 
 def make_read_line(out: TextIO, *, rank: int = 0, multi: bool = False,

@@ -310,6 +310,8 @@ def test_terminal_line_editing_history_and_long_pastes(tmp_path):
     assert term.turn(b"\x1b[A\r").endswith(_got("hello"))  # Up: the history
     # A bracketed paste of several lines is one message.
     assert term.turn(b"\x1b[200~line 1\nline 2\x1b[201~\r").endswith(_got("line 1\nline 2"))
+    # So is an unbracketed one: lines arriving faster than anyone types.
+    assert term.turn(b"q1\rq2\r").endswith(_got("q1\nq2"))
     # Longer than the terminal driver's 4095-character line: arrives whole.
     assert term.turn(b"x" * 5000 + b"\r").endswith(_got("x" * 5000))
     block = ["a" * 2000, "b" * 2000, "c" * 2000]
