@@ -378,7 +378,7 @@ def make_read_line(out: TextIO, *, rank: int = 0, multi: bool = False,
 def _parse_args(argv: list[str] | None):
     parser = make_parser(
         "llama3-chat",
-        "Chat with a Llama 3 instruct model. " + HELP + ". Every --dashed-flag also accepts the "
+        "Chat with a Llama 3 instruct model. In the chat, " + HELP + ". Every --dashed-flag also accepts the "
         "--underscore_spelling.",
     )
     parser.add_argument("ckpt_dir", help="checkpoint directory (Meta or Hugging Face format)")

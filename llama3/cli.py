@@ -46,7 +46,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             names = action.option_strings
             shown = [s for s in names if not ("_" in s and s.replace("_", "-") in names)]
             action = argparse.Action(shown, action.dest, nargs=action.nargs, metavar=action.metavar,
-                                     help=action.help)
+                                     choices=action.choices, help=action.help)
         return super()._format_action_invocation(action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -83,10 +83,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser(prog: str, description: str, **kwargs: Any) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` following the package's convention (see the module docstring).
-
-    Subparsers made from it (``add_subparsers().add_parser``) follow it too.
-    """
+    """An ``ArgumentParser`` following the package's convention (see the module docstring); for
+    sub-commands use :func:`add_subparsers`."""
     kwargs.setdefault("formatter_class", _HelpFormatter)
     parser = _Parser(prog=prog, description=description, allow_abbrev=False, **kwargs)
     return parser
