@@ -2,9 +2,17 @@
 
 Type a message and press Enter; the answer streams as it is generated. Commands:
 
+* ``\"\"\"`` on a line of its own starts a multi-line message; the next line ending in ``\"\"\"``
+  ends it (``\"\"\"one line\"\"\"`` works too). Nothing in a block is taken as a command.
+* ``/file PATH`` sends the contents of a text file as the message (any length that fits).
 * ``/reset`` forgets the conversation (the system prompt stays);
-* ``/exit`` or ``/quit`` (or end of input, Ctrl-D) quits;
-* ``/help`` lists the commands.
+* ``/exit`` or ``/quit`` (or end of input, Ctrl-D) quits; ``/help`` lists the commands.
+
+On a terminal the line is edited with ``readline`` (arrow keys, Ctrl-R search, history kept in
+``$XDG_STATE_HOME/llama3/chat_history`` or ``~/.llama3_chat_history``; ``LLAMA3_CHAT_HISTORY``
+names another file). A paste arrives whole: bracketed paste when the terminal supports it, and
+otherwise lines that arrive faster than anyone types are joined into one message. Nothing is cut
+silently: where the terminal itself may have cut a very long line, a note says so.
 
 Ctrl-C while an answer streams stops that answer, not the program. The partial answer is kept in
 the history as the assistant's turn, so the conversation the model sees next is the one shown.
@@ -12,6 +20,8 @@ the history as the assistant's turn, so the conversation the model sees next is 
 When the conversation no longer fits the context (``--max-seq-len``, minus room kept for the
 answer), the oldest exchanges are dropped, never the system prompt, and a note says how many.
 A message too long to fit even alone is refused with a message and the history is left as it was.
+A ``--max-gen-len`` that leaves no room for a prompt, or a system prompt that fills the context,
+is reported once at start.
 
 Input is read line by line from stdin, so the program can be scripted
 (``printf 'Hi\\n/reset\\nHello\\n' | llama3-chat CKPT_DIR``). Under ``torchrun`` rank 0 reads
@@ -20,22 +30,30 @@ and prints; every rank generates.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
-import torch.distributed as dist
+from .cli import UsageError, check_sampling, make_parser, require_dir, run_main
 
-from .generation import Llama
-from .tokenizer import Message
+if TYPE_CHECKING:
+    from .generation import Llama
+    from .tokenizer import Message
 
-__all__ = ["ChatSession", "main"]
+__all__ = ["ChatSession", "TerminalInput", "make_read_line", "main"]
 
-HELP = "commands: /reset (forget the conversation), /exit or /quit (leave), /help"
+HELP = ('commands: """ (start/end a multi-line message), /file PATH (send a file), '
+        "/reset (forget the conversation), /exit or /quit (leave), /help")
+PROMPT = "> "
+CONTINUATION = "... "
+BLOCK = '"""'
+# The Linux terminal driver keeps at most 4095 characters of one line in its canonical mode.
+TERMINAL_LINE_LIMIT = 4095
+
+ReadLine = Callable[[str], "str | None"]
 
 
 class ChatSession:
@@ -49,6 +67,13 @@ class ChatSession:
         reply_room: tokens kept free for the answer when deciding whether the history fits; by default
             ``max_gen_len`` if given, else a quarter of the context.
         out: where answers and notes are written.
+
+    Raises:
+        ValueError: ``max_gen_len`` leaves no room for a prompt, or the system prompt alone (with
+            the room kept for the answer) does not fit the context.
+
+    How an answer is produced is :meth:`respond` (stream one assistant message); override it to
+    handle replies differently (e.g. run tool calls and answer again).
     """
 
     def __init__(self, generator: Llama, *, system_prompt: str | None = None, temperature: float = 0.6,
@@ -59,10 +84,21 @@ class ChatSession:
         self.temperature = temperature
         self.top_p = top_p
         self.max_gen_len = max_gen_len
-        max_seq_len = generator.model.params.max_seq_len
+        self.max_seq_len = max_seq_len = generator.model.params.max_seq_len
+        if max_gen_len is not None and not 0 < max_gen_len < max_seq_len:
+            raise ValueError(f"max_gen_len {max_gen_len} leaves no room for a prompt in a context of "
+                             f"{max_seq_len} tokens (max_seq_len); give a max_gen_len below {max_seq_len}, "
+                             "or a larger max_seq_len")
         if reply_room is None:
             reply_room = max_gen_len if max_gen_len is not None else max(1, max_seq_len // 4)
         self.prompt_budget = max_seq_len - reply_room
+        empty_turn: list[Message] = [{"role": "user", "content": ""}]
+        smallest = len(generator.formatter.encode_dialog_prompt(self.system + empty_turn))
+        if smallest > self.prompt_budget:
+            raise ValueError(f"the system prompt fills the context: with it a prompt takes at least "
+                             f"{smallest} tokens, but only {self.prompt_budget} fit (max_seq_len "
+                             f"{max_seq_len} minus {reply_room} kept for the answer); shorten the system "
+                             "prompt or raise max_seq_len")
         self.out = out if out is not None else sys.stdout
         self.history: list[Message] = list(self.system)
 
@@ -71,12 +107,13 @@ class ChatSession:
         self.history = list(self.system)
 
     def handle(self, line: str) -> bool:
-        """Act on one input line (a message or a command); return False when the user quits."""
+        """Act on one input (a message or a command); return False when the user quits."""
         text = line.strip()
         if not text:
             return True
         if text.startswith("/"):
-            command = text.split()[0].lower()
+            command, _, rest = text.partition(" ")
+            command = command.lower()
             if command in ("/exit", "/quit"):
                 return False
             if command == "/reset":
@@ -84,11 +121,31 @@ class ChatSession:
                 self._note("conversation cleared")
             elif command == "/help":
                 self._note(HELP)
+            elif command == "/file":
+                self.send_file(rest.strip())
             else:
                 self._note(f"unknown command {command}; {HELP}")
             return True
         self.ask(text)
         return True
+
+    def send_file(self, path: str) -> str | None:
+        """Send the contents of the text file ``path`` as a user message (see :meth:`ask`)."""
+        if not path:
+            self._note("usage: /file PATH")
+            return None
+        file = Path(path).expanduser()
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or exc
+            self._note(f"cannot read {path}: {reason}")
+            return None
+        if not text.strip():
+            self._note(f"{path} is empty; nothing sent")
+            return None
+        self._note(f"sending {path} ({len(text)} characters)")
+        return self.ask(text)
 
     def ask(self, text: str) -> str | None:
         """Send a user message, stream the answer to ``out`` and record both in the history.
@@ -99,6 +156,17 @@ class ChatSession:
         dialog = self._fit(user)
         if dialog is None:
             return None
+        replies = self.respond(dialog)
+        self.history = dialog + replies
+        return replies[-1]["content"] if replies else None
+
+    def respond(self, dialog: list[Message]) -> list[Message]:
+        """Answer ``dialog`` (ending in the user's message): write the answer to ``out`` and return
+        the messages to append to the history after it. Here: one streamed assistant message."""
+        return [{"role": "assistant", "content": self.stream_answer(dialog)}]
+
+    def stream_answer(self, dialog: list[Message]) -> str:
+        """Stream the assistant's answer to ``dialog`` to ``out``; Ctrl-C stops it. Returns the text."""
         pieces: list[str] = []
         stream = self.generator.stream_chat_completion(dialog, temperature=self.temperature,
                                                        top_p=self.top_p, max_gen_len=self.max_gen_len)
@@ -114,9 +182,7 @@ class ChatSession:
         else:
             self.out.write("\n")
         self.out.flush()
-        answer = "".join(pieces)
-        self.history = dialog + [{"role": "assistant", "content": answer}]
-        return answer
+        return "".join(pieces)
 
     def _fit(self, user: Message) -> list[Message] | None:
         """The history plus ``user``, with the oldest exchanges dropped until the prompt fits."""
@@ -130,11 +196,14 @@ class ChatSession:
                 break
             if not turns:
                 self._note(f"message too long: the prompt would be {n_tokens} tokens, but only "
-                           f"{self.prompt_budget} fit (max_seq_len "
-                           f"{self.generator.model.params.max_seq_len} minus room for the answer); "
-                           "not sent")
+                           f"{self.prompt_budget} fit (max_seq_len {self.max_seq_len} minus room for the "
+                           "answer); not sent")
                 return None
-            turns = turns[2:]  # one exchange: a user message and its answer
+            # Drop the oldest exchange: a user message and every reply up to the next user message.
+            cut = 1
+            while cut < len(turns) and turns[cut]["role"] != "user":
+                cut += 1
+            turns = turns[cut:]
             dropped += 1
         if dropped:
             self._note(f"context full: dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''}")
@@ -144,37 +213,192 @@ class ChatSession:
         self.out.write(f"[{text}]\n")
         self.out.flush()
 
-    def run(self, read_line: Callable[[], str | None]) -> None:
-        """Read lines with ``read_line`` (None = end of input) until the user quits."""
+    def run(self, read_line: ReadLine) -> None:
+        """Read input with ``read_line(prompt)`` (None = end of input) until the user quits.
+
+        A line starting with ``\"\"\"`` opens a multi-line block, sent as one message once closed.
+        """
         while True:
             try:
-                line = read_line()
+                line = read_line(PROMPT)
             except KeyboardInterrupt:
                 self.out.write("\n")
                 self._note("use /exit or Ctrl-D to quit")
                 continue
-            if line is None or not self.handle(line):
+            if line is None:
+                return
+            if line.lstrip().startswith(BLOCK):
+                text, ended = self._read_block(line.lstrip()[len(BLOCK):], read_line)
+                if text is not None:
+                    if text.strip():
+                        self.ask(text)
+                    else:
+                        self._note("empty message; nothing sent")
+                if ended:
+                    return
+                continue
+            if not self.handle(line):
                 return
 
+    def _read_block(self, first: str, read_line: ReadLine) -> tuple[str | None, bool]:
+        """The rest of a ``\"\"\"`` block opened by a line whose remainder is ``first``.
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="llama3-chat", description="Chat with a Llama 3 instruct model. " + HELP + ".",
+        Returns (text or None if cancelled, whether input ended)."""
+        # The line breaks right after the opening and right before the closing quotes are not text.
+        if first.rstrip().endswith(BLOCK):  # """one line""" (or a pasted block closed in the paste)
+            return first.rstrip()[: -len(BLOCK)].removeprefix("\n").removesuffix("\n"), False
+        parts = [first.removeprefix("\n")] if first.strip() else []
+        while True:
+            try:
+                line = read_line(CONTINUATION)
+            except KeyboardInterrupt:
+                self.out.write("\n")
+                self._note("multi-line message cancelled")
+                return None, False
+            if line is None:
+                self._note(f'end of input inside a {BLOCK} block: sending the {len(parts)} line(s) read')
+                return "\n".join(parts), True
+            if line.rstrip().endswith(BLOCK):
+                last = line.rstrip()[: -len(BLOCK)].removesuffix("\n")
+                if last:
+                    parts.append(last)
+                return "\n".join(parts), False
+            parts.append(line)
+
+
+def _history_file() -> Path:
+    if os.environ.get("LLAMA3_CHAT_HISTORY"):
+        return Path(os.environ["LLAMA3_CHAT_HISTORY"]).expanduser()
+    state = os.environ.get("XDG_STATE_HOME")
+    if state:
+        return Path(state) / "llama3" / "chat_history"
+    return Path.home() / ".llama3_chat_history"
+
+
+class TerminalInput:
+    """Reads messages from a terminal: ``readline`` line editing and history where available, and
+    pastes kept whole (bracketed paste, else lines arriving faster than typing are joined).
+
+    Call it with the prompt to show; returns the input, or None at end of input (Ctrl-D), after
+    moving to a new line.
+    """
+
+    PASTE_GAP_S = 0.03  # more input within this time after Enter is part of the same paste
+
+    def __init__(self, out: TextIO, stdin: TextIO | None = None, history: Path | None = None) -> None:
+        self.out = out
+        self.stdin = stdin if stdin is not None else sys.stdin
+        self.history = history if history is not None else _history_file()
+        self.readline = None
+        try:
+            import readline
+        except ImportError:  # e.g. Windows: plain input(), no editing
+            return
+        self.readline = readline
+        readline.set_history_length(2000)
+        if "libedit" not in (readline.__doc__ or ""):
+            readline.parse_and_bind("set enable-bracketed-paste on")
+        with contextlib.suppress(OSError):
+            readline.read_history_file(self.history)
+
+    def save_history(self) -> None:
+        """Write the history file (quietly skipped where it cannot be written)."""
+        if self.readline is None:
+            return
+        with contextlib.suppress(OSError):
+            self.history.parent.mkdir(parents=True, exist_ok=True)
+            self.readline.write_history_file(self.history)
+
+    def _pending(self) -> bool:
+        import select
+
+        try:
+            ready, _, _ = select.select([self.stdin], [], [], self.PASTE_GAP_S)
+        except (OSError, ValueError):
+            return False
+        return bool(ready)
+
+    def __call__(self, prompt: str) -> str | None:
+        before = self.readline.get_current_history_length() if self.readline is not None else 0
+        try:
+            lines = [input(prompt)]
+        except EOFError:
+            self.out.write("\n")
+            self.out.flush()
+            return None
+        while self._pending():  # the rest of a paste the terminal did not bracket
+            try:
+                lines.append(input(""))
+            except EOFError:  # the paste ended the input: send it; the next call sees the end
+                break
+        if self.readline is None and any(len(x) >= TERMINAL_LINE_LIMIT for x in lines):
+            # Without readline the terminal driver keeps only the first 4095 characters of a line.
+            self.out.write(f"[a line of {TERMINAL_LINE_LIMIT} characters was probably cut short by the "
+                           "terminal; not sent: put a long message in a file and use /file PATH]\n")
+            self.out.flush()
+            return ""
+        text = "\n".join(lines)
+        if len(lines) > 1 and self.readline is not None:
+            # One history entry for the whole paste, as it was sent, instead of one per line.
+            while self.readline.get_current_history_length() > before:
+                self.readline.remove_history_item(self.readline.get_current_history_length() - 1)
+            self.readline.add_history(text)
+        return text
+
+
+def make_read_line(out: TextIO, *, rank: int = 0, multi: bool = False,
+                   stdin: TextIO | None = None) -> tuple[ReadLine, TerminalInput | None]:
+    """The ``read_line(prompt)`` that :meth:`ChatSession.run` takes, for this process's stdin: a
+    :class:`TerminalInput` on a terminal (returned too, to save its history), plain lines otherwise.
+    Under ``torchrun`` (``multi``) rank 0 reads and every rank gets the line."""
+    stdin = stdin if stdin is not None else sys.stdin
+    terminal = TerminalInput(out, stdin) if rank == 0 and stdin.isatty() else None
+
+    def read_line(prompt: str) -> str | None:
+        line: str | None = None
+        if terminal is not None:
+            if prompt == PROMPT:
+                out.write("\n")  # a blank line between an answer and the next prompt
+            line = terminal(prompt)
+        elif rank == 0:
+            raw = stdin.readline()
+            line = raw.removesuffix("\n") if raw else None
+        if multi:
+            import torch.distributed as dist
+
+            # Every rank takes part in generation, so every rank needs the line.
+            box = [line]
+            dist.broadcast_object_list(box, src=0)
+            line = box[0]
+        return line
+
+    return read_line, terminal
+
+
+def _parse_args(argv: list[str] | None):
+    parser = make_parser(
+        "llama3-chat",
+        "Chat with a Llama 3 instruct model. In the chat, " + HELP + ". Every --dashed-flag also accepts the "
+        "--underscore_spelling.",
     )
     parser.add_argument("ckpt_dir", help="checkpoint directory (Meta or Hugging Face format)")
     parser.add_argument("--tokenizer-path", default=None,
                         help="tokenizer.model (default: looked for beside the checkpoint)")
     parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
-    parser.add_argument("--max-seq-len", type=int, default=4096, help="context length (default 4096)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold, in (0, 1]")
+    parser.add_argument("--max-seq-len", type=int, default=4096, help="context length in tokens")
     parser.add_argument("--max-gen-len", type=int, default=None,
                         help="longest answer in tokens (default: what fits)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: per device)")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--model-parallel-size", type=int, default=None)
-    parser.add_argument("--rope-scale-factor", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=1, help="random seed (the same on every rank)")
+    parser.add_argument("--model-parallel-size", type=int, default=None,
+                        help="ranks to split the model across (default: every torchrun process)")
+    parser.add_argument("--rope-scale-factor", type=float, default=None,
+                        help="override the Llama 3.1+ RoPE scaling factor")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="process prompts in chunks of this many tokens (default: the library's)")
     parser.add_argument("--compile", action="store_true", help="decode with torch.compile")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linear layers")
     parser.add_argument("--tools", default=None, metavar="FILE.json",
@@ -183,59 +407,71 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tool mode: comma-separated brave_search, wolfram_alpha, code_interpreter")
     parser.add_argument("--tool-format", choices=["json", "function_tag", "python_list"], default="json",
                         help="how custom tools are described and called (default json; python_list for 3.2)")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     return parser.parse_args(argv)
 
 
 def _rank() -> int:
+    import torch.distributed as dist
+
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``llama3-chat`` and ``python -m llama3.chat``."""
+def _chat(argv: list[str] | None) -> int:
     args = _parse_args(argv)
+    # Everything that can be checked without the model is checked before minutes of loading.
+    temperature, top_p = check_sampling(args.temperature, args.top_p)
+    if args.max_seq_len < 1:
+        raise UsageError(f"--max-seq-len must be a positive number of tokens, got {args.max_seq_len}")
+    if args.max_gen_len is not None and not 0 < args.max_gen_len < args.max_seq_len:
+        raise UsageError(f"--max-gen-len {args.max_gen_len} leaves no room for a prompt in --max-seq-len "
+                         f"{args.max_seq_len}; give a --max-gen-len below {args.max_seq_len}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise UsageError(f"--prefill-chunk must be a positive number of tokens, got {args.prefill_chunk}")
     session_class, tool_options = ChatSession, {}
     if args.tools or args.builtin_tools:
         from .tool_session import ToolChatSession, tool_options_from_flags
         try:
             session_class, tool_options = ToolChatSession, tool_options_from_flags(args)
-        except ValueError as e:
-            print(f"llama3-chat: error: {e}", file=sys.stderr)
-            return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    ckpt_dir = require_dir(args.ckpt_dir)
+    if args.tokenizer_path is not None and not Path(args.tokenizer_path).expanduser().is_file():
+        raise UsageError(f"--tokenizer-path {args.tokenizer_path!r} is not a file")
+
+    import torch.distributed as dist
+
+    from .generation import Llama
+    from .progress import configure_logging
+
+    configure_logging(not args.quiet)
+    options = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
     generator = Llama.build(
-        args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=1,
+        ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=1,
         model_parallel_size=args.model_parallel_size, seed=args.seed, device=args.device, dtype=args.dtype,
         rope_scale_factor=args.rope_scale_factor, compile=args.compile, quantize=args.quantize,
+        verbose=not args.quiet, **options,
     )
     rank = _rank()
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     with contextlib.ExitStack() as stack:
         out = sys.stdout if rank == 0 else stack.enter_context(open(os.devnull, "w"))
-        session = session_class(generator, system_prompt=args.system, temperature=args.temperature,
-                                top_p=args.top_p, max_gen_len=args.max_gen_len, out=out, **tool_options)
-        interactive = rank == 0 and sys.stdin.isatty()
-
-        def read_line() -> str | None:
-            line: str | None = None
-            if interactive:
-                try:
-                    line = input("\n> ")  # input() gives line editing on a terminal
-                except EOFError:
-                    line = None
-            elif rank == 0:
-                raw = sys.stdin.readline()
-                line = raw if raw else None
-            if multi:
-                # Every rank takes part in generation, so every rank needs the line.
-                box = [line]
-                dist.broadcast_object_list(box, src=0)
-                line = box[0]
-            return line
-
-        if interactive:
+        try:
+            session = session_class(generator, system_prompt=args.system, temperature=temperature,
+                                    top_p=top_p, max_gen_len=args.max_gen_len, out=out, **tool_options)
+        except ValueError as exc:  # the system prompt fills the context: said once, at start
+            raise UsageError(str(exc).replace("max_seq_len", "--max-seq-len")) from None
+        read_line, terminal = make_read_line(out, rank=rank, multi=multi)
+        if terminal is not None:
+            stack.callback(terminal.save_history)
             out.write(f"Chatting with {args.ckpt_dir}. {HELP}\n")
         session.run(read_line)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``llama3-chat`` and ``python -m llama3.chat``."""
+    return run_main(lambda: _chat(argv), "llama3-chat")
 
 
 if __name__ == "__main__":

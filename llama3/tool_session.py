@@ -169,40 +169,37 @@ class ToolChatSession(ChatSession):
         super().__init__(generator, system_prompt=prompt, **kwargs)
         self.tool_format = tool_format
         self.max_tool_rounds = max_tool_rounds
-        self.read_line: Callable[[], str | None] = lambda: None
+        self.read_line: Callable[[str], str | None] = lambda prompt: None
 
-    def run(self, read_line: Callable[[], str | None]) -> None:
+    def run(self, read_line: Callable[[str], str | None]) -> None:
         self.read_line = read_line  # tool results are read from the same input
         super().run(read_line)
 
-    def ask(self, text: str) -> str | None:
-        """Send a user message; while the model calls tools, show each call, read its result and
-        send it back. Returns the model's final text, or None if nothing was answered."""
-        pending: list[Message] = [{"role": "user", "content": text}]
+    def respond(self, dialog: list[Message]) -> list[Message]:
+        """Answer ``dialog``; while the model calls tools, show each call, read its result and send
+        it back. Returns every message added after ``dialog`` (replies and tool results)."""
+        added: list[Message] = []
+        encode = self.generator.formatter.encode_dialog_prompt
         for _ in range(self.max_tool_rounds):
-            self.history += pending[:-1]
-            dialog = self._fit(pending[-1])
-            if dialog is None:
-                return None
-            reply = self._complete(dialog)
-            self.history = dialog + [reply]
+            reply = self._complete(dialog + added)
+            added.append(reply)
             if not reply.get("tool_calls"):
                 self.out.write(reply["content"] + "\n")
                 self.out.flush()
-                return reply["content"]
-            pending = []
+                return added
             for call in reply["tool_calls"]:
                 self._note(f"tool call: {_show_call(call)}")
-                self.out.write(f"result of {call['tool_name']} (one line, or {SKIP})> ")
-                self.out.flush()
-                result = self.read_line()
+                result = self.read_line(f"result of {call['tool_name']} (one line, or {SKIP})> ")
                 if result is None or result.strip() == SKIP:
                     self.out.write("\n")
                     self._note("tool call left unanswered; type your next message")
-                    return None
-                pending.append({"role": "ipython", "content": result.strip()})
+                    return added
+                added.append({"role": "ipython", "content": result.strip()})
+            if len(encode(dialog + added)) > self.prompt_budget:
+                self._note("context full: the tool results do not fit; type your next message")
+                return added
         self._note(f"{self.max_tool_rounds} tool calls in a row; back to you")
-        return None
+        return added
 
     def _complete(self, dialog: list[Message]) -> Message:
         result = self.generator.chat_completion(

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 
-import fire
-
+from llama3.cli import check_sampling, fire_strict, require_dir
 from llama3.generation import Llama
+from llama3.progress import configure_logging
 
 PROMPTS = [
     # Plain continuation
@@ -49,11 +49,34 @@ def main(
     rope_scale_factor: float | None = None,
     compile: bool = False,
     quantize: str | None = None,
+    prefill_chunk: int | None = None,
 ) -> None:
-    """Generate a continuation of each example prompt and print it."""
+    """Generate a continuation of each example prompt and print it.
+
+    Args:
+        ckpt_dir: checkpoint directory (Meta or Hugging Face format).
+        tokenizer_path: Meta's tokenizer.model (default: found beside the checkpoint).
+        temperature: sampling temperature; 0 is greedy decoding.
+        top_p: nucleus (top-p) sampling threshold, in (0, 1].
+        max_seq_len: context length (prompt + answer) to allocate the KV cache for.
+        max_batch_size: how many of the example prompts to run, as one batch.
+        max_gen_len: the most new tokens per answer.
+        model_parallel_size: ranks to split the model across (default: every torchrun process).
+        seed: random seed, the same on every rank.
+        device: cuda, mps or cpu (default: the best available).
+        dtype: bfloat16, float16 or float32 (default: the device's preferred one).
+        rope_scale_factor: override the Llama 3.1+ RoPE scaling factor (32 for Llama 3.2).
+        compile: decode with torch.compile.
+        quantize: "int8" for int8 weight-only linear layers.
+        prefill_chunk: process prompts in chunks of this many tokens (default: the library's).
+    """
+    temperature, top_p = check_sampling(temperature, top_p)
+    require_dir(ckpt_dir)
+    configure_logging(True)  # loading progress on stderr (rank 0)
+    options = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size, seed,
                             device=device, dtype=dtype, rope_scale_factor=rope_scale_factor,
-                            compile=compile, quantize=quantize)
+                            compile=compile, quantize=quantize, **options)
     prompts = PROMPTS[:max_batch_size]
     results = generator.text_completion(prompts, temperature=temperature, top_p=top_p,
                                         max_gen_len=max_gen_len)
@@ -66,4 +89,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    raise SystemExit(fire_strict(main))

@@ -3,9 +3,15 @@ receives recorded, so /reset, trimming a full context, Ctrl-C and quitting can b
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import pty
+import re
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,7 +65,7 @@ def recorder(monkeypatch) -> Recorder:
 def lines(*items: str):
     """A read_line function returning ``items`` one by one, then None (end of input)."""
     it = iter(items)
-    return lambda: next(it, None)
+    return lambda prompt: next(it, None)
 
 
 def test_reset_through_stdin(generation_checkpoint, recorder, monkeypatch, capsys, llama3_tokenizer):
@@ -159,7 +165,7 @@ def test_commands_and_end_of_input(llama3_tokenizer, recorder):
     session = ChatSession(llama, system_prompt="S", temperature=0, max_gen_len=4, out=out)
     calls = iter(["/help", KeyboardInterrupt, "/frobnicate", "  ", "hi"])
 
-    def read_line():
+    def read_line(prompt):
         item = next(calls, None)
         if item is KeyboardInterrupt:
             raise KeyboardInterrupt
@@ -167,7 +173,7 @@ def test_commands_and_end_of_input(llama3_tokenizer, recorder):
 
     session.run(read_line)  # ends at end of input after "hi"
     text = out.getvalue()
-    assert text.startswith("[commands: /reset")
+    assert text.startswith('[commands: """ (start/end a multi-line message), /file PATH')
     assert "[use /exit or Ctrl-D to quit]" in text
     assert "[unknown command /frobnicate; commands:" in text
     assert len(recorder.prompts) == 1
@@ -187,3 +193,266 @@ def test_python_m_llama3_chat(generation_checkpoint):
     before, after = proc.stdout.split("[conversation cleared]\n")
     assert before == after and before.strip()  # same prompt after /reset, same greedy answer
     assert "Loaded" in proc.stderr  # loading progress goes to stderr, not into the conversation
+
+
+# --- Long and multi-line input ----------------------------------------------------------------
+
+
+def test_triple_quote_blocks_and_file_reach_the_model_whole(llama3_tokenizer, recorder, tmp_path):
+    llama = tiny_llama(llama3_tokenizer, max_seq_len=4096)
+    long_text = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog {7 * i}."
+                          for i in range(120))
+    assert len(long_text) > 6000
+    (tmp_path / "long.txt").write_text(long_text)
+    out = io.StringIO()
+    session = ChatSession(llama, temperature=0, max_gen_len=2, out=out)
+    session.run(lines('"""', "/reset is text here", "", "  indented line", '"""', '"""one line"""',
+                      f"/file {tmp_path / 'long.txt'}", f"/file {tmp_path / 'missing.txt'}",
+                      '"""first', "unterminated"))
+    sent = [m["content"] for m in session.history if m["role"] == "user"]
+    assert sent == ["/reset is text here\n\n  indented line", "one line", long_text, "first\nunterminated"]
+    fmt = ChatFormat(llama3_tokenizer)
+    # Each prompt is the whole conversation so far, every message whole (the file is 1,000+ tokens).
+    assert len(recorder.prompts) == 4
+    for i, prompt in enumerate(recorder.prompts):
+        assert prompt == fmt.encode_dialog_prompt(session.history[: 2 * i + 1])
+    assert len(recorder.prompts[2]) - len(recorder.prompts[1]) > 1000
+    text = out.getvalue()
+    assert f"[sending {tmp_path / 'long.txt'} ({len(long_text)} characters)]" in text
+    assert f"[cannot read {tmp_path / 'missing.txt'}: No such file or directory]" in text
+    assert '[end of input inside a """ block: sending the 2 line(s) read]' in text
+
+
+CHILD = r'''
+import hashlib, sys
+if "--no-readline" in sys.argv:
+    sys.modules["readline"] = None  # as on a Python built without it
+from types import SimpleNamespace
+from llama3.chat import ChatSession, make_read_line
+
+class EchoModel:
+    """Stands in for Llama: answers with the length and hash of the message it received."""
+    model = SimpleNamespace(params=SimpleNamespace(max_seq_len=100000))
+    formatter = SimpleNamespace(encode_dialog_prompt=lambda d: [0] * sum(len(m["content"]) + 4 for m in d))
+    def stream_chat_completion(self, dialog, **kw):
+        text = dialog[-1]["content"]
+        yield f"<got {len(text)} {hashlib.sha1(text.encode()).hexdigest()[:12]}>"
+
+read_line, terminal = make_read_line(sys.stdout)
+ChatSession(EchoModel(), out=sys.stdout, max_gen_len=10).run(read_line)
+terminal.save_history()
+print("<bye>")
+'''
+
+
+class Terminal:
+    """A program under a pseudo-terminal, driven like a person at the keyboard."""
+
+    def __init__(self, argv, env):
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=REPO,
+                                     start_new_session=True)
+        os.close(slave)
+        self.buf = b""
+
+    def _read(self, timeout: float) -> None:
+        if select.select([self.master], [], [], timeout)[0]:
+            try:
+                self.buf += os.read(self.master, 65536)
+            except OSError:
+                pass
+
+    def expect(self, pattern: bytes, timeout: float = 60) -> bytes:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            m = re.search(pattern, self.buf)
+            if m:
+                seen, self.buf = self.buf[: m.end()], self.buf[m.end():]
+                return seen
+            self._read(0.05)
+        raise AssertionError(f"{pattern!r} never came; last output {self.buf[-300:]!r}")
+
+    def send(self, data: bytes) -> None:
+        for i in range(0, len(data), 512):
+            os.write(self.master, data[i:i + 512])
+            self._read(0)  # keep the echo flowing so the terminal never blocks
+
+    def turn(self, keys: bytes) -> bytes:
+        """Wait for the prompt, type ``keys``, return the output up to the answer."""
+        self.expect(b"> ")
+        self.send(keys)
+        return self.expect(rb"<got \d+ \w+>|<bye>")
+
+    def close(self) -> int:
+        code = self.proc.wait(timeout=30)
+        os.close(self.master)
+        return code
+
+
+def _got(text: str) -> bytes:
+    return f"<got {len(text)} {hashlib.sha1(text.encode()).hexdigest()[:12]}>".encode()
+
+
+def _child_env(tmp_path, **extra):
+    env = dict(os.environ, TERM="xterm", INPUTRC="/dev/null", LLAMA3_CHAT_HISTORY=str(tmp_path / "history"),
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
+def test_terminal_line_editing_history_and_long_pastes(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    term = Terminal([sys.executable, str(script)], _child_env(tmp_path))
+    # Arrow keys edit the line (nothing like ^[[D reaches the screen or the model).
+    seen = term.turn(b"hllo\x1b[D\x1b[D\x1b[De\r")
+    assert seen.endswith(_got("hello")) and b"^[[" not in seen
+    assert term.turn(b"\x1b[A\r").endswith(_got("hello"))  # Up: the history
+    # A bracketed paste of several lines is one message.
+    assert term.turn(b"\x1b[200~line 1\nline 2\x1b[201~\r").endswith(_got("line 1\nline 2"))
+    # So is an unbracketed one: lines arriving faster than anyone types.
+    assert term.turn(b"q1\rq2\r").endswith(_got("q1\nq2"))
+    # Longer than the terminal driver's 4095-character line: arrives whole.
+    assert term.turn(b"x" * 5000 + b"\r").endswith(_got("x" * 5000))
+    block = ["a" * 2000, "b" * 2000, "c" * 2000]
+    assert term.turn(b'"""\r' + b"\r".join(x.encode() for x in block) + b'\r"""\r').endswith(
+        _got("\n".join(block)))
+    seen = term.turn(b"\x04")  # Ctrl-D: a newline, then a clean exit
+    assert seen.endswith(b"\r\n<bye>")
+    assert term.close() == 0
+    assert "hello" in (tmp_path / "history").read_text()
+
+
+def test_terminal_without_readline_joins_pastes_and_never_cuts_silently(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    term = Terminal([sys.executable, str(script), "--no-readline"], _child_env(tmp_path))
+    # Lines arriving faster than anyone types are one paste, one message.
+    assert term.turn(b"p1\rp2\rp3\r").endswith(_got("p1\np2\np3"))
+    # The terminal keeps 4095 characters of a longer line: that is said, and nothing is sent.
+    term.expect(b"> ")
+    term.send(b"y" * 5000 + b"\r")
+    term.expect(b"was probably cut short by the terminal; not sent: put a long message in a file")
+    seen = term.turn(b"ok\r")
+    assert seen.endswith(_got("ok")) and seen.count(b"<got") == 1
+    assert term.turn(b"\x04").endswith(b"\r\n<bye>")
+    assert term.close() == 0
+
+
+# --- Flags and user errors --------------------------------------------------------------------
+
+
+def test_closed_stdin_and_underscore_flags(generation_checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main([str(generation_checkpoint), "--max_gen_len", "4", "--max_seq_len", "64", "--top_p", "0.5",
+                 "--device", "cpu", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing answered, nothing printed; --quiet: no loading report either
+    assert "Loaded" not in captured.err and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "nan"], "temperature"),
+    (["--top-p", "0"], "top"),
+    (["--max-gen-len", "64", "--max-seq-len", "64"], "--max-gen-len 64 leaves no room for a prompt"),
+    (["--max_gen"], "unrecognized arguments: --max_gen"),  # no abbreviations
+    (["--frobnicate", "1"], "unrecognized arguments: --frobnicate"),
+    (["--temperature", "warm"], "invalid float value: 'warm'"),
+])
+def test_user_errors_are_one_line_and_come_before_loading(argv, message, generation_checkpoint, monkeypatch,
+                                                          capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Llama, "build", no_loading)
+    assert main([str(generation_checkpoint), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llama3-chat: error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_missing_checkpoint_and_full_system_prompt(generation_checkpoint, tmp_path, monkeypatch, capsys):
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"llama3-chat: error: checkpoint directory '{tmp_path / 'nowhere'}' " \
+                                      "does not exist\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main([str(generation_checkpoint), "--max-seq-len", "64", "--device", "cpu", "--quiet",
+                 "--system", "You are a helpful assistant. " * 10]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("llama3-chat: error: the system prompt fills the context: with it a "
+                                   "prompt takes at least ")
+    assert "only 48 fit (--max-seq-len 64 minus 16 kept for the answer)" in captured.err
+    assert captured.err.count("\n") == 1
+
+
+def _script(*argv: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          **kwargs)
+
+
+def test_example_scripts_reject_bad_flags_before_loading(generation_checkpoint):
+    proc = _script("scripts/example_text_completion.py", str(generation_checkpoint), "--max_gen_lenx", "4")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("example_text_completion.py: error: unknown flag --max_gen_lenx; "
+                           "did you mean --max_gen_len?\n")
+    proc = _script("scripts/example_chat_completion.py", str(generation_checkpoint), "--temperature", "nan",
+                   "--max-seq-len", "64")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "temperature" in proc.stderr
+    assert "Loaded" not in proc.stderr
+
+
+def test_example_script_help_lists_flags_without_a_pager(tmp_path):
+    # Under a terminal, with a pager that would swallow the text: --help still prints it all.
+    term = Terminal([sys.executable, "scripts/example_chat_completion.py", "--help"],
+                    _child_env(tmp_path, PAGER="false", COLUMNS="100"))
+    text = term.expect(rb"prefill_chunk[^\n]*\n[^\n]*\n[^\n]*\n[^\n]*tokens")
+    assert b"--temperature" in text and b"sampling temperature; 0 is greedy decoding." in text
+    assert term.close() == 0
+
+
+# --- llama3-make-tiny-checkpoint and llama3-convert ---------------------------------------------
+
+
+def test_make_tiny_checkpoint_flags_and_overwrite(tmp_path, capsys, llama3_tokenizer_path):
+    from llama3.checkpoint import inspect_checkpoint, read_model_args
+    from llama3.make_tiny_checkpoint import main as make
+
+    shape = ["--dim", "32", "--n_heads", "4", "--n-kv-heads", "2", "--tokenizer", str(llama3_tokenizer_path)]
+    out = tmp_path / "m"
+    assert make([str(out), "--num-shards", "2", *shape]) == 0
+    assert inspect_checkpoint(out).num_shards == 2
+    assert "wrote meta checkpoint" in capsys.readouterr().out
+    # A misspelled flag is refused, and nothing is written.
+    assert make([str(tmp_path / "n"), "--n_layer", "4"]) == 2
+    assert capsys.readouterr().err.startswith("llama3-make-tiny-checkpoint: error: unrecognized arguments: "
+                                              "--n_layer 4")
+    assert not (tmp_path / "n").exists()
+    # An existing checkpoint is not overwritten without --overwrite ...
+    assert make([str(out), *shape]) == 2
+    assert "is not empty; choose a new directory or pass --overwrite" in capsys.readouterr().err
+    assert inspect_checkpoint(out).num_shards == 2
+    # ... and with it, replaced whole (no stale shard left behind).
+    assert make([str(out), "--overwrite", "--n_layers", "1", *shape]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+    assert read_model_args(out).n_layers == 1
+
+
+def test_convert_cli(tmp_path, capsys, llama3_tokenizer_path):
+    from llama3.convert import main as convert
+    from llama3.make_tiny_checkpoint import main as make
+
+    src = tmp_path / "src"
+    assert make([str(src), "--dim", "32", "--n-heads", "4", "--n-kv-heads", "2", "--num-shards", "2",
+                 "--tokenizer", str(llama3_tokenizer_path)]) == 0
+    assert convert(["reshard", str(src), str(tmp_path / "r"), "--num-shards", "0"]) == 2
+    assert "--num-shards must be a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert convert(["to_hf", str(src), str(tmp_path / "hf"), "--max_shard_gb", "1"]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert convert(["to-hf", str(src), str(tmp_path / "hf")]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    proc = _script("-m", "llama3.convert", "to-meta", str(tmp_path / "hf"), str(tmp_path / "meta"),
+                   "--num_shards", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wrote 1 shard(s) and params.json" in proc.stdout

@@ -623,9 +623,17 @@ class ScriptedLlama:
         return [{"generation": self.formatter.decode_assistant_message(ids)}]
 
 
-def _lines(*items: str):
-    it = iter(items)
-    return lambda: next(it, None)
+class _Lines:
+    """Scripted input: ``read_line(prompt)`` returns the next item (None at the end) and keeps
+    the prompts it was shown."""
+
+    def __init__(self, *items: str) -> None:
+        self.items = iter(items)
+        self.prompts: list[str] = []
+
+    def __call__(self, prompt: str = "") -> str | None:
+        self.prompts.append(prompt)
+        return next(self.items, None)
 
 
 @pytest.mark.parametrize("plain", [False, True], ids=["dict-reply", "content-only-reply"])
@@ -651,10 +659,12 @@ def test_chat_tool_mode_scripted(llama3_tokenizer, tmp_path: Path, plain: bool) 
         out=out,
         system_prompt="Be brief.",
     )
-    session.run(_lines("Weather in Paris?", '{"temperature": "21 C", "sky": "sunny"}', "/exit"))
+    lines = _Lines("Weather in Paris?", '{"temperature": "21 C", "sky": "sunny"}', "/exit")
+    session.run(lines)
     text = out.getvalue()
     assert '[tool call: get_weather({"city": "Paris"})]' in text
-    assert "result of get_weather" in text and text.endswith("It is 21 C and sunny in Paris.\n")
+    assert lines.prompts[1].startswith("result of get_weather")
+    assert text.endswith("It is 21 C and sunny in Paris.\n")
     system = llama.dialogs[0][0]
     assert system["role"] == "system" and system["content"].startswith(
         "Environment: ipython\nTools: brave_search\nCutting Knowledge Date: December 2023\n"
@@ -689,7 +699,7 @@ def test_chat_tool_mode_never_runs_code_and_skip(llama3_tokenizer, tmp_path: Pat
     llama = ScriptedLlama(llama3_tokenizer, [f"<|python_tag|>{code}<|eom_id|>", "Fine.<|eot_id|>"])
     out = io.StringIO()
     session = ToolChatSession(llama, builtin_tools=[CODE_INTERPRETER], out=out)
-    session.run(_lines("Write a file", "/skip", "Thanks", "/exit"))
+    session.run(_Lines("Write a file", "/skip", "Thanks", "/exit"))
     assert not marker.exists()
     text = out.getvalue()
     assert "not executed" in text and code in text and "left unanswered" in text
@@ -800,7 +810,7 @@ def test_chat_main_tool_mode_on_scripted_stdin(llama3_tokenizer, tmp_path: Path,
         llama3_tokenizer,
         ['[get_weather(city="Oslo"), get_weather(city="Rome")]<|eot_id|>', "Cold; warm.<|eot_id|>"],
     )
-    monkeypatch.setattr(chat.Llama, "build", lambda *a, **k: llama)
+    monkeypatch.setattr("llama3.generation.Llama.build", lambda *a, **k: llama)
     monkeypatch.setattr("sys.stdin", io.StringIO("Oslo and Rome?\n-3 C\n25 C\n"))
     flags = [
         "--tools",
