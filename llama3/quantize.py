@@ -10,8 +10,9 @@ so  |W_ij - q_ij · scale_i| <= scale_i / 2.  Then  y = x Wᵀ ≈ (x qᵀ) · s
 
 * ``torch._weight_int8pack_mm`` on the CPU (a fused int8-weight GEMM/GEMV; in bfloat16 it is the
   fastest CPU kernel we measured, see README "Speed"),
-* ``F.linear(x, q.to(x.dtype)) * scale`` elsewhere, which ``torch.compile`` fuses into one kernel
-  that reads int8 from memory.
+* on CUDA under ``torch.compile``, for a decoding step's few rows, a multiply-and-sum that inductor
+  fuses with the int8 conversion into one kernel reading int8 from memory (``_int8_linear_cuda``),
+* ``F.linear(x, q.to(x.dtype)) * scale`` elsewhere.
 
 The quantized layers keep fairscale's model-parallel layout and communication: column-parallel
 layers own a slice of the rows (gathered at the output projection), row-parallel layers own a
@@ -52,6 +53,30 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         # One fused kernel: converts int8 rows on the fly, no dequantized copy of W in memory.
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, scale.to(x.dtype))
         return y.view(*x.shape[:-1], q.shape[0])
+    if x.device.type == "cuda":
+        return _int8_linear_cuda(x, q, scale)
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+# CUDA (owned by the GPU work; the CPU kernels above are separate). Rows of x up to which the
+# compiled step reads the int8 weight directly (see _int8_linear_cuda).
+CUDA_FUSED_MAX_ROWS = 4
+
+
+def _int8_linear_cuda(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x qᵀ · scale on CUDA.
+
+    Under ``torch.compile``, a decoding step's few rows are written as a multiply and a sum over
+    the input features: inductor fuses the int8 → float conversion, the products and the reduction
+    into one kernel that reads each int8 weight once (1 byte per weight instead of the 5 that
+    dequantizing into a bfloat16 copy and handing it to cuBLAS costs: read int8, write and read
+    bfloat16). With more rows (prefill), or eagerly, the weight is dequantized for cuBLAS, whose
+    matrix products are compute-bound there anyway.
+    """
+    rows = x.numel() // x.shape[-1]
+    if torch.compiler.is_compiling() and rows <= CUDA_FUSED_MAX_ROWS:
+        y = (x.unsqueeze(-2).float() * q.float()).sum(dim=-1)  # never materialised: one fused kernel
+        return (y * scale.float()).to(x.dtype)
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 
