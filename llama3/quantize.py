@@ -14,19 +14,25 @@ so  |W_ij - q_ij · scale_i| <= scale_i / 2.  Then  y = x Wᵀ ≈ (x qᵀ) · s
   fuses with the int8 conversion into one kernel reading int8 from memory (``_int8_linear_cuda``),
 * ``F.linear(x, q.to(x.dtype)) * scale`` elsewhere.
 
-The quantized layers keep fairscale's model-parallel layout and communication: column-parallel
-layers own a slice of the rows (gathered at the output projection), row-parallel layers own a
-slice of the columns and all-reduce their partial sums.
+The quantized layers keep fairscale's model-parallel layout: column-parallel layers own a slice of
+the rows (gathered at the output projection), row-parallel layers own a slice of the columns and
+all-reduce their partial sums, through the functional collectives of ``llama3.distributed`` (int8
+layers hold no gradients), so a compiled step stays one graph.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel import mappings
 from torch import nn
 
-from .distributed import ColumnParallelLinear, RowParallelLinear, model_parallel_world_size
+from .distributed import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    all_reduce_sum,
+    gather_last_dim,
+    model_parallel_world_size,
+)
 
 __all__ = ["Int8ColumnParallelLinear", "Int8RowParallelLinear", "int8_linear", "quantize_int8",
            "quantize_per_channel"]
@@ -104,10 +110,10 @@ class Int8ColumnParallelLinear(ColumnParallelLinear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if self.world_size == 1:  # nothing to communicate (and nothing for torch.compile to trace)
-            return int8_linear(x, self.weight, self.scale)
-        y = int8_linear(mappings.copy_to_model_parallel_region(x), self.weight, self.scale)
-        return mappings.gather_from_model_parallel_region(y) if self.gather_output else y
+        y = int8_linear(x, self.weight, self.scale)
+        if self.world_size == 1 or not self.gather_output:  # nothing to communicate
+            return y
+        return gather_last_dim(y)  # a functional collective: no torch.compile graph break
 
 
 class Int8RowParallelLinear(RowParallelLinear):
@@ -128,7 +134,7 @@ class Int8RowParallelLinear(RowParallelLinear):
         y = int8_linear(x, self.weight, self.scale)
         if self.world_size == 1:
             return y
-        return mappings.reduce_from_model_parallel_region(y)
+        return all_reduce_sum(y)
 
 
 @torch.no_grad()

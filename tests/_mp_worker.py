@@ -9,6 +9,7 @@ job's result is per rank. Kinds:
 * ``memory``: load the checkpoint; record this rank's peak anonymous memory (RssAnon, sampled
   every millisecond) above what it was before, and the bytes of its own slice (every rank);
 * ``logits``: load it; save the logits of a prompt and of one decoding step (rank 0);
+* ``int8``: the same after ``quantize_int8`` (each rank quantizes its slice);
 * ``compile``: load it; greedy-decode with eager ``forward`` and with
   ``torch.compile(model.forward_static)``; save both token sequences and the graph breaks and
   graphs dynamo counted (rank 0; breaks summed over ranks). The backend is
@@ -87,7 +88,10 @@ def memory(job: dict, tokens: torch.Tensor) -> dict:
 
 
 def logits(job: dict, tokens: torch.Tensor) -> dict:
-    model = _load(job["ckpt"], tokens)
+    return logits_of(_load(job["ckpt"], tokens), tokens)
+
+
+def logits_of(model, tokens: torch.Tensor) -> dict:
     prefill = model(tokens[:, :-1], 0)
     step = model(tokens[:, -1:], tokens.shape[1] - 1)  # one decoding step through the KV cache
     return {"prefill": prefill, "step": step, "world": dist.get_world_size(),
@@ -120,7 +124,15 @@ def compiled(job: dict, tokens: torch.Tensor) -> dict:
             "backend": backend}
 
 
-KINDS = {"memory": memory, "logits": logits, "compile": compiled}
+def int8_logits(job: dict, tokens: torch.Tensor) -> dict:
+    from llama3.quantize import quantize_int8
+
+    model = _load(job["ckpt"], tokens)
+    quantize_int8(model)  # each rank quantizes its own slice
+    return logits_of(model, tokens)
+
+
+KINDS = {"memory": memory, "logits": logits, "compile": compiled, "int8": int8_logits}
 
 
 def main(jobs_path: str) -> None:

@@ -99,6 +99,7 @@ def _torchrun(setup, nproc: int) -> dict:
              for i, c in enumerate(RUNS[nproc])]
     if COMPILE_RUN[0] == nproc:
         jobs.append({"kind": "compile", "ckpt": str(dirs[COMPILE_RUN[1]]), "out": str(out / "compile.pt")})
+        jobs.append({"kind": "int8", "ckpt": str(dirs[COMPILE_RUN[1]]), "out": str(out / "int8.pt")})
     (out / "jobs.json").write_text(json.dumps({"tokens": str(root / "tokens.pt"), "jobs": jobs}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
@@ -116,6 +117,7 @@ def _torchrun(setup, nproc: int) -> dict:
                              for i in range(len(MEMORY_RUN[1]))]
     if COMPILE_RUN[0] == nproc:
         results["compile"] = load("compile.pt")
+        results["int8"] = load("int8.pt")
     return results
 
 
@@ -180,3 +182,17 @@ def test_each_rank_loads_only_its_slice(setup, results, index):
             f"{ckpts[index]} on {nproc} ranks, rank {got['rank']}: peak anonymous memory grew by "
             f"{got['growth'] / 2**20:.0f} MiB while loading a {got['slice_bytes'] / 2**20:.0f} MiB slice "
             f"(bound {bound / 2**20:.0f} MiB; whole model {full / 2**20:.0f} MiB)")
+
+
+def test_int8_model_parallel_logits_stay_close_to_the_float_model(setup, results):
+    """int8 layers communicate through the same collectives: on 2 ranks (each quantizing its own
+    slice, so row-parallel scales differ from one process's) the logits stay within the int8
+    tolerance of tests/test_fast_paths.py of the float model's, and a lost collective (a rank's
+    partial sum or half the vocabulary missing) would be far outside it."""
+    nproc, ckpt = COMPILE_RUN
+    got, want = results[nproc]["int8"], setup[3][ckpt[0]]
+    for key in ("prefill", "step"):
+        error = got[key] - want[key]
+        assert got[key].shape == want[key].shape
+        assert error.abs().max() <= 0.05 * want[key].abs().max()
+        assert error.norm() <= 0.04 * want[key].norm()
