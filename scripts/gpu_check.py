@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,7 @@ class Result:
     status: str  # passed | failed | timeout | skipped
     seconds: float = 0.0
     detail: str = ""
+    cpu_seconds: float = 0.0  # CPU time of the stage's processes (user + system)
     figures: dict[str, Any] = field(default_factory=dict)
 
 
@@ -205,7 +207,7 @@ def run_stages(plan: list[Stage], deadline_s: float, out: Path, log, base_env: d
         log.write(f"== {stage.name}: {stage.what} (limit {limit:.0f} s)\n")
         print(f"== {stage.name}: {stage.what} (limit {limit:.0f} s)", flush=True)
         env = {**(base_env if base_env is not None else os.environ), **stage.env}
-        t0 = clock()
+        t0, cpu0 = clock(), _children_cpu()
         status, detail = "passed", ""
         for cmd in stage.commands:
             rc = _run_one(cmd, env, limit - (clock() - t0), log)
@@ -215,7 +217,7 @@ def run_stages(plan: list[Stage], deadline_s: float, out: Path, log, base_env: d
             if rc != 0:
                 status, detail = "failed", f"exit {rc}: {' '.join(cmd[:3])}"
                 break
-        result = Result(stage.name, status, clock() - t0, detail)
+        result = Result(stage.name, status, clock() - t0, detail, _children_cpu() - cpu0)
         if stage.figures is not None:
             try:
                 result.figures = stage.figures(out)
@@ -226,11 +228,16 @@ def run_stages(plan: list[Stage], deadline_s: float, out: Path, log, base_env: d
     return results
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def summarize(results: list[Result], header: dict[str, Any]) -> str:
     lines = [f"# GPU check summary: {header.get('device_name', header['device'])}, size {header['size']}, "
              f"{header['seconds']:.0f} s of {header['deadline_s']:.0f} s"]
     for r in results:
-        lines.append(f"{r.name:20s} {r.status:8s} {r.seconds:6.0f} s  {r.detail}")
+        lines.append(f"{r.name:20s} {r.status:8s} {r.seconds:6.0f} s ({r.cpu_seconds:.0f} s CPU)  {r.detail}")
         for key, value in r.figures.items():
             lines.append(f"    {key}: {value}")
     ratio = header.get("int8_vs_bf16_compiled")
