@@ -169,6 +169,10 @@ def select_dtype(device: torch.device, override: str | torch.dtype | None = None
 # graph (and inductor schedules) like any other op. Same sums and concatenations, same results.
 
 
+# all_gather_single is the newer name (torch >= 2.12 warns on the old one).
+_all_gather_dim0 = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
 def _model_parallel_group() -> dist.ProcessGroup:
     return fs_init.get_model_parallel_group()
 
@@ -186,10 +190,6 @@ def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """
     gathered = _all_gather_dim0(x.movedim(-1, 0).contiguous(), 0, _model_parallel_group())
     return gathered.movedim(0, -1)
-
-
-# all_gather_single is the newer name (torch >= 2.12 warns on the old one).
-_all_gather_dim0 = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 
 
 # --- fairscale layers that can be built on the meta device -------------------------------------
@@ -284,7 +284,7 @@ class VocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
         local = input_ - self.vocab_start_index
         mine = (local >= 0) & (local < self.num_embeddings_per_partition)
         rows = torch.nn.functional.embedding(torch.where(mine, local, 0), self.weight)
-        return all_reduce_sum(rows * mine.unsqueeze(-1).to(rows.dtype))
+        return all_reduce_sum(rows.masked_fill(~mine.unsqueeze(-1), 0.0))
 
 
 def _divide(n: int, parts: int, what: str) -> int:
