@@ -7,7 +7,8 @@ Prefill (batch 1, a causal prompt of L tokens, Llama 3 8B attention: 32 query he
 head_dim 128; on CPU a tiny 8/2/32 so the dry run is quick):
 
 * ``prefill_masked_folded``: the layout model.py uses, query heads of a KV group folded into rows,
-  with an explicit boolean mask (n_rep·L × L): no flash kernel can take it;
+  with an explicit boolean mask (n_rep·L × L): no flash kernel can take it (up to 8,192 tokens:
+  beyond, its memory grows out of proportion);
 * ``prefill_causal_gqa``: ``is_causal=True, enable_gqa=True`` on the unfolded heads, no mask;
 * ``prefill_<backend>``: the same, restricted to one SDPA backend (flash, efficient, cudnn; CUDA
   only) to show which kernels exist for it and what each costs. A backend that refuses the
@@ -61,7 +62,7 @@ def _backends() -> dict[str, object]:
 
 
 def run(device: torch.device, dtype: torch.dtype, lengths: list[int], heads: int, kv_heads: int,
-        head_dim: int, decode_batch: int, repeats: int) -> list[dict]:
+        head_dim: int, decode_batch: int, repeats: int, max_masked: int = 8192) -> list[dict]:
     from torch.nn.attention import sdpa_kernel
 
     rows: list[dict] = []
@@ -93,12 +94,16 @@ def run(device: torch.device, dtype: torch.dtype, lengths: list[int], heads: int
         flops = 2 * 2 * heads * length * length * head_dim / 2  # QKᵀ and PV, causal half
         # model.py's layout: the n_rep query heads of a KV head stacked as rows, one mask for all.
         folded = q.view(1, kv_heads, n_rep * length, head_dim)
-        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-        mask = causal.repeat(n_rep, 1)
-        record("prefill_masked_folded", length,
-               lambda folded=folded, k=k, v=v, mask=mask: F.scaled_dot_product_attention(
-                   folded, k, v, attn_mask=mask), flops)
-        del mask, causal
+        if length <= max_masked:
+            causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            mask = causal.repeat(n_rep, 1)
+            record("prefill_masked_folded", length,
+                   lambda folded=folded, k=k, v=v, mask=mask: F.scaled_dot_product_attention(
+                       folded, k, v, attn_mask=mask), flops)
+            del mask, causal
+        else:  # its mask and score matrix grow with the square of the length
+            rows.append({"case": "prefill_masked_folded", "length": length, "ms": float("nan"),
+                         "error": f"not run above {max_masked} tokens (quadratic memory)"})
         record("prefill_causal_gqa", length,
                lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, **GQA_CAUSAL), flops)
         if device.type == "cuda":
