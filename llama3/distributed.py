@@ -7,10 +7,12 @@ it computes. Two ways in:
 * a plain ``python`` process: a one-process gloo group on an in-memory store, so nothing has to be
   set in the environment and no port is opened.
 
-The three model-parallel layers are fairscale's own classes (their ``forward`` does the
-communication). They are re-built here only so that they honour ``torch.device("meta")``:
-fairscale allocates its weights with the legacy ``torch.Tensor(...)`` constructor, which ignores
-the device context, so a 70B model would be materialised on the CPU before any weight is loaded.
+The three model-parallel layers are fairscale's own classes, so parameters are laid out (and
+trained) exactly as fairscale does. They are re-built here so that they honour
+``torch.device("meta")`` (fairscale allocates its weights with the legacy ``torch.Tensor(...)``
+constructor, which ignores the device context, so a 70B model would be materialised on the CPU
+before any weight is loaded), and so that inference (no gradients) communicates through
+torch.distributed's functional collectives, which ``torch.compile`` traces without graph breaks.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from fairscale.nn.model_parallel import layers as fs_layers
 
 logger = logging.getLogger(__name__)
@@ -29,6 +32,8 @@ __all__ = [
     "ColumnParallelLinear",
     "RowParallelLinear",
     "VocabParallelEmbedding",
+    "all_reduce_sum",
+    "gather_last_dim",
     "init_model_parallel",
     "model_parallel_rank",
     "model_parallel_world_size",
@@ -155,6 +160,38 @@ def select_dtype(device: torch.device, override: str | torch.dtype | None = None
     return CPU_DEFAULT_DTYPE
 
 
+# --- communication in the inference forward -----------------------------------------------------
+#
+# fairscale's mappings are autograd Functions that call torch.distributed's in-place collectives:
+# torch.compile cannot trace them, so every parallel layer split the compiled decode step into
+# pieces (two graph breaks per layer). Without gradients the layers use torch.distributed's
+# *functional* collectives instead: ops that return a new tensor, which dynamo traces into the one
+# graph (and inductor schedules) like any other op. Same sums and concatenations, same results.
+
+
+# all_gather_single is the newer name (torch >= 2.12 warns on the old one).
+_all_gather_dim0 = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
+def _model_parallel_group() -> dist.ProcessGroup:
+    return fs_init.get_model_parallel_group()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over the model-parallel ranks (a new tensor; ``x`` is left as it is)."""
+    return funcol.all_reduce(x, "sum", _model_parallel_group())
+
+
+def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate the ranks' ``x`` along the last dimension, in rank order.
+
+    Collectives gather along dim 0 (the one dimension every torch version supports), so the last
+    dimension is moved to the front and back.
+    """
+    gathered = _all_gather_dim0(x.movedim(-1, 0).contiguous(), 0, _model_parallel_group())
+    return gathered.movedim(0, -1)
+
+
 # --- fairscale layers that can be built on the meta device -------------------------------------
 
 
@@ -188,7 +225,10 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         if self.output_size_per_partition == self.out_features:
             # One rank: nothing to communicate, and no autograd mapping to break torch.compile.
             return _linear(input_, self.weight)
-        return super().forward(input_)
+        if torch.is_grad_enabled():  # training: fairscale's autograd-aware mappings
+            return super().forward(input_)
+        y = _linear(input_, self.weight)
+        return gather_last_dim(y) if self.gather_output else y
 
 
 class RowParallelLinear(fs_layers.RowParallelLinear):
@@ -208,7 +248,9 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
     def forward(self, input_: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.input_size_per_partition == self.in_features:
             return _linear(input_, self.weight)
-        return super().forward(input_)
+        if torch.is_grad_enabled():
+            return super().forward(input_)
+        return all_reduce_sum(_linear(input_, self.weight))
 
 
 class VocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
@@ -235,7 +277,14 @@ class VocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
         if self.num_embeddings_per_partition == self.num_embeddings:
             # One rank holds the whole table: skip fairscale's masking and all-reduce.
             return torch.nn.functional.embedding(input_, self.weight)
-        return super().forward(input_)
+        if torch.is_grad_enabled():
+            return super().forward(input_)
+        # Ids outside this rank's slice of the vocabulary look up row 0 and are zeroed; the sum over
+        # ranks then holds each id's row exactly once.
+        local = input_ - self.vocab_start_index
+        mine = (local >= 0) & (local < self.num_embeddings_per_partition)
+        rows = torch.nn.functional.embedding(torch.where(mine, local, 0), self.weight)
+        return all_reduce_sum(rows.masked_fill(~mine.unsqueeze(-1), 0.0))
 
 
 def _divide(n: int, parts: int, what: str) -> int:

@@ -10,22 +10,29 @@ so  |W_ij - q_ij · scale_i| <= scale_i / 2.  Then  y = x Wᵀ ≈ (x qᵀ) · s
 
 * ``torch._weight_int8pack_mm`` on the CPU (a fused int8-weight GEMM/GEMV; in bfloat16 it is the
   fastest CPU kernel we measured, see README "Speed"),
-* ``F.linear(x, q.to(x.dtype)) * scale`` elsewhere, which ``torch.compile`` fuses into one kernel
-  that reads int8 from memory.
+* on CUDA under ``torch.compile``, for a decoding step's few rows, a multiply-and-sum that inductor
+  fuses with the int8 conversion into one kernel reading int8 from memory (``_int8_linear_cuda``),
+* ``F.linear(x, q.to(x.dtype)) * scale`` elsewhere.
 
-The quantized layers keep fairscale's model-parallel layout and communication: column-parallel
-layers own a slice of the rows (gathered at the output projection), row-parallel layers own a
-slice of the columns and all-reduce their partial sums.
+The quantized layers keep fairscale's model-parallel layout: column-parallel layers own a slice of
+the rows (gathered at the output projection), row-parallel layers own a slice of the columns and
+all-reduce their partial sums, through the functional collectives of ``llama3.distributed`` (int8
+layers hold no gradients), so a compiled step stays one graph.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel import mappings
 from torch import nn
 
-from .distributed import ColumnParallelLinear, RowParallelLinear, model_parallel_world_size
+from .distributed import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    all_reduce_sum,
+    gather_last_dim,
+    model_parallel_world_size,
+)
 
 __all__ = ["Int8ColumnParallelLinear", "Int8RowParallelLinear", "int8_linear", "quantize_int8",
            "quantize_per_channel"]
@@ -52,6 +59,30 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         # One fused kernel: converts int8 rows on the fly, no dequantized copy of W in memory.
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, scale.to(x.dtype))
         return y.view(*x.shape[:-1], q.shape[0])
+    if x.device.type == "cuda":
+        return _int8_linear_cuda(x, q, scale)
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+# CUDA (owned by the GPU work; the CPU kernels above are separate). Rows of x up to which the
+# compiled step reads the int8 weight directly (see _int8_linear_cuda).
+CUDA_FUSED_MAX_ROWS = 4
+
+
+def _int8_linear_cuda(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x qᵀ · scale on CUDA.
+
+    Under ``torch.compile``, a decoding step's few rows are written as a multiply and a sum over
+    the input features: inductor fuses the int8 → float conversion, the products and the reduction
+    into one kernel that reads each int8 weight once (1 byte per weight instead of the 5 that
+    dequantizing into a bfloat16 copy and handing it to cuBLAS costs: read int8, write and read
+    bfloat16). With more rows (prefill), or eagerly, the weight is dequantized for cuBLAS, whose
+    matrix products are compute-bound there anyway.
+    """
+    rows = x.numel() // x.shape[-1]
+    if torch.compiler.is_compiling() and rows <= CUDA_FUSED_MAX_ROWS:
+        y = (x.unsqueeze(-2).float() * q.float()).sum(dim=-1)  # never materialised: one fused kernel
+        return (y * scale.float()).to(x.dtype)
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 
@@ -79,10 +110,10 @@ class Int8ColumnParallelLinear(ColumnParallelLinear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if self.world_size == 1:  # nothing to communicate (and nothing for torch.compile to trace)
-            return int8_linear(x, self.weight, self.scale)
-        y = int8_linear(mappings.copy_to_model_parallel_region(x), self.weight, self.scale)
-        return mappings.gather_from_model_parallel_region(y) if self.gather_output else y
+        y = int8_linear(x, self.weight, self.scale)
+        if self.world_size == 1 or not self.gather_output:  # nothing to communicate
+            return y
+        return gather_last_dim(y)  # a functional collective: no torch.compile graph break
 
 
 class Int8RowParallelLinear(RowParallelLinear):
@@ -103,7 +134,7 @@ class Int8RowParallelLinear(RowParallelLinear):
         y = int8_linear(x, self.weight, self.scale)
         if self.world_size == 1:
             return y
-        return mappings.reduce_from_model_parallel_region(y)
+        return all_reduce_sum(y)
 
 
 @torch.no_grad()

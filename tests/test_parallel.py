@@ -1,8 +1,12 @@
 """Model parallelism and resharding: a checkpoint saved with M shards, loaded on N ranks under
-torchrun (gloo, CPU), gives the logits of the same weights in one plain process."""
+torchrun (gloo, CPU), gives the logits of the same weights in one plain process; each rank holds
+only its own slice while loading; the compiled decoding step is one graph on every rank (the
+layers' collectives are functional collectives, which torch.compile traces) and decodes eager's
+tokens."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -29,6 +33,16 @@ CONFIGS = {
 CHECKPOINTS = [("gqa", "meta", 1), ("gqa", "meta", 2), ("gqa", "meta", 4), ("gqa", "hf", 1),
                ("one_kv", "meta", 1), ("one_kv", "meta", 2), ("one_kv", "meta", 4)]
 RUNS = {2: CHECKPOINTS, 4: [c for c in CHECKPOINTS if c != ("gqa", "hf", 1)]}
+COMPILE_RUN = (2, ("gqa", "meta", 2))  # ranks, checkpoint: the compiled decode check
+
+# Memory: a model big enough (57M parameters, 227 MB in float32) that one rank's quarter stands
+# out from the process's own memory; saved in 8 shards (70B-style) and in 1 (8B-style), loaded on 4.
+BIG = dict(dim=1024, n_layers=2, n_heads=16, n_kv_heads=8, vocab_size=16384, multiple_of=256)
+MEMORY_RUN = (4, [("big", "meta", 8), ("big", "meta", 1)])
+# A rank may hold its slice in float32 plus transient copies of single tensors while converting
+# (the largest, the embedding's quarter, is 16 MB) and allocator slack.
+MEMORY_SLACK = 1.25
+MEMORY_EXTRA = 48 * 2**20
 
 
 def _free_port() -> int:
@@ -62,21 +76,49 @@ def setup(tmp_path_factory):
                 else:
                     save_hf_checkpoint(sd, args, d)
                 dirs[(config, layout, shards)] = d
+    big = ModelArgs(**BIG)
+    sd = random_state_dict(big, seed=0, dtype=torch.bfloat16)
+    refs["big_fp32_bytes"] = sum(t.numel() for t in sd.values()) * 4  # the whole model as loaded
+    for ckpt in MEMORY_RUN[1]:
+        dirs[ckpt] = root / f"big-meta-{ckpt[2]}"
+        save_meta_checkpoint(sd, big, dirs[ckpt], num_shards=ckpt[2])
+    del sd
     return root, tokens, dirs, refs
 
 
-def _torchrun(setup, nproc: int) -> list[dict]:
+def _torchrun(setup, nproc: int) -> dict:
+    """One torchrun job of ``nproc`` ranks running every check that uses that many ranks."""
     root, _, dirs, _ = setup
     out = root / f"out{nproc}"
     out.mkdir(exist_ok=True)
-    ckpts = [str(dirs[c]) for c in RUNS[nproc]]
+    jobs: list[dict] = []
+    if MEMORY_RUN[0] == nproc:  # first, before anything else has used memory
+        jobs += [{"kind": "memory", "ckpt": str(dirs[c]), "out": str(out / f"mem{i}-{{rank}}.pt")}
+                 for i, c in enumerate(MEMORY_RUN[1])]
+    jobs += [{"kind": "logits", "ckpt": str(dirs[c]), "out": str(out / f"{i}.pt")}
+             for i, c in enumerate(RUNS[nproc])]
+    if COMPILE_RUN[0] == nproc:
+        jobs.append({"kind": "compile", "ckpt": str(dirs[COMPILE_RUN[1]]), "out": str(out / "compile.pt")})
+        jobs.append({"kind": "int8", "ckpt": str(dirs[COMPILE_RUN[1]]), "out": str(out / "int8.pt")})
+    (out / "jobs.json").write_text(json.dumps({"tokens": str(root / "tokens.pt"), "jobs": jobs}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(REPO / "tests" / "_mp_worker.py"), str(out), str(root / "tokens.pt"), *ckpts]
+           str(REPO / "tests" / "_mp_worker.py"), str(out / "jobs.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [torch.load(out / f"{i}.pt", weights_only=True) for i in range(len(ckpts))]
+
+    def load(name: str):
+        return torch.load(out / name, weights_only=True)
+
+    results = {"logits": [load(f"{i}.pt") for i in range(len(RUNS[nproc]))]}
+    if MEMORY_RUN[0] == nproc:
+        results["memory"] = [[load(f"mem{i}-{r}.pt") for r in range(nproc)]
+                             for i in range(len(MEMORY_RUN[1]))]
+    if COMPILE_RUN[0] == nproc:
+        results["compile"] = load("compile.pt")
+        results["int8"] = load("int8.pt")
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +145,7 @@ def test_merge_shards_on_one_process(setup, ckpt):
 @pytest.mark.parametrize("nproc", sorted(RUNS))
 def test_model_parallel_logits_match_one_process(setup, results, nproc):
     _, _, _, refs = setup
-    for ckpt, got in zip(RUNS[nproc], results[nproc], strict=True):
+    for ckpt, got in zip(RUNS[nproc], results[nproc]["logits"], strict=True):
         assert got["world"] == nproc
         try:
             _assert_close(got, refs[ckpt[0]])
@@ -113,6 +155,44 @@ def test_model_parallel_logits_match_one_process(setup, results, nproc):
 
 @pytest.mark.parametrize("nproc", sorted(RUNS))
 def test_kv_heads_replicated_when_more_ranks_than_heads(results, nproc):
-    for ckpt, got in zip(RUNS[nproc], results[nproc], strict=True):
+    for ckpt, got in zip(RUNS[nproc], results[nproc]["logits"], strict=True):
         n_kv = CONFIGS[ckpt[0]]["n_kv_heads"]
         assert got["local_heads"] == max(n_kv, nproc) // nproc
+
+
+def test_compiled_decode_is_one_graph_and_decodes_the_eager_tokens(results):
+    nproc, ckpt = COMPILE_RUN
+    got = results[nproc]["compile"]
+    assert got["graph_breaks"] == 0, f"{ckpt} on {nproc} ranks: graph breaks {got['break_reasons']}"
+    assert got["graphs"] == 1
+    assert got["compiled"].shape == got["eager"].shape
+    assert torch.equal(got["compiled"], got["eager"])
+
+
+@pytest.mark.parametrize("index", range(len(MEMORY_RUN[1])),
+                         ids=[f"{c[2]}shards-to-{MEMORY_RUN[0]}ranks" for c in MEMORY_RUN[1]])
+def test_each_rank_loads_only_its_slice(setup, results, index):
+    nproc, ckpts = MEMORY_RUN
+    full = setup[3]["big_fp32_bytes"]
+    for got in results[nproc]["memory"][index]:
+        bound = MEMORY_SLACK * got["slice_bytes"] + MEMORY_EXTRA
+        assert got["slice_bytes"] < 0.3 * full  # a quarter of the model, plus norms and cache
+        assert bound < 0.75 * full  # the check could catch a rank holding the whole model
+        assert got["growth"] <= bound, (
+            f"{ckpts[index]} on {nproc} ranks, rank {got['rank']}: peak anonymous memory grew by "
+            f"{got['growth'] / 2**20:.0f} MiB while loading a {got['slice_bytes'] / 2**20:.0f} MiB slice "
+            f"(bound {bound / 2**20:.0f} MiB; whole model {full / 2**20:.0f} MiB)")
+
+
+def test_int8_model_parallel_logits_stay_close_to_the_float_model(setup, results):
+    """int8 layers communicate through the same collectives: on 2 ranks (each quantizing its own
+    slice, so row-parallel scales differ from one process's) the logits stay within the int8
+    tolerance of tests/test_fast_paths.py of the float model's, and a lost collective (a rank's
+    partial sum or half the vocabulary missing) would be far outside it."""
+    nproc, ckpt = COMPILE_RUN
+    got, want = results[nproc]["int8"], setup[3][ckpt[0]]
+    for key in ("prefill", "step"):
+        error = got[key] - want[key]
+        assert got[key].shape == want[key].shape
+        assert error.abs().max() <= 0.05 * want[key].abs().max()
+        assert error.norm() <= 0.04 * want[key].norm()

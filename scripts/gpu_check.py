@@ -1,0 +1,347 @@
+"""Run the GPU device check in stages under one deadline; see scripts/gpu_check.sh for how to call it.
+
+Each stage is one subprocess with its own timeout. Stages run in order of value; before each, the
+time left until the overall deadline is compared with what the stage needs: a stage that no longer
+fits is skipped (and reported), one that fits runs with its timeout cut to the time left. Output of
+every stage goes to ``OUT/gpu_check.log``; the summary (``OUT/summary.json``, printed last) says per
+stage: passed / failed / timed out / skipped, its seconds, and the headline figures. At most
+8 files land in OUT.
+
+Sizes: ``full`` is the real check (CUDA, Llama 3 8B shape); ``tiny`` is the dry run (every stage
+with a tiny shape: a few minutes on a CPU); ``ci`` is the dry run at the smallest sizes with
+``TORCH_COMPILE_DISABLE=1`` (compiled paths run their code eagerly), which tests/test_gpu_check.py
+runs so this script cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_FILES = 8
+
+
+@dataclass
+class Stage:
+    """One step of the check: ``commands`` run one after another (all must succeed)."""
+
+    name: str
+    what: str
+    need_s: float  # skip unless this much time is left
+    limit_s: float  # the stage's own timeout (cut to the time left)
+    commands: list[list[str]]
+    env: dict[str, str] = field(default_factory=dict)
+    figures: Any = None  # callable(out_dir) -> dict of headline numbers, read after the stage
+
+
+@dataclass
+class Result:
+    name: str
+    status: str  # passed | failed | timeout | skipped
+    seconds: float = 0.0
+    detail: str = ""
+    cpu_seconds: float = 0.0  # CPU time of the stage's processes (user + system)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+# --- sizes ----------------------------------------------------------------------------------------
+
+SIZES: dict[str, dict[str, Any]] = {
+    # The lent GPU: Llama 3 8B shape (random weights), bf16.
+    "full": dict(shape="llama-3-8b", n_layers=None, dtype="bf16", prefill="2048", prefill_eager="512,2048",
+                 decode_tokens=128, decode_context=512, batch_eager="1,8", repeats=2,
+                 kernel_lens="512,2048,8192,32768", kernel_batch=1, tiny_ckpt_layers=2, gen_len=24,
+                 tests=["tests/test_cuda.py", "tests/test_fast_paths.py"], bandwidth_gib=None),
+    # Dry run: every stage, tiny shape, real compilation.
+    "tiny": dict(shape="tiny", n_layers=2, dtype="bf16", prefill="64", prefill_eager="32,64",
+                 decode_tokens=8, decode_context=16, batch_eager="1,2", repeats=1,
+                 kernel_lens="64,256", kernel_batch=1, tiny_ckpt_layers=1, gen_len=6,
+                 tests=["tests/test_cuda.py", "tests/test_fast_paths.py"], bandwidth_gib=None),
+    # CI: smallest sizes, compilation disabled (the code paths run eagerly).
+    "ci": dict(shape="tiny", n_layers=1, dtype="bf16", prefill="16", prefill_eager="16",
+               decode_tokens=2, decode_context=8, batch_eager="1,2", repeats=1,
+               kernel_lens="32,64", kernel_batch=1, tiny_ckpt_layers=1, gen_len=3,
+               # CI runs test_fast_paths.py itself. bandwidth_gib: set to 0.0625 once
+               # scripts/benchmark.py takes --bandwidth_gib (its 1 GiB probes cost ~20 s of CPU here).
+               tests=["tests/test_cuda.py"], bandwidth_gib=None),
+}
+
+
+def _bench_figures(path: Path, batches: tuple[int, ...] = (1,)) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    figures: dict[str, Any] = {"bandwidth_gb_s": round(data["bandwidth_gb_s"]["best"], 1)}
+    for row in data["rows"]:
+        tag = row["impl"] if row["impl"] != "llama3" else row["mode"]
+        for key, value in row.items():
+            if key.startswith("prefill_") and key.endswith("_tok_s"):
+                figures[f"{tag} {key}"] = round(value, 1)
+            for b in batches:
+                if key in (f"decode_b{b}_tok_s", f"decode_b{b}_pct_roofline"):
+                    figures[f"{tag} {key}"] = round(value, 1)
+    return figures
+
+
+def _kernel_figures(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    rows = json.loads(path.read_text())["rows"]
+    return {f"{r['case']} L={r['length']} ms": round(r["ms"], 3) for r in rows}
+
+
+def stages(device: str, size: str, out: Path, work: Path) -> list[Stage]:
+    """The check's stages, in order of value."""
+    s = SIZES[size]
+    py = sys.executable
+    common = ["--device", device, "--dtype", s["dtype"], "--decode_tokens", str(s["decode_tokens"]),
+              "--decode_context", str(s["decode_context"]), "--repeats", str(s["repeats"]),
+              "--shape", s["shape"]] + (["--n_layers", str(s["n_layers"])] if s["n_layers"] else [])
+    if s["bandwidth_gib"]:
+        common += ["--bandwidth_gib", str(s["bandwidth_gib"])]
+    bench = [py, "scripts/benchmark.py", *common]
+    full = size == "full"
+    ckpt = work / "tiny_ckpt"
+    e2e = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+           "scripts/example_text_completion.py", str(ckpt), "--device", device, "--dtype", "float32",
+           "--temperature", "0", "--max_gen_len", str(s["gen_len"]), "--max_batch_size", "2",
+           "--max_seq_len", "96"]
+    return [
+        Stage("tests", "CUDA cases: CUDA-graph decode = eager (fp32), Llama(compile=True) = eager, "
+                       "int8 under CUDA graphs, no skipped CUDA graphs; fast-path tests",
+              need_s=45 if full else 10, limit_s=150 if full else 240,
+              commands=[[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *s["tests"],
+                         f"--junitxml={out / 'tests.xml'}"]],
+              env={"LLAMA3_TEST_DEVICE": device}),
+        Stage("bench_bf16_compile", f"{s['shape']} bf16, compiled decode (CUDA graphs on GPU), batch 1",
+              need_s=110 if full else 10, limit_s=200 if full else 240,
+              commands=[[*bench, "--compile", "--batch_sizes", "1", "--prompt_lens", s["prefill"],
+                         "--out", str(out / "bench_bf16_compile.json")]],
+              figures=lambda o: _bench_figures(o / "bench_bf16_compile.json")),
+        Stage("bench_bf16_eager_hf",
+              f"{s['shape']} bf16, eager, batch {s['batch_eager']}, against transformers",
+              need_s=80 if full else 10, limit_s=180 if full else 240,
+              commands=[[*bench, "--batch_sizes", s["batch_eager"], "--prompt_lens", s["prefill_eager"],
+                         "--compare", "hf", "--out", str(out / "bench_bf16_eager.json")]],
+              figures=lambda o: _bench_figures(o / "bench_bf16_eager.json",
+                                               tuple(int(b) for b in s["batch_eager"].split(",")))),
+        Stage("bench_int8_compile", f"{s['shape']} int8 weight-only, compiled decode, batch 1",
+              need_s=110 if full else 10, limit_s=200 if full else 240,
+              commands=[[*bench, "--compile", "--quantize", "int8", "--batch_sizes", "1", "--prompt_lens",
+                         s["prefill"], "--out", str(out / "bench_int8_compile.json")]],
+              figures=lambda o: _bench_figures(o / "bench_int8_compile.json")),
+        Stage("torchrun_e2e", "torchrun, tiny checkpoint: greedy text, eager and compile=True agree",
+              need_s=40 if full else 15, limit_s=150 if full else 240,
+              commands=[[py, "scripts/make_tiny_checkpoint.py", str(ckpt), "--n_layers",
+                         str(s["tiny_ckpt_layers"]), "--std", "0.1"],  # clear greedy margins
+                        # Each run's printed text goes to a file too, for the comparison. With
+                        # compilation disabled (ci) the two runs would be the same: only one.
+                        *([] if size == "ci" else [_tee([*e2e, "--compile", "False"], work / "e2e_0.txt")]),
+                        _tee([*e2e, "--compile", "True"], work / "e2e_1.txt"),
+                        [py, "scripts/gpu_check.py", "compare-e2e", str(work)]]),
+        Stage("kernels", "prefill attention kernels and decode attention at several lengths",
+              need_s=20 if full else 5, limit_s=90 if full else 120,
+              commands=[[py, "scripts/gpu_kernels.py", "--device", device, "--lengths", s["kernel_lens"],
+                         "--out", str(out / "kernels.json")]],
+              figures=lambda o: _kernel_figures(o / "kernels.json")),
+    ]
+
+
+# --- running -----------------------------------------------------------------------------------------
+
+
+def _run_one(cmd: list[str], env: dict[str, str], timeout: float, log) -> int | None:
+    """Run ``cmd`` (own process group, killed whole on timeout); returns its exit code, None on timeout."""
+    log.write(f"+ {' '.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", start_new_session=True)
+
+    def copy() -> None:  # the stage's output, as it comes, to the console and the log
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            log.write(line)
+        log.flush()
+
+    reader = threading.Thread(target=copy, daemon=True)
+    reader.start()
+    try:
+        return proc.wait(timeout=max(timeout, 0.1))
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        if proc.poll() is None:  # timed out or interrupted: leave nothing of it running
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        reader.join(timeout=5)
+
+
+def run_stages(plan: list[Stage], deadline_s: float, out: Path, log, base_env: dict[str, str] | None = None,
+               clock=time.monotonic) -> list[Result]:
+    """Run ``plan`` in order under one overall deadline; returns one Result per stage."""
+    start = clock()
+    results = []
+    for stage in plan:
+        left = deadline_s - (clock() - start)
+        if left < stage.need_s:
+            results.append(Result(stage.name, "skipped",
+                                  detail=f"needs {stage.need_s:.0f} s, {max(left, 0):.0f} s left"))
+            log.write(f"== {stage.name}: skipped ({results[-1].detail})\n")
+            continue
+        limit = min(stage.limit_s, left)
+        log.write(f"== {stage.name}: {stage.what} (limit {limit:.0f} s)\n")
+        print(f"== {stage.name}: {stage.what} (limit {limit:.0f} s)", flush=True)
+        env = {**(base_env if base_env is not None else os.environ), **stage.env}
+        t0, cpu0 = clock(), _children_cpu()
+        status, detail = "passed", ""
+        for cmd in stage.commands:
+            rc = _run_one(cmd, env, limit - (clock() - t0), log)
+            if rc is None:
+                status, detail = "timeout", f"stopped after {limit:.0f} s: {' '.join(cmd[:3])}"
+                break
+            if rc != 0:
+                status, detail = "failed", f"exit {rc}: {' '.join(cmd[:3])}"
+                break
+        result = Result(stage.name, status, clock() - t0, detail, _children_cpu() - cpu0)
+        if stage.figures is not None:
+            try:
+                result.figures = stage.figures(out)
+            except (OSError, ValueError, KeyError) as e:
+                result.figures = {"error": f"cannot read figures: {e}"}
+        results.append(result)
+        log.write(f"== {stage.name}: {status} in {result.seconds:.0f} s {detail}\n")
+    return results
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def summarize(results: list[Result], header: dict[str, Any]) -> str:
+    lines = [f"# GPU check summary: {header.get('device_name', header['device'])}, size {header['size']}, "
+             f"{header['seconds']:.0f} s of {header['deadline_s']:.0f} s"]
+    for r in results:
+        lines.append(f"{r.name:20s} {r.status:8s} {r.seconds:6.0f} s ({r.cpu_seconds:.0f} s CPU)  {r.detail}")
+        for key, value in r.figures.items():
+            lines.append(f"    {key}: {value}")
+    ratio = header.get("int8_vs_bf16_compiled")
+    if ratio:
+        lines.append(f"int8 / bf16 compiled decode b1: {ratio:.2f}x")
+    return "\n".join(lines)
+
+
+def _ratio(results: list[Result]) -> float | None:
+    figs = {r.name: r.figures for r in results}
+    bf16 = figs.get("bench_bf16_compile", {}).get("compile decode_b1_tok_s")
+    int8 = figs.get("bench_int8_compile", {}).get("compile+int8 decode_b1_tok_s")
+    return int8 / bf16 if bf16 and int8 else None
+
+
+def compare_e2e(work: Path) -> int:
+    """The end-to-end stage's check: eager and compiled runs printed the same greedy text."""
+    texts = [p.read_text() for p in sorted(work.glob("e2e_*.txt"))]
+    if not texts or any(text.count("\n> ") < 2 for text in texts):
+        print(f"compare-e2e: no completions printed ({len(texts)} runs in {work})")
+        return 1
+    if len(set(texts)) != 1:
+        print("compare-e2e: eager and compile=True printed different text")
+        return 1
+    print(f"compare-e2e: {len(texts)} run(s) printed the same greedy text")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare-e2e"]:
+        return compare_e2e(Path(argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--size", default=None, choices=sorted(SIZES),
+                        help="default: full on cuda, tiny on cpu")
+    parser.add_argument("--deadline", type=float, default=420.0, help="seconds for all stages together")
+    parser.add_argument("--out", default="gpu_results")
+    parser.add_argument("--stages", default=None, help="comma-separated subset of stage names")
+    args = parser.parse_args(argv)
+    size = args.size or ("full" if args.device == "cuda" else "tiny")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    plan = stages(args.device, size, out, work)
+    if args.stages:
+        wanted = args.stages.split(",")
+        unknown = set(wanted) - {s.name for s in plan}
+        if unknown:
+            parser.error(f"unknown stages {sorted(unknown)}; choose from {[s.name for s in plan]}")
+        plan = [s for s in plan if s.name in wanted]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if size == "ci":
+        env["TORCH_COMPILE_DISABLE"] = "1"
+    if args.device == "cpu":
+        env.setdefault("OMP_NUM_THREADS", str(min(os.cpu_count() or 1, 4)))
+    header: dict[str, Any] = {"device": args.device, "size": size, "deadline_s": args.deadline,
+                              "device_name": _device_name(args.device)}
+    t0 = time.monotonic()
+    with open(out / "gpu_check.log", "a") as log:
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {header}\n")
+        results = run_stages(plan, args.deadline, out, log, env)
+        header["seconds"] = time.monotonic() - t0
+        header["int8_vs_bf16_compiled"] = _ratio(results)
+        text = summarize(results, header)
+        log.write(text + "\n")
+    summary = {**header, "stages": [r.__dict__ for r in results]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    if len(files) > MAX_FILES:
+        text += f"\nwarning: {len(files)} files in {out}, more than {MAX_FILES} come back"
+    print("\n" + text, flush=True)
+    return 0 if all(r.status == "passed" for r in results) else 1
+
+
+def _tee(cmd: list[str], path: Path) -> list[str]:
+    """``cmd`` with its standard output also written to ``path``."""
+    return [sys.executable, str(Path(__file__).resolve()), "tee", str(path), "--", *cmd]
+
+
+def _device_name(device: str) -> str:
+    if device != "cuda":
+        return "cpu"
+    try:
+        query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+        out = subprocess.run(query, capture_output=True, text=True, timeout=30)
+        return out.stdout.strip() or "cuda (nvidia-smi printed nothing)"
+    except (OSError, subprocess.TimeoutExpired):
+        return "cuda (no nvidia-smi)"
+
+
+def _tee_main(argv: list[str]) -> int:
+    path, cmd = Path(argv[0]), argv[2:]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    path.write_text(proc.stdout)
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["tee"]:
+        sys.exit(_tee_main(sys.argv[2:]))
+    sys.exit(main())
