@@ -11,6 +11,10 @@ A decoder-only Transformer (Vaswani et al., 2017) with the Llama changes:
 
 Parameter names are Meta's, so a Meta checkpoint shard loads with ``load_state_dict(strict=True)``.
 The linear layers are fairscale's model-parallel ones; with one process they are plain linears.
+
+Beyond the paper, for long context: a prompt is processed in chunks (``Transformer.prefill_chunk``)
+that attend causally to the cache without a mask over the whole prompt, so the memory it needs
+beyond weights and cache grows with the chunk, not with the prompt's square.
 """
 
 from __future__ import annotations
@@ -530,9 +534,12 @@ class Transformer(nn.Module):
         bsz, seqlen = tokens.shape
         if bsz == 0 or seqlen == 0:
             raise ValueError(f"tokens is empty (shape {tuple(tokens.shape)}); pass at least one token")
-        if isinstance(start_pos, bool) or not hasattr(start_pos, "__index__"):
-            raise ValueError(f"start_pos must be an integer position, got {start_pos!r}")
-        start_pos = operator.index(start_pos)
+        try:
+            if isinstance(start_pos, bool):
+                raise TypeError
+            start_pos = operator.index(start_pos)
+        except TypeError:
+            raise ValueError(f"start_pos must be an integer position, got {start_pos!r}") from None
         if start_pos < 0:
             raise ValueError(f"start_pos must be >= 0, got {start_pos}")
         if bsz > self.params.max_batch_size:

@@ -348,6 +348,7 @@ def test_reliability_forward_static_rejects_bad_kv_len(kv_len):
     (torch.tensor([[True, False]]), 0, "integer token ids"),
     (torch.tensor([[1, 2]]), -1, "start_pos must be >= 0, got -1"),
     (torch.tensor([[1, 2]]), 1.5, "start_pos must be an integer"),
+    (torch.tensor([[1, 2]]), torch.tensor(1.0), "start_pos must be an integer"),
     (torch.tensor([[1, 256]]), 0, r"\[0, 256\).*from 1 to 256"),
     (torch.tensor([[-1, 2]]), 0, r"\[0, 256\).*from -1 to 2"),
     (torch.tensor([[300]]), 5, r"\[0, 256\)"),  # one token: still checked on the CPU
