@@ -105,14 +105,16 @@ def _quiet_call(fn, *args):
 
 
 def model_parallel_world_size() -> int:
-    """Number of ranks one model is split across (initialising a one-process group if needed)."""
-    return init_model_parallel()
+    """Number of ranks one model is split across: 1 until model parallelism is set up.
+
+    Only reads the state: building a model never creates a process group (``init_model_parallel``,
+    ``load_model`` and ``Llama.build`` do)."""
+    return fs_init.get_model_parallel_world_size() if fs_init.model_parallel_is_initialized() else 1
 
 
 def model_parallel_rank() -> int:
-    """This process's rank within its model-parallel group."""
-    init_model_parallel()
-    return fs_init.get_model_parallel_rank()
+    """This process's rank within its model-parallel group (0 until one is set up)."""
+    return fs_init.get_model_parallel_rank() if fs_init.model_parallel_is_initialized() else 0
 
 
 def select_device(override: str | torch.device | None = None) -> torch.device:

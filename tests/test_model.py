@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from llama3 import ModelArgs, Transformer
+from llama3.distributed import init_model_parallel
 
 meta_model = pytest.importorskip("llama_models.llama3.model", reason="pip install --no-deps llama-models")
 from llama_models.llama3.args import ModelArgs as MetaModelArgs  # noqa: E402
@@ -46,8 +47,15 @@ def make_model(overrides: dict, seed: int = 0) -> Transformer:
     return model
 
 
+def meta_transformer(**kwargs) -> torch.nn.Module:
+    """Meta's reference Transformer; its fairscale layers need model parallelism set up first
+    (ours do not: they read the state and default to one rank)."""
+    init_model_parallel()
+    return meta_model.Transformer(MetaModelArgs(**kwargs))
+
+
 def meta_oracle(model: Transformer, overrides: dict) -> torch.nn.Module:
-    ref = meta_model.Transformer(MetaModelArgs(**{**BASE, **overrides}))
+    ref = meta_transformer(**{**BASE, **overrides})
     ref.load_state_dict(model.state_dict(), strict=True)
     return ref
 
@@ -122,7 +130,7 @@ def test_logits_match_transformers(name):
 
 def _max_diff_vs_meta(model: Transformer, oracle_overrides: dict, transform=None, seqlen: int = 64) -> float:
     """Largest logit gap between our model and Meta's fed the same weights (optionally transformed)."""
-    ref = meta_model.Transformer(MetaModelArgs(**{**BASE, **oracle_overrides}))
+    ref = meta_transformer(**{**BASE, **oracle_overrides})
     sd = model.state_dict()
     ref.load_state_dict(transform(sd) if transform else sd, strict=True)
     toks = tokens(seqlen=seqlen)
@@ -271,18 +279,20 @@ def test_forward_rejects_too_long_and_too_wide():
 
 
 def test_runs_in_a_plain_process_with_nothing_in_the_environment(tmp_path):
-    """No torchrun, no MASTER_ADDR/RANK/WORLD_SIZE: the model sets up what fairscale needs itself."""
+    """No torchrun, no MASTER_ADDR/RANK/WORLD_SIZE: the model runs on one rank, and building and
+    running it creates no process group (only load_model / Llama.build / explicit calls do)."""
     script = textwrap.dedent("""
         import torch
+        import torch.distributed as dist
         from llama3 import ModelArgs, Transformer
         model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=16,
                                       max_batch_size=1))
         out = model(torch.tensor([[1, 2, 3]]), 0)
-        print(tuple(out.shape), bool(torch.isfinite(out).all()))
+        print(tuple(out.shape), bool(torch.isfinite(out).all()), dist.is_initialized())
     """)
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                             timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "(1, 3, 64) True"
+    assert result.stdout.strip().splitlines()[-1] == "(1, 3, 64) True False"
