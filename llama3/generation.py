@@ -1,23 +1,11 @@
-"""Generating text with a Llama 3 model: batched decoding with the KV cache, sampling, streaming.
+"""Generating text with a Llama 3 model: ``Llama`` and its text, chat and streaming API.
 
 ``Llama`` pairs a :class:`~llama3.model.Transformer` with a :class:`~llama3.tokenizer.Tokenizer`
 and offers Meta's reference API (``build``, ``generate``, ``text_completion``, ``chat_completion``)
 plus streaming (``stream``, ``stream_text_completion``, ``stream_chat_completion``).
 
-How a batch is decoded (the reference's scheme, kept so results can be compared with it):
-
-* prompts of different lengths share one ``[batch, total_len]`` token buffer;
-* the first model call processes every row up to the *shortest* prompt's length (prefill, in
-  chunks of ``model.prefill_chunk`` tokens);
-* each later call feeds one position for every row (the decode step, see ``llama3.decoding``).
-  Where a row still has prompt there, the sampled token is thrown away and the prompt token is
-  kept, so the KV cache of every position holds the row's true token exactly once;
-* a row is finished at its first stop token (``<|eot_id|>``, ``<|eom_id|>``, ``<|end_of_text|>``),
-  which is not part of the output, or when it has ``max_gen_len`` new tokens. The loop keeps one
-  number per row, its *end* (one past its last output position), lowered when a stop token is
-  sampled; ``generate`` cuts at it and streaming reads it. The loop ends when every row's end is
-  reached. Non-finite logits are detected in the same check and raise
-  :class:`NonFiniteLogitsError`.
+Decoding itself (the token buffer, prefill then one position per step, where a row finishes, the
+decode step and its kv-length buckets, NaN/inf detection) is in :mod:`llama3.decoding`.
 
 One ``Llama`` owns one KV cache, so calls on it are serialised by a lock; a stream overtaken by
 another call raises :class:`ConcurrentUseError` at its next step (see the README, "Errors").
@@ -31,20 +19,26 @@ prompt at its first ``<|eot_id|>``); bad input raises ``ValueError`` instead of 
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, overload
 
 import torch
 
-from .decoding import DecodeStep, make_decode_step
+from .decoding import (
+    Batch,
+    DecodeStep,
+    NonFiniteLogitsError,
+    SamplingParams,
+    decode,
+    make_decode_step,
+    model_device,
+    prepare_batch,
+)
+from .memory import ModelDoesNotFitError, check_memory_fits
 from .progress import Progress, configure_logging
-from .sampling import sample_next_token
 from .tokenizer import ROLES, ChatFormat, Dialog, Message, StreamDecoder, Tokenizer
 
 __all__ = [
@@ -60,39 +54,6 @@ _QUANTIZE_MODES = ("int8",)
 
 class ConcurrentUseError(RuntimeError):
     """A stream was overtaken: another call used the ``Llama``'s KV cache since its last step."""
-
-
-class NonFiniteLogitsError(RuntimeError):
-    """The model produced NaN or infinite logits."""
-
-
-class ModelDoesNotFitError(MemoryError):
-    """``Llama.build``: the weights and KV cache need more memory than the device has free."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen, validated once.
-
-    ``temperature`` 0 is greedy decoding; above 0 the logits are divided by it and a token is drawn
-    from the smallest set of most likely tokens whose probability reaches ``top_p`` (nucleus sampling).
-    Raises ``ValueError`` for a non-number, NaN, infinity, a negative temperature, or ``top_p``
-    outside (0, 1].
-    """
-
-    temperature: float = 0.6
-    top_p: float = 0.9
-
-    def __post_init__(self) -> None:
-        for name in ("temperature", "top_p"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy decoding), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -132,23 +93,6 @@ def validate_dialog(dialog: Dialog, index: int | None = None) -> None:
                          f"{' or '.join(_PROMPT_ENDING_ROLES)} for the assistant to answer it")
 
 
-@dataclass
-class _Batch:
-    """One generate/stream call's state; tensors live on the model's device."""
-
-    tokens: torch.Tensor  # [bsz, total_len]: prompts, then generated tokens
-    prompt_lens: list[int]
-    max_gen_len: int
-    # [bsz]: one past each row's last output position. Starts at the row's length limit and is
-    # lowered to the position of the first stop token the row samples: the one record of "finished".
-    end: torch.Tensor
-    token_logprobs: torch.Tensor | None  # [bsz, total_len] when logprobs are wanted
-
-    def limit(self, row: int) -> int:
-        """One past the last position row ``row`` may generate (``max_gen_len`` or the buffer's end)."""
-        return min(self.prompt_lens[row] + self.max_gen_len, self.tokens.shape[1])
-
-
 class Llama:
     """A Llama 3 model with its tokenizer, ready to generate.
 
@@ -172,7 +116,7 @@ class Llama:
         _check_vocabulary(getattr(tokenizer, "n_words", None), model.params.vocab_size)
         if compile and decode_step is not None:
             raise ValueError("pass compile=True or a decode_step, not both")
-        self.device = _model_device(model)
+        self.device = model_device(model)
         self.decode_step = decode_step if decode_step is not None else make_decode_step(model, compile)
         # Checking "all rows finished?" reads a flag back from the device, which stalls an
         # accelerator's queue; there we check every few steps (the extra steps cost little and are
@@ -310,7 +254,8 @@ class Llama:
             self._cache_owner = object()  # overtakes any stream in progress
             progress = Progress(f"generating (batch of {len(batch.prompt_lens)})", total=steps, unit="tok",
                                 logger=logger, final=False)
-            for _ in self._decode(batch, sampling, logprobs, echo, self.stop_check_interval):
+            for _ in decode(self.model, self.decode_step, batch, sampling, self.tokenizer.stop_tokens,
+                            logprobs=logprobs, echo=echo, check_every=self.stop_check_interval):
                 progress.update()
             progress.close()
             all_tokens = batch.tokens.tolist()
@@ -353,9 +298,9 @@ class Llama:
         batch = self._prepare(prompt_tokens, max_gen_len, False)
         return self._stream_batch(batch, sampling)
 
-    def _stream_batch(self, batch: _Batch, sampling: SamplingParams) -> Iterator[list[str]]:
+    def _stream_batch(self, batch: Batch, sampling: SamplingParams) -> Iterator[list[str]]:
         decoders = [StreamDecoder(self.tokenizer) for _ in batch.prompt_lens]
-        steps = self._decode(batch, sampling, False, False, 1)
+        steps = decode(self.model, self.decode_step, batch, sampling, self.tokenizer.stop_tokens)
         me = object()
         first = True
         while True:
@@ -497,84 +442,9 @@ class Llama:
         # As in the reference: "as much as fits"; generate() bounds it by the room after the prompt.
         return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
 
-    def _prepare(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, logprobs: bool) -> _Batch:
-        params = self.model.params
-        bsz = len(prompt_tokens)
-        if bsz > params.max_batch_size:
-            raise ValueError(f"{bsz} prompts exceed max_batch_size={params.max_batch_size}")
-        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, numbers.Integral) or max_gen_len < 0:
-            raise ValueError(f"max_gen_len must be a non-negative integer, got {max_gen_len!r}")
-        max_gen_len = int(max_gen_len)
-        rows = [_token_ids(prompt, i, params.vocab_size) for i, prompt in enumerate(prompt_tokens)]
-        lens = [len(row) for row in rows]
-        for i, n in enumerate(lens):
-            if n > params.max_seq_len:
-                raise ValueError(f"prompt {i} has {n} tokens, more than max_seq_len={params.max_seq_len}")
-
-        total_len = min(params.max_seq_len, max(lens) + max_gen_len)
-        tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long)
-        for i, row in enumerate(rows):
-            tokens[i, : lens[i]] = row
-        limits = [min(n + max_gen_len, total_len) for n in lens]
-        return _Batch(
-            tokens=tokens.to(self.device),
-            prompt_lens=lens,
-            max_gen_len=max_gen_len,
-            end=torch.tensor(limits, device=self.device),
-            token_logprobs=torch.zeros(bsz, total_len, device=self.device) if logprobs else None,
-        )
-
-    @torch.no_grad()
-    def _decode(self, batch: _Batch, sampling: SamplingParams, logprobs: bool, echo: bool,
-                check_every: int) -> Iterator[int]:
-        """Fill ``batch.tokens`` (and ``token_logprobs``), one position per step, lowering
-        ``batch.end`` where a row samples a stop token; yields the position just written. Stops when
-        every row is finished; raises :class:`NonFiniteLogitsError` on NaN/inf logits."""
-        tokens, end = batch.tokens, batch.end
-        min_len, total_len = min(batch.prompt_lens), tokens.shape[1]
-        device = tokens.device
-        prompt_lens = torch.tensor(batch.prompt_lens, device=device)
-        stop_ids = torch.tensor(self.tokenizer.stop_tokens, device=device)
-        bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite logits so far
-        if logprobs and echo:
-            # Every prompt position's log-probability, computed chunk by chunk inside the model.
-            prompt_logprobs, logits = _forward_logprobs(self.model, tokens[:, :min_len])
-            batch.token_logprobs[:, 1:min_len] = prompt_logprobs
-            if min_len == total_len:  # nothing to generate and no prompt left to feed
-                _raise_if_non_finite(bool(~torch.isfinite(prompt_logprobs).all()), min_len - 1)
-                return
-        else:
-            logits = self.model.forward(tokens[:, :min_len], 0, last_only=True)
-
-        for cur_pos in range(min_len, total_len):
-            if cur_pos > min_len:
-                logits = self.decode_step(tokens[:, cur_pos - 1 : cur_pos], cur_pos - 1)
-            logits = logits[:, -1]
-            # NaN anywhere makes the max NaN; +inf makes it inf; all -inf leaves no distribution.
-            finite = torch.isfinite(logits.amax(dim=-1))
-            bad |= ~finite.all()
-            if sampling.temperature > 0:  # keep sampling well defined until the check below raises
-                logits = torch.where(finite[:, None], logits, 0.0)
-            next_token = sample_next_token(logits, sampling.temperature, sampling.top_p)
-            in_prompt = cur_pos < prompt_lens
-            next_token = torch.where(in_prompt, tokens[:, cur_pos], next_token)  # prompt tokens stay
-            tokens[:, cur_pos] = next_token
-            if logprobs:
-                # log_softmax + gather rather than cross_entropy: the latter's float32 CPU kernel
-                # rounds log-probabilities near 0 to exactly 0 over a 128K vocabulary.
-                batch.token_logprobs[:, cur_pos] = torch.log_softmax(logits, dim=-1).gather(
-                    -1, next_token[:, None])[:, 0]
-            stops = ~in_prompt & torch.isin(next_token, stop_ids) & (end > cur_pos)
-            end.masked_fill_(stops, cur_pos)
-            if (cur_pos - min_len + 1) % check_every == 0 or cur_pos == total_len - 1:
-                # One read back from the device per check: "all finished?" and "anything non-finite?".
-                done, non_finite = torch.stack([(end <= cur_pos + 1).all(), bad]).tolist()
-                _raise_if_non_finite(non_finite, cur_pos)
-                yield cur_pos
-                if done:
-                    return
-            else:
-                yield cur_pos
+    def _prepare(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, logprobs: bool) -> Batch:
+        return prepare_batch(prompt_tokens, max_gen_len, self.model.params, self.tokenizer.pad_id,
+                             self.device, logprobs)
 
 
 # --- checks on input and output ----------------------------------------------------------------
@@ -590,61 +460,6 @@ def _check_vocabulary(n_words: int | None, vocab_size: int, tokenizer_path: Any 
                      f"not belong together.{hint}")
 
 
-def _is_int(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.ndim == 0 and not (value.is_floating_point() or value.is_complex()
-                                        or value.dtype == torch.bool)
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _token_ids(prompt: Any, index: int, vocab_size: int) -> torch.Tensor:
-    """Prompt ``index`` as a 1-D int64 tensor; ``ValueError`` naming the prompt and position unless
-    every id is an integer (Python, numpy or torch) in ``0 .. vocab_size - 1``."""
-    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
-        raise ValueError(f"prompt {index} must be a list of token ids, got {type(prompt).__name__}")
-    if len(prompt) == 0:
-        raise ValueError(f"prompt {index} is empty (a Llama 3 prompt starts with <|begin_of_text|>)")
-    try:
-        ids = torch.as_tensor(prompt)
-    except (TypeError, ValueError, RuntimeError, OverflowError):
-        ids = None
-    integral = ids is not None and ids.ndim == 1 and not (
-        ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
-    if not integral:
-        # The slow path finds the culprit (or converts a list of torch / numpy integer scalars).
-        for j, value in enumerate(prompt):
-            if not _is_int(value):
-                raise ValueError(f"prompt {index}, position {j}: token id {value!r} is not an integer "
-                                 f"({type(value).__name__}); token ids must be ints")
-        ids = torch.tensor([int(value) for value in prompt])
-    ids = ids.to(device="cpu", dtype=torch.long)
-    bad = ((ids < 0) | (ids >= vocab_size)).nonzero()
-    if len(bad):
-        j = int(bad[0, 0])
-        raise ValueError(f"prompt {index}, position {j}: token id {int(ids[j])} is outside the vocabulary "
-                         f"(0..{vocab_size - 1})")
-    return ids
-
-
-def _raise_if_non_finite(non_finite: bool, pos: int) -> None:
-    if non_finite:
-        raise NonFiniteLogitsError(
-            f"the model produced NaN or infinite logits (by position {pos}); no output is returned. This "
-            "usually means float16 overflow (run in bfloat16 or float32: dtype=...) or non-finite / "
-            "corrupt weights in the checkpoint (check or re-download the files)")
-
-
-def _forward_logprobs(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(tokens[:, i+1] | ..tokens[:, i]) [bsz, seq-1], last logits [bsz, 1, vocab]), prefill from 0."""
-    if hasattr(model, "forward_logprobs"):
-        return model.forward_logprobs(tokens, 0)
-    # TODO(merge): Transformer.forward_logprobs (contract 3) computes this chunk by chunk; this
-    # fallback (prompt x vocab logits at once) goes when the model branch is merged.
-    logits = model.forward(tokens, 0)
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
-    return logprobs, logits[:, -1:]
-
-
 def _as_message(message: Any) -> Message:
     # TODO(merge): engineer tok's decode_assistant_message returns the message dict (contract 5);
     # this adapter for the old AssistantMessage dataclass goes then.
@@ -652,71 +467,6 @@ def _as_message(message: Any) -> Message:
         return message
     return {"role": "assistant", "content": message.content, "tool_calls": [],
             "stop_reason": message.stop_reason}
-
-
-# --- fitting the model on the device ----------------------------------------------------------
-
-
-def _weight_bytes(args: Any, dtype: torch.dtype) -> int:
-    """Bytes of the model's weights in ``dtype`` (all ranks together)."""
-    kv_dim = args.n_kv_heads * args.head_dim
-    per_layer = (2 * args.dim * args.dim + 2 * args.dim * kv_dim  # wq, wo; wk, wv
-                 + 3 * args.dim * args.ffn_hidden_dim + 2 * args.dim)  # w1, w2, w3; two norms
-    embeddings = args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
-    numel = embeddings + args.n_layers * per_layer + args.dim
-    return numel * torch.empty(0, dtype=dtype).element_size()
-
-
-def _kv_cache_bytes(args: Any, dtype: torch.dtype, world_size: int) -> int:
-    try:
-        from .model import kv_cache_bytes
-    except ImportError:  # TODO(merge): llama3.model.kv_cache_bytes (contract 3) replaces this formula.
-        local_kv_heads = max(args.n_kv_heads, world_size) // world_size
-        return (2 * args.n_layers * args.max_batch_size * args.max_seq_len * local_kv_heads * args.head_dim
-                * torch.empty(0, dtype=dtype).element_size())
-    return kv_cache_bytes(args, dtype, world_size)
-
-
-def _free_memory(device: torch.device) -> int | None:
-    """Bytes free on ``device``: CUDA's free memory, or the RAM Linux calls MemAvailable."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.cuda.mem_get_info(index)[0]
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return None
-
-
-def check_memory_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size: int = 1) -> None:
-    """Log the KV cache ``args`` asks for and raise :class:`ModelDoesNotFitError` when weights and
-    cache cannot fit in ``device``'s free memory (each GPU holds its rank's share; on the CPU all
-    ranks share the machine's RAM)."""
-    gib = 2**30
-    cache = _kv_cache_bytes(args, dtype, world_size)
-    weights = _weight_bytes(args, dtype) // world_size
-    size = torch.empty(0, dtype=dtype).element_size()
-    logger.info(f"KV cache: {cache / gib:.2f} GiB per rank (max_batch_size {args.max_batch_size} x "
-                f"max_seq_len {args.max_seq_len} x {args.n_layers} layers x {args.n_kv_heads} KV heads x "
-                f"head_dim {args.head_dim} x {size} bytes x 2 for keys and values"
-                f"{f' / {world_size} ranks' if world_size > 1 else ''})")
-    free = _free_memory(device)
-    ranks_here = world_size if device.type == "cpu" else 1
-    need = (weights + cache) * ranks_here
-    if free is None or need <= free:
-        return
-    where = "free RAM (MemAvailable)" if device.type == "cpu" else f"free on {device}"
-    raise ModelDoesNotFitError(
-        f"the model does not fit: {weights * ranks_here / gib:.2f} GiB of weights + "
-        f"{cache * ranks_here / gib:.2f} GiB of KV cache = {need / gib:.2f} GiB, but only {free / gib:.2f} "
-        f"GiB is {where}. Lower max_seq_len (now {args.max_seq_len}) or max_batch_size (now "
-        f"{args.max_batch_size}) — the cache grows with both — or use a smaller dtype or more "
-        "model-parallel ranks")
 
 
 # --- what comes from other modules ---------------------------------------------------------------
@@ -739,11 +489,3 @@ def _checkpoint_source(info: Any, ckpt_dir: str | Path) -> Any:
 
     return info if "CheckpointInfo" in str(load_model.__annotations__.get("ckpt_dir", "")) else ckpt_dir
 
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    embedding: Any = getattr(model, "tok_embeddings", None)
-    if embedding is not None and hasattr(embedding, "weight"):
-        return embedding.weight.device
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")

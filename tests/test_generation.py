@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from llama3 import ModelArgs, Transformer, generation
+from llama3 import ModelArgs, Transformer, generation, memory
 from llama3.decoding import kv_buckets
 from llama3.generation import (
     ConcurrentUseError,
@@ -584,7 +584,7 @@ def test_build_checks_that_weights_and_cache_fit_before_loading(generation_check
     with pytest.raises(ModelDoesNotFitError, match=r"512.00 GiB of KV cache.*max_seq_len \(now 2147483648"):
         Llama.build(generation_checkpoint, llama3_tokenizer_path, 2**31, 1, device="cpu", dtype="float32",
                     verbose=False)
-    monkeypatch.setattr(generation, "_free_memory", lambda device: 2**20)  # 1 MiB free
+    monkeypatch.setattr(memory, "_free_memory", lambda device: 2**20)  # 1 MiB free
     with pytest.raises(ModelDoesNotFitError, match=r"only 0.00 GiB is free RAM.*max_batch_size \(now 2\)"):
         Llama.build(generation_checkpoint, llama3_tokenizer_path, 64, 2, device="cpu", verbose=False)
     with pytest.raises(ModelDoesNotFitError):
