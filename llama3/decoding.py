@@ -313,12 +313,17 @@ def decode(model: torch.nn.Module, step: DecodeStep, batch: Batch, sampling: Sam
         if cur_pos > min_len:
             logits = step(tokens[:, cur_pos - 1 : cur_pos], cur_pos - 1)
         logits = logits[:, -1]
-        # NaN anywhere makes the max NaN; +inf makes it inf; all -inf leaves no distribution.
-        finite = torch.isfinite(logits.amax(dim=-1))
+        # A row's logits are unusable when its largest is not finite: NaN anywhere makes the max
+        # NaN, +inf makes it inf, all -inf leaves no distribution.
+        if sampling.temperature > 0:
+            finite = torch.isfinite(logits.amax(dim=-1))
+            logits = torch.where(finite[:, None], logits, 0.0)  # a defined draw until the check raises
+            next_token = sample_next_token(logits, sampling.temperature, sampling.top_p)
+        else:
+            next_token = sample_next_token(logits, 0.0, sampling.top_p)
+            # argmax picks NaN or +inf when present, so the chosen logit is that max, for free.
+            finite = torch.isfinite(logits.gather(-1, next_token[:, None])[:, 0])
         bad |= ~finite.all()
-        if sampling.temperature > 0:  # keep sampling well defined until the check below raises
-            logits = torch.where(finite[:, None], logits, 0.0)
-        next_token = sample_next_token(logits, sampling.temperature, sampling.top_p)
         in_prompt = cur_pos < prompt_lens
         next_token = torch.where(in_prompt, tokens[:, cur_pos], next_token)  # prompt tokens stay
         tokens[:, cur_pos] = next_token
