@@ -220,6 +220,27 @@ def test_max_gen_len_and_default_length(tok):
     assert text[0]["generation"] == tok.decode(list(range(1001, 1031)))
 
 
+def test_echoed_prompt_logprobs_come_from_forward_logprobs(tok):
+    # The prompt is scored by model.forward_logprobs (chunked inside the model, never prompt x
+    # vocab logits at once); generate must not ask forward() for every prompt position's logits.
+    class Scoring(ScriptedModel):
+        def forward_logprobs(self, tokens, start_pos):
+            bsz, seqlen = tokens.shape
+            self.calls.append(("logprobs", start_pos, seqlen))
+            target = self.targets[:bsz, start_pos + seqlen - 1 : start_pos + seqlen]
+            last = torch.zeros(bsz, 1, VOCAB).scatter_(-1, target[..., None], self.SCORE)
+            return torch.full((bsz, seqlen - 1), -1.5), last
+
+    model = Scoring()
+    llama = Llama(model, tok)
+    model.script(0, 4, [401, 402, tok.eot_id])
+    prompt = [tok.bos_id, 10, 11, 12]
+    out, lps = llama.generate([prompt], max_gen_len=5, temperature=0, logprobs=True, echo=True)
+    assert out == [[tok.bos_id, 10, 11, 12, 401, 402]]
+    assert lps[0] == pytest.approx([0.0, -1.5, -1.5, -1.5] + [ScriptedModel.logprob()] * 2, abs=1e-4)
+    assert model.calls == [("logprobs", 0, 4), (4, 1), (5, 1)]
+
+
 def test_sampling_with_top_p_keeps_only_the_nucleus(tok):
     # The favoured token has probability ~0.99 at temperature 0.6, so top-p 0.9 keeps it alone.
     model = ScriptedModel()
