@@ -37,13 +37,13 @@ from .decoding import (
     model_device,
     prepare_batch,
 )
-from .memory import ModelDoesNotFitError, check_memory_fits
+from .memory import NotEnoughMemoryError, check_fits_device
 from .progress import Progress, configure_logging
 from .tokenizer import ROLES, ChatFormat, Dialog, Message, StreamDecoder, Tokenizer
 
 __all__ = [
     "ChatPrediction", "CompletionPrediction", "ConcurrentUseError", "DecodeStep", "Llama",
-    "ModelDoesNotFitError", "NonFiniteLogitsError", "SamplingParams", "make_decode_step", "validate_dialog",
+    "NonFiniteLogitsError", "NotEnoughMemoryError", "SamplingParams", "make_decode_step", "validate_dialog",
 ]
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class Llama:
             verbose: log progress (loading, cache size, compile warm-up, long generations) to stderr.
 
         Raises:
-            ModelDoesNotFitError: weights + KV cache exceed the device's free memory.
+            NotEnoughMemoryError: weights + KV cache exceed the device's free memory.
             ValueError: a bad argument, or a tokenizer whose vocabulary is not the model's.
         """
         configure_logging(verbose)
@@ -191,7 +191,7 @@ class Llama:
         _check_vocabulary(tokenizer.n_words, args.vocab_size, tokenizer_path=tokenizer_file)
         target = select_device(device)
         world = model_parallel_size or int(os.environ.get("WORLD_SIZE", "1"))
-        check_memory_fits(args, select_dtype(target, dtype), target, world)
+        _check_fits(args, select_dtype(target, dtype), target, world)
 
         model = load_model(source, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                            dtype=dtype, model_parallel_size=model_parallel_size,
@@ -467,6 +467,38 @@ def _as_message(message: Any) -> Message:
         return message
     return {"role": "assistant", "content": message.content, "tool_calls": [],
             "stop_reason": message.stop_reason}
+
+
+# --- fitting the model on the device ----------------------------------------------------------
+
+
+def _weight_bytes(args: Any, dtype: torch.dtype) -> int:
+    """Bytes of the model's weights in ``dtype``, all ranks together."""
+    kv_dim = args.n_kv_heads * args.head_dim
+    per_layer = (2 * args.dim * args.dim + 2 * args.dim * kv_dim  # wq, wo; wk, wv
+                 + 3 * args.dim * args.ffn_hidden_dim + 2 * args.dim)  # w1, w2, w3; two norms
+    embeddings = args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
+    return (embeddings + args.n_layers * per_layer + args.dim) * torch.empty(0, dtype=dtype).element_size()
+
+
+def _check_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size: int) -> None:
+    """Log the KV cache about to be allocated; raise NotEnoughMemoryError if weights + cache cannot
+    fit (each GPU holds one rank's share; the ranks of a CPU job share the machine's RAM)."""
+    try:
+        from .model import kv_cache_bytes
+    except ImportError:  # TODO(merge): engineer model's kv_cache_bytes (contract 3); drop this then.
+        def kv_cache_bytes(args: Any, dtype: torch.dtype, world_size: int) -> int:
+            heads = max(args.n_kv_heads, world_size) // world_size
+            return (2 * args.n_layers * heads * args.head_dim * torch.empty(0, dtype=dtype).element_size()
+                    * args.max_batch_size * args.max_seq_len)
+
+    cache = kv_cache_bytes(args, dtype, world_size)
+    logger.info(f"KV cache: {cache / 2**30:.2f} GiB per rank (max_batch_size {args.max_batch_size} x "
+                f"max_seq_len {args.max_seq_len} x {args.n_layers} layers x {args.n_kv_heads} KV heads x "
+                f"head_dim {args.head_dim} x {torch.empty(0, dtype=dtype).element_size()} bytes x 2 for "
+                f"keys and values{f' / {world_size} ranks' if world_size > 1 else ''})")
+    ranks_here = world_size if device.type == "cpu" else 1
+    check_fits_device(_weight_bytes(args, dtype) // world_size * ranks_here, cache * ranks_here, device)
 
 
 # --- what comes from other modules ---------------------------------------------------------------

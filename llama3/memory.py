@@ -1,86 +1,69 @@
-"""Memory a model needs, and whether the device has it: the check ``Llama.build`` runs before loading.
+"""Will the model fit? Free memory on a device, checked before minutes of loading.
 
-Weights (all parameters in the run dtype) plus the KV cache (``max_batch_size`` x ``max_seq_len`` x
-layers x KV heads x head_dim x dtype size, for keys and values) are compared with what the device
-has free: ``torch.cuda.mem_get_info`` on CUDA (each GPU holds its rank's share), MemAvailable on
-the CPU (all ranks of a machine share its RAM). Activations come on top: a chunk of prefill
-(``prefill_chunk`` x cached positions of attention scratch) and one position's logits per row.
+A model needs its weights, its KV cache (:func:`llama3.model.kv_cache_bytes`, fixed by
+max_batch_size × max_seq_len) and some scratch while it runs. ``check_fits_device`` compares the
+first two with what the device has free and raises :class:`NotEnoughMemoryError` naming the
+numbers, instead of an out-of-memory crash halfway through loading.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from typing import Any
+from pathlib import Path
 
 import torch
 
-__all__ = ["ModelDoesNotFitError", "check_memory_fits"]
-
 logger = logging.getLogger(__name__)
 
+__all__ = ["NotEnoughMemoryError", "available_bytes", "check_fits_device"]
 
-class ModelDoesNotFitError(MemoryError):
-    """``Llama.build``: the weights and KV cache need more memory than the device has free."""
-
-
-def _weight_bytes(args: Any, dtype: torch.dtype) -> int:
-    """Bytes of the model's weights in ``dtype`` (all ranks together)."""
-    kv_dim = args.n_kv_heads * args.head_dim
-    per_layer = (2 * args.dim * args.dim + 2 * args.dim * kv_dim  # wq, wo; wk, wv
-                 + 3 * args.dim * args.ffn_hidden_dim + 2 * args.dim)  # w1, w2, w3; two norms
-    embeddings = args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
-    numel = embeddings + args.n_layers * per_layer + args.dim
-    return numel * torch.empty(0, dtype=dtype).element_size()
+GIB = 1024**3
+MEMINFO = Path("/proc/meminfo")
 
 
-def _kv_cache_bytes(args: Any, dtype: torch.dtype, world_size: int) -> int:
-    try:
-        from .model import kv_cache_bytes
-    except ImportError:  # TODO(merge): llama3.model.kv_cache_bytes (contract 3) replaces this formula.
-        local_kv_heads = max(args.n_kv_heads, world_size) // world_size
-        return (2 * args.n_layers * args.max_batch_size * args.max_seq_len * local_kv_heads * args.head_dim
-                * torch.empty(0, dtype=dtype).element_size())
-    return kv_cache_bytes(args, dtype, world_size)
+class NotEnoughMemoryError(RuntimeError):
+    """Weights plus KV cache would not fit in the device's free memory."""
 
 
-def _free_memory(device: torch.device) -> int | None:
-    """Bytes free on ``device``: CUDA's free memory, or the RAM Linux calls MemAvailable."""
+def available_bytes(device: torch.device | str) -> int | None:
+    """Memory free for a new allocation on ``device``, in bytes, or None where it cannot be told.
+
+    CUDA: the driver's free memory (``torch.cuda.mem_get_info``). CPU: ``MemAvailable`` from
+    /proc/meminfo (Linux; None elsewhere). Other devices: None.
+    """
+    device = torch.device(device)
     if device.type == "cuda":
-        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.cuda.mem_get_info(index)[0]
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
     if device.type == "cpu":
         try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
+            for line in MEMINFO.read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+        except (OSError, ValueError, IndexError):
+            return None
     return None
 
 
-def check_memory_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size: int = 1) -> None:
-    """Log the KV cache ``args`` asks for and raise :class:`ModelDoesNotFitError` when weights and
-    cache cannot fit in ``device``'s free memory (each GPU holds its rank's share; on the CPU all
-    ranks share the machine's RAM)."""
-    gib = 2**30
-    cache = _kv_cache_bytes(args, dtype, world_size)
-    weights = _weight_bytes(args, dtype) // world_size
-    size = torch.empty(0, dtype=dtype).element_size()
-    logger.info(f"KV cache: {cache / gib:.2f} GiB per rank (max_batch_size {args.max_batch_size} x "
-                f"max_seq_len {args.max_seq_len} x {args.n_layers} layers x {args.n_kv_heads} KV heads x "
-                f"head_dim {args.head_dim} x {size} bytes x 2 for keys and values"
-                f"{f' / {world_size} ranks' if world_size > 1 else ''})")
-    free = _free_memory(device)
-    ranks_here = world_size if device.type == "cpu" else 1
-    need = (weights + cache) * ranks_here
+def check_fits_device(weight_bytes: int, cache_bytes: int, device: torch.device | str) -> None:
+    """Raise :class:`NotEnoughMemoryError` when weights + KV cache exceed the free memory of
+    ``device`` (see :func:`available_bytes`; no check where it is unknown).
+
+    Pass the sizes one process allocates (one model-parallel rank's slice). Running also needs
+    scratch beyond this: O(prefill_chunk × kv_len) for attention and O(prefill_chunk × vocab) for
+    logits while a prompt is processed, so a fit with nothing to spare can still fail later.
+    """
+    device = torch.device(device)
+    need = weight_bytes + cache_bytes
+    free = available_bytes(device)
+    logger.info("memory on %s: weights %.2f GiB + KV cache %.2f GiB = %.2f GiB; free: %s", device,
+                weight_bytes / GIB, cache_bytes / GIB, need / GIB,
+                "unknown" if free is None else f"{free / GIB:.2f} GiB")
     if free is None or need <= free:
         return
-    where = "free RAM (MemAvailable)" if device.type == "cpu" else f"free on {device}"
-    raise ModelDoesNotFitError(
-        f"the model does not fit: {weights * ranks_here / gib:.2f} GiB of weights + "
-        f"{cache * ranks_here / gib:.2f} GiB of KV cache = {need / gib:.2f} GiB, but only {free / gib:.2f} "
-        f"GiB is {where}. Lower max_seq_len (now {args.max_seq_len}) or max_batch_size (now "
-        f"{args.max_batch_size}) — the cache grows with both — or use a smaller dtype or more "
-        "model-parallel ranks")
+    raise NotEnoughMemoryError(
+        f"the model does not fit on {device}: weights {weight_bytes / GIB:.2f} GiB + KV cache "
+        f"{cache_bytes / GIB:.2f} GiB = {need / GIB:.2f} GiB, but only {free / GIB:.2f} GiB is free. "
+        "The KV cache grows with max_batch_size × max_seq_len: lower them, or shrink the weights "
+        "(int8 quantisation, a 16-bit dtype) or split them over more model-parallel ranks."
+    )

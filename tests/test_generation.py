@@ -28,8 +28,8 @@ from llama3.decoding import kv_buckets
 from llama3.generation import (
     ConcurrentUseError,
     Llama,
-    ModelDoesNotFitError,
     NonFiniteLogitsError,
+    NotEnoughMemoryError,
     SamplingParams,
     make_decode_step,
 )
@@ -602,13 +602,13 @@ def test_build_checks_that_weights_and_cache_fit_before_loading(generation_check
     monkeypatch.setattr(checkpoint, "load_model", _no_loading)
     # A cache of 2 layers x 2 KV heads x head_dim 8 x 4 bytes x 2 (keys, values) = 256 bytes per
     # position: 2**31 positions need 512 GiB, more than this machine's RAM.
-    with pytest.raises(ModelDoesNotFitError, match=r"512.00 GiB of KV cache.*max_seq_len \(now 2147483648"):
+    with pytest.raises(NotEnoughMemoryError, match=r"KV cache 512.00 GiB"):
         Llama.build(generation_checkpoint, llama3_tokenizer_path, 2**31, 1, device="cpu", dtype="float32",
                     verbose=False)
-    monkeypatch.setattr(memory, "_free_memory", lambda device: 2**20)  # 1 MiB free
-    with pytest.raises(ModelDoesNotFitError, match=r"only 0.00 GiB is free RAM.*max_batch_size \(now 2\)"):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**20)  # 1 MiB free
+    with pytest.raises(NotEnoughMemoryError, match=r"only 0.00 GiB is free.*max_batch_size"):
         Llama.build(generation_checkpoint, llama3_tokenizer_path, 64, 2, device="cpu", verbose=False)
-    with pytest.raises(ModelDoesNotFitError):
+    with pytest.raises(NotEnoughMemoryError):
         Llama.build(generation_checkpoint, llama3_tokenizer_path, 1024, 4, device="cpu", dtype="float32")
     # 2 layers x 4 rows x 1024 positions x 2 KV heads x 8 x 4 bytes x 2 = 1 MiB
     assert ("KV cache: 0.00 GiB per rank (max_batch_size 4 x max_seq_len 1024 x 2 layers x 2 KV heads"
