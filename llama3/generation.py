@@ -1,19 +1,14 @@
-"""Generating text with a Llama 3 model: batched decoding with the KV cache, sampling, streaming.
+"""Generating text with a Llama 3 model: ``Llama`` and its text, chat and streaming API.
 
 ``Llama`` pairs a :class:`~llama3.model.Transformer` with a :class:`~llama3.tokenizer.Tokenizer`
 and offers Meta's reference API (``build``, ``generate``, ``text_completion``, ``chat_completion``)
 plus streaming (``stream``, ``stream_text_completion``, ``stream_chat_completion``).
 
-How a batch is decoded (the reference's scheme, kept so results can be compared with it):
+Decoding itself (the token buffer, prefill then one position per step, where a row finishes, the
+decode step and its kv-length buckets, NaN/inf detection) is in :mod:`llama3.decoding`.
 
-* prompts of different lengths share one ``[batch, total_len]`` token buffer;
-* the first model call processes every row up to the *shortest* prompt's length (prefill);
-* each later call feeds one position for every row. Where a row still has prompt there, the
-  sampled token is thrown away and the prompt token is kept, so the KV cache of every position
-  holds the row's true token exactly once;
-* a row is finished at its first stop token (``<|eot_id|>``, ``<|eom_id|>``, ``<|end_of_text|>``),
-  which is not part of the output, or when it has ``max_gen_len`` new tokens; the loop ends when
-  every row is finished.
+One ``Llama`` owns one KV cache, so calls on it are serialised by a lock; a stream overtaken by
+another call raises :class:`ConcurrentUseError` at its next step (see the README, "Errors").
 
 Differences from the reference, all in the caller's favour: prompt positions are known from the
 prompt lengths (the reference compares with the pad id, so a prompt containing that id broke it);
@@ -23,21 +18,42 @@ prompt at its first ``<|eot_id|>``); bad input raises ``ValueError`` instead of 
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, overload
 
 import torch
 
-from .sampling import sample_next_token
-from .tokenizer import ChatFormat, Dialog, Message, StreamDecoder, Tokenizer
+from .decoding import (
+    Batch,
+    DecodeStep,
+    NonFiniteLogitsError,
+    SamplingParams,
+    decode,
+    make_decode_step,
+    model_device,
+    prepare_batch,
+)
+from .memory import NotEnoughMemoryError, check_fits_device
+from .progress import Progress, configure_logging
+from .tokenizer import ROLES, ChatFormat, Dialog, Message, StreamDecoder, Tokenizer
 
-__all__ = ["ChatPrediction", "CompletionPrediction", "Llama", "validate_dialog"]
+__all__ = [
+    "ChatPrediction", "CompletionPrediction", "ConcurrentUseError", "DecodeStep", "Llama",
+    "NonFiniteLogitsError", "NotEnoughMemoryError", "SamplingParams", "make_decode_step", "validate_dialog",
+]
 
-_CHAT_ROLES = ("system", "user", "assistant", "ipython")
+logger = logging.getLogger(__name__)
+
 _PROMPT_ENDING_ROLES = ("user", "ipython")
 _QUANTIZE_MODES = ("int8",)
+
+
+class ConcurrentUseError(RuntimeError):
+    """A stream was overtaken: another call used the ``Llama``'s KV cache since its last step."""
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -56,6 +72,8 @@ class ChatPrediction(TypedDict, total=False):
     logprobs: list[float]
 
 
+# TODO(merge): llama3.chat_format.validate_dialog (engineer tok) replaces this copy; keep
+# `validate_dialog` importable from here as a re-export.
 def validate_dialog(dialog: Dialog, index: int | None = None) -> None:
     """Raise ``ValueError`` unless ``dialog`` is a non-empty list of messages with known roles whose
     last message is one the assistant answers (``user`` or ``ipython``)."""
@@ -67,27 +85,12 @@ def validate_dialog(dialog: Dialog, index: int | None = None) -> None:
                          f"{' or '.join(_PROMPT_ENDING_ROLES)}")
     for j, message in enumerate(dialog):
         role = message.get("role") if isinstance(message, Mapping) else None
-        if role not in _CHAT_ROLES:
-            raise ValueError(f"{where}, message {j}: unknown role {role!r}; roles are "
-                             f"{', '.join(_CHAT_ROLES)}")
+        if role not in ROLES:
+            raise ValueError(f"{where}, message {j}: unknown role {role!r}; roles are {', '.join(ROLES)}")
     last = dialog[-1]["role"]
     if last not in _PROMPT_ENDING_ROLES:
         raise ValueError(f"{where} ends with a message of role {last!r}; the last message must have role "
                          f"{' or '.join(_PROMPT_ENDING_ROLES)} for the assistant to answer it")
-
-
-@dataclass
-class _Batch:
-    """Everything one generate/stream call decodes with; tensors live on the model's device."""
-
-    tokens: torch.Tensor  # [bsz, total_len]: prompts, then generated tokens
-    prompt_lens: list[int]
-    ends: list[int]  # per row: one past the last position it may generate
-    total_len: int
-    min_prompt_len: int
-    in_prompt: torch.Tensor  # [bsz, total_len] bool
-    last_pos: torch.Tensor  # [bsz]: ends - 1
-    token_logprobs: torch.Tensor | None  # [bsz, total_len] when logprobs are wanted
 
 
 class Llama:
@@ -96,29 +99,31 @@ class Llama:
     Args:
         model: a :class:`~llama3.model.Transformer` (or anything with its ``params``, ``forward``
             and ``forward_static``), on the device to run on.
-        tokenizer: the Llama 3 :class:`~llama3.tokenizer.Tokenizer`.
-        compile: run the one-token decoding steps through ``torch.compile(model.forward_static)``
-            (``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA). The prompt prefill stays eager.
+        tokenizer: the Llama 3 :class:`~llama3.tokenizer.Tokenizer`; its vocabulary must be the model's.
+        compile: decode through ``make_decode_step(model, compile=True)``: ``torch.compile`` of the
+            fixed-shape ``model.forward_static`` (CUDA graphs on CUDA). The prompt prefill stays eager.
+        decode_step: the one-token step to decode with (see :func:`~llama3.decoding.make_decode_step`);
+            default ``make_decode_step(model, compile)``.
+
+    Calls are serialised: one ``Llama`` holds one KV cache (see the README, "Errors").
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, compile: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, compile: bool = False,
+                 decode_step: DecodeStep | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
-        vocab_size = model.params.vocab_size
-        n_words = getattr(tokenizer, "n_words", None)
-        if n_words is not None and vocab_size < n_words:
-            raise ValueError(f"the model's vocabulary ({vocab_size} tokens) is smaller than the "
-                             f"tokenizer's ({n_words}); they do not belong together")
-        self.device = _model_device(model)
+        _check_vocabulary(getattr(tokenizer, "n_words", None), model.params.vocab_size)
+        if compile and decode_step is not None:
+            raise ValueError("pass compile=True or a decode_step, not both")
+        self.device = model_device(model)
+        self.decode_step = decode_step if decode_step is not None else make_decode_step(model, compile)
         # Checking "all rows finished?" reads a flag back from the device, which stalls an
         # accelerator's queue; there we check every few steps (the extra steps cost little and are
         # cut from the output). On the CPU the read is free.
         self.stop_check_interval = 1 if self.device.type == "cpu" else 8
-        self._decode_step = None
-        if compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._decode_step = torch.compile(model.forward_static, mode=mode)
+        self._lock = threading.Lock()
+        self._cache_owner: object | None = None  # the call whose tokens the KV cache holds
 
     # ------------------------------------------------------------------------------ building
 
@@ -136,9 +141,13 @@ class Llama:
         rope_scale_factor: float | None = None,
         compile: bool = False,
         quantize: str | None = None,
+        prefill_chunk: int = 2048,
         verbose: bool = True,
     ) -> Llama:
         """Load a checkpoint (Meta or Hugging Face format) and its tokenizer.
+
+        Before any weight is read, checks that the tokenizer belongs to the model and that weights
+        plus KV cache fit in the device's free memory (logging the cache size).
 
         Args:
             ckpt_dir: the checkpoint directory.
@@ -155,21 +164,39 @@ class Llama:
             rope_scale_factor: override the Llama 3.1 RoPE scaling factor (see ``ModelArgs``).
             compile: decode with ``torch.compile`` (see :class:`Llama`).
             quantize: ``"int8"`` for int8 weight-only linear layers (``llama3.quantize``).
-            verbose: log loading progress.
+            prefill_chunk: prompts are processed this many tokens at a time (bounds the memory of
+                long prompts).
+            verbose: log progress (loading, cache size, compile warm-up, long generations) to stderr.
+
+        Raises:
+            NotEnoughMemoryError: weights + KV cache exceed the device's free memory.
+            ValueError: a bad argument, or a tokenizer whose vocabulary is not the model's.
         """
+        configure_logging(verbose)
         if quantize is not None and quantize not in _QUANTIZE_MODES:
             raise ValueError(f"unknown quantize={quantize!r}; choose one of {', '.join(_QUANTIZE_MODES)} "
                              "or None")
-        from .checkpoint import load_model, require_tokenizer
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
+        from .checkpoint import inspect_checkpoint, load_model, read_model_args
+        from .distributed import select_device, select_dtype
 
-        # Explicit path if given, else tokenizer.model beside the weights; the error says where
-        # to get the file.
-        tokenizer_path = require_tokenizer(ckpt_dir, tokenizer_path)
-        # The tokenizer first: a wrong path should fail before minutes of weight loading.
-        tokenizer = Tokenizer(tokenizer_path)
-        model = load_model(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
+        info = inspect_checkpoint(ckpt_dir)  # a missing directory is reported as such, first
+        # The tokenizer before the weights: a wrong file fails before minutes of loading.
+        tokenizer_file = _require_tokenizer(ckpt_dir, tokenizer_path)
+        tokenizer = Tokenizer(tokenizer_file)
+        source = _checkpoint_source(info, ckpt_dir)
+        args = read_model_args(source, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                               rope_scale_factor=rope_scale_factor)
+        _check_vocabulary(tokenizer.n_words, args.vocab_size, tokenizer_path=tokenizer_file)
+        target = select_device(device)
+        world = model_parallel_size or int(os.environ.get("WORLD_SIZE", "1"))
+        _check_fits(args, select_dtype(target, dtype), target, world)
+
+        model = load_model(source, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                            dtype=dtype, model_parallel_size=model_parallel_size,
                            rope_scale_factor=rope_scale_factor, verbose=verbose)
+        model.prefill_chunk = prefill_chunk
         if quantize == "int8":
             from .quantize import quantize_int8  # imported only when asked for
 
@@ -192,9 +219,9 @@ class Llama:
         """Continue each prompt (a list of token ids) by up to ``max_gen_len`` tokens.
 
         Args:
-            prompt_tokens: one list of ids per sequence; lengths may differ.
+            prompt_tokens: one list of integer ids per sequence; lengths may differ.
             max_gen_len: the most new tokens per sequence (fewer if the context fills up).
-            temperature: 0 for greedy decoding, else the softmax temperature.
+            temperature: 0 for greedy decoding, else the softmax temperature (see :class:`SamplingParams`).
             top_p: nucleus sampling threshold (used when ``temperature > 0``).
             logprobs: also return the log-probability of every returned token (from the model's
                 raw logits, before temperature and top-p).
@@ -207,29 +234,42 @@ class Llama:
 
         Raises:
             ValueError: more prompts than ``max_batch_size``, a prompt longer than ``max_seq_len``, an
-                empty prompt, an id outside the vocabulary, or a bad sampling parameter.
+                empty prompt, a non-integer id or one outside the vocabulary, or a bad sampling parameter.
+            NonFiniteLogitsError: the model produced NaN or infinite logits.
         """
-        if len(prompt_tokens) == 0:
-            return [], ([] if logprobs else None)
-        batch = self._prepare(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-        for _ in self._decode(batch, temperature, top_p, logprobs, echo, self.stop_check_interval):
-            pass
+        tokens, token_logprobs, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
+                                                   echo)
+        return tokens, token_logprobs
 
-        all_tokens = batch.tokens.tolist()
-        all_logprobs = batch.token_logprobs.tolist() if logprobs else None
-        out_tokens: list[list[int]] = []
-        out_logprobs: list[list[float]] = []
-        stop = set(self.tokenizer.stop_tokens)
+    def _generate(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, temperature: float,
+                  top_p: float, logprobs: bool, echo: bool = False
+                  ) -> tuple[list[list[int]], list[list[float]] | None, list[int | None]]:
+        """:meth:`generate`, plus each row's stop token (``None`` where it ran out of length)."""
+        if len(prompt_tokens) == 0:
+            return [], ([] if logprobs else None), []
+        sampling = SamplingParams(temperature, top_p)
+        batch = self._prepare(prompt_tokens, max_gen_len, logprobs)
+        steps = batch.tokens.shape[1] - min(batch.prompt_lens)
+        with self._lock:
+            self._cache_owner = object()  # overtakes any stream in progress
+            progress = Progress(f"generating (batch of {len(batch.prompt_lens)})", total=steps, unit="tok",
+                                logger=logger, final=False)
+            for _ in decode(self.model, self.decode_step, batch, sampling, self.tokenizer.stop_tokens,
+                            logprobs=logprobs, echo=echo, check_every=self.stop_check_interval):
+                progress.update()
+            progress.close()
+            all_tokens = batch.tokens.tolist()
+            ends = batch.end.tolist()
+            all_logprobs = batch.token_logprobs.tolist() if logprobs else None
+
+        out_tokens, out_logprobs, stop_tokens = [], [], []
         for i, row in enumerate(all_tokens):
-            prompt_len, end = batch.prompt_lens[i], batch.ends[i]
-            generated = row[prompt_len:end]
-            cut = next((j for j, t in enumerate(generated) if t in stop), len(generated))
-            start = 0 if echo else prompt_len
-            stop_at = prompt_len + cut
-            out_tokens.append(row[start:stop_at])
+            start = 0 if echo else batch.prompt_lens[i]
+            out_tokens.append(row[start : ends[i]])
             if all_logprobs is not None:
-                out_logprobs.append(all_logprobs[i][start:stop_at])
-        return out_tokens, (out_logprobs if logprobs else None)
+                out_logprobs.append(all_logprobs[i][start : ends[i]])
+            stop_tokens.append(row[ends[i]] if ends[i] < batch.limit(i) else None)
+        return out_tokens, (out_logprobs if logprobs else None), stop_tokens
 
     def stream(
         self,
@@ -244,40 +284,50 @@ class Llama:
         (``""`` where a row had nothing new). A row's deltas concatenated equal the decoded text
         :meth:`generate` would return for it under the same seed; a multi-byte character split
         across tokens is held back until complete. ``max_gen_len`` defaults to what fits.
+
+        A stream holds the ``Llama``'s KV cache between its steps; another call on the same
+        ``Llama`` (another stream, ``generate``...) overtakes it, and its next step raises
+        :class:`ConcurrentUseError`.
         """
         if len(prompt_tokens) == 0:
             return iter(())
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         # Validated here, not at the first next(): bad input fails where the call is made.
-        batch = self._prepare(prompt_tokens, max_gen_len, temperature, top_p, False)
-        return self._stream_batch(batch, temperature, top_p)
+        sampling = SamplingParams(temperature, top_p)
+        batch = self._prepare(prompt_tokens, max_gen_len, False)
+        return self._stream_batch(batch, sampling)
 
-    def _stream_batch(self, batch: _Batch, temperature: float, top_p: float) -> Iterator[list[str]]:
-        stop = set(self.tokenizer.stop_tokens)
+    def _stream_batch(self, batch: Batch, sampling: SamplingParams) -> Iterator[list[str]]:
         decoders = [StreamDecoder(self.tokenizer) for _ in batch.prompt_lens]
-        finished = [end <= length for end, length in zip(batch.ends, batch.prompt_lens, strict=True)]
-        for cur_pos in self._decode(batch, temperature, top_p, False, False, 1):
-            column = batch.tokens[:, cur_pos].tolist()
+        steps = decode(self.model, self.decode_step, batch, sampling, self.tokenizer.stop_tokens)
+        me = object()
+        first = True
+        while True:
+            with self._lock:
+                if first:
+                    self._cache_owner, first = me, False
+                elif self._cache_owner is not me:
+                    steps.close()
+                    raise ConcurrentUseError(
+                        "this stream was overtaken: another call on the same Llama used its KV cache "
+                        "since the stream's last step, so the stream cannot continue. One Llama decodes "
+                        "one call at a time: finish (or close) a stream before the next call, or use "
+                        "one Llama per concurrent conversation")
+                cur_pos = next(steps, None)
+                if cur_pos is None:
+                    return
+                column, ends = torch.stack([batch.tokens[:, cur_pos], batch.end]).tolist()
             deltas = []
-            for i, token in enumerate(column):
-                if finished[i] or cur_pos < batch.prompt_lens[i]:
-                    deltas.append("")
-                    continue
-                if token in stop:
-                    finished[i] = True
-                    deltas.append(decoders[i].flush())
-                    continue
-                text = decoders[i].push(token)
-                if cur_pos >= batch.ends[i] - 1:
-                    finished[i] = True
+            for i, (token, end) in enumerate(zip(column, ends, strict=True)):
+                # Output positions of row i: prompt_len .. end - 1. After its last one, flush (a
+                # finished row keeps flushing "", which is harmless).
+                text = decoders[i].push(token) if batch.prompt_lens[i] <= cur_pos < end else ""
+                if cur_pos + 1 >= end:
                     text += decoders[i].flush()
                 deltas.append(text)
             if any(deltas):
                 yield deltas
-        tail = [decoder.flush() if not done else "" for decoder, done in zip(decoders, finished, strict=True)]
-        if any(tail):
-            yield tail
 
     # ------------------------------------------------------------------------------ text and chat
 
@@ -318,17 +368,21 @@ class Llama:
         """Answer each dialog (a list of ``{"role", "content"}`` messages ending with a user or
         ipython message) with an assistant message.
 
-        Returns ``[{"generation": {"role": "assistant", "content": str}}]``, plus ``"tokens"`` and
-        ``"logprobs"`` with ``logprobs=True``.
+        Returns ``[{"generation": message}]`` where ``message`` is what
+        ``ChatFormat.decode_assistant_message`` makes of the reply: ``role`` ``"assistant"``,
+        ``content``, ``tool_calls`` and ``stop_reason`` (``"end_of_turn"``, ``"end_of_message"``
+        or ``"out_of_tokens"``); a plain dict that can go back into the dialog as it is. With
+        ``logprobs=True`` also ``"tokens"`` and ``"logprobs"``.
         """
         prompt_tokens = self._encode_dialogs(dialogs)
-        tokens, token_logprobs = self.generate(prompt_tokens, self._default_gen_len(max_gen_len),
-                                               temperature, top_p, logprobs)
+        tokens, token_logprobs, stop_tokens = self._generate(
+            prompt_tokens, self._default_gen_len(max_gen_len), temperature, top_p, logprobs)
         results: list[ChatPrediction] = []
         for i, ids in enumerate(tokens):
-            result: ChatPrediction = {
-                "generation": {"role": "assistant", "content": self.tokenizer.decode(ids)}
-            }
+            # generate cut the stop token; handing it back lets the chat format name the stop reason.
+            reply = ids if stop_tokens[i] is None else ids + [stop_tokens[i]]
+            message = _as_message(self.formatter.decode_assistant_message(reply))
+            result: ChatPrediction = {"generation": message}
             if token_logprobs is not None:
                 result["tokens"] = [self.tokenizer.decode([t]) for t in ids]
                 result["logprobs"] = token_logprobs[i]
@@ -388,115 +442,82 @@ class Llama:
         # As in the reference: "as much as fits"; generate() bounds it by the room after the prompt.
         return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
 
-    def _prepare(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, temperature: float,
-                 top_p: float, logprobs: bool) -> _Batch:
-        params = self.model.params
-        bsz = len(prompt_tokens)
-        if bsz > params.max_batch_size:
-            raise ValueError(f"{bsz} prompts exceed max_batch_size={params.max_batch_size}")
-        if not isinstance(max_gen_len, int) or max_gen_len < 0:
-            raise ValueError(f"max_gen_len must be a non-negative integer, got {max_gen_len!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 <= top_p <= 1:
-            raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-        lens = [len(p) for p in prompt_tokens]
-        for i, n in enumerate(lens):
-            if n == 0:
-                raise ValueError(f"prompt {i} is empty (a Llama 3 prompt starts with <|begin_of_text|>)")
-            if n > params.max_seq_len:
-                raise ValueError(f"prompt {i} has {n} tokens, more than max_seq_len={params.max_seq_len}")
-        low = min(min(p) for p in prompt_tokens)
-        high = max(max(p) for p in prompt_tokens)
-        if low < 0 or high >= params.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{params.vocab_size - 1})")
-
-        min_len, max_len = min(lens), max(lens)
-        total_len = min(params.max_seq_len, max_len + max_gen_len)
-        device = self.device
-        tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long)
-        for i, prompt in enumerate(prompt_tokens):
-            tokens[i, : lens[i]] = torch.tensor(list(prompt), dtype=torch.long)
-        ends = [min(n + max_gen_len, total_len) for n in lens]
-        lens_t = torch.tensor(lens)
-        in_prompt = torch.arange(total_len)[None, :] < lens_t[:, None]
-        return _Batch(
-            tokens=tokens.to(device),
-            prompt_lens=lens,
-            ends=ends,
-            total_len=total_len,
-            min_prompt_len=min_len,
-            in_prompt=in_prompt.to(device),
-            last_pos=(torch.tensor(ends) - 1).to(device),
-            token_logprobs=torch.zeros(bsz, total_len, device=device) if logprobs else None,
-        )
-
-    @torch.no_grad()
-    def _decode(self, batch: _Batch, temperature: float, top_p: float, logprobs: bool, echo: bool,
-                check_every: int) -> Iterator[int]:
-        """Fill ``batch.tokens`` (and ``token_logprobs``) in place, one position per step; yields the
-        position just written. Stops when every row is finished."""
-        tokens, in_prompt = batch.tokens, batch.in_prompt
-        bsz = tokens.shape[0]
-        min_len, total_len = batch.min_prompt_len, batch.total_len
-        full_logits = logprobs and echo  # prompt logprobs need every prefill position
-        if full_logits and min_len == total_len:
-            # Nothing to generate and no prompt left to feed: score the prompts in one pass.
-            logits = self.model.forward(tokens, 0)
-            self._score(batch, logits[:, :-1], 1, total_len)
-            return
-
-        stop_ids = torch.tensor(self.tokenizer.stop_tokens, device=tokens.device)
-        done = torch.zeros(bsz, dtype=torch.bool, device=tokens.device)
-        step_tokens = input_pos = None
-        if self._decode_step is not None:
-            # Fixed buffers: a CUDA graph replays with the same input addresses every step.
-            step_tokens = torch.empty(bsz, 1, dtype=torch.long, device=tokens.device)
-            input_pos = torch.empty(1, dtype=torch.long, device=tokens.device)
-
-        prev_pos = 0
-        for cur_pos in range(min_len, total_len):
-            if prev_pos == 0:
-                logits = self.model.forward(tokens[:, :cur_pos], 0, last_only=not full_logits)
-            elif self._decode_step is not None:
-                step_tokens.copy_(tokens[:, prev_pos:cur_pos])
-                input_pos.fill_(prev_pos)
-                if self.device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()
-                logits = self._decode_step(step_tokens, input_pos)
-            else:
-                logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=True)
-
-            next_token = sample_next_token(logits[:, -1], temperature, top_p)
-            # Rows still inside their prompt keep the prompt token.
-            next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
-            if logprobs:
-                if logits.shape[1] > 1:
-                    self._score(batch, logits, prev_pos + 1, cur_pos + 1)
-                else:
-                    self._score(batch, logits, cur_pos, cur_pos + 1)
-            done |= ~in_prompt[:, cur_pos] & torch.isin(next_token, stop_ids)
-            done |= batch.last_pos <= cur_pos
-            prev_pos = cur_pos
-            yield cur_pos
-            if ((cur_pos - min_len + 1) % check_every == 0 or cur_pos == total_len - 1) and bool(done.all()):
-                break
-
-    @staticmethod
-    def _score(batch: _Batch, logits: torch.Tensor, start: int, end: int) -> None:
-        """log p(token at position t) for t in [start, end), from ``logits`` predicting exactly those."""
-        target = batch.tokens[:, start:end, None]
-        # log_softmax + gather rather than cross_entropy: the latter's float32 CPU kernel rounds
-        # log-probabilities near 0 to exactly 0 over a 128K vocabulary.
-        batch.token_logprobs[:, start:end] = torch.log_softmax(logits, dim=-1).gather(-1, target)[..., 0]
+    def _prepare(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, logprobs: bool) -> Batch:
+        return prepare_batch(prompt_tokens, max_gen_len, self.model.params, self.tokenizer.pad_id,
+                             self.device, logprobs)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    embedding: Any = getattr(model, "tok_embeddings", None)
-    if embedding is not None and hasattr(embedding, "weight"):
-        return embedding.weight.device
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+# --- checks on input and output ----------------------------------------------------------------
+
+
+def _check_vocabulary(n_words: int | None, vocab_size: int, tokenizer_path: Any = None) -> None:
+    if n_words is None or n_words == vocab_size:
+        return
+    which = f"the tokenizer {tokenizer_path}" if tokenizer_path else "the tokenizer"
+    hint = (" A smaller count usually means an incomplete tokenizer.model (the Llama 3 one has 128,000 "
+            "ranks + 256 special tokens): get the file again." if n_words < vocab_size else "")
+    raise ValueError(f"{which} has {n_words} tokens but the model's vocabulary has {vocab_size}; they do "
+                     f"not belong together.{hint}")
+
+
+def _as_message(message: Any) -> Message:
+    # TODO(merge): engineer tok's decode_assistant_message returns the message dict (contract 5);
+    # this adapter for the old AssistantMessage dataclass goes then.
+    if isinstance(message, Mapping):
+        return message
+    return {"role": "assistant", "content": message.content, "tool_calls": [],
+            "stop_reason": message.stop_reason}
+
+
+# --- fitting the model on the device ----------------------------------------------------------
+
+
+def _weight_bytes(args: Any, dtype: torch.dtype) -> int:
+    """Bytes of the model's weights in ``dtype``, all ranks together."""
+    kv_dim = args.n_kv_heads * args.head_dim
+    per_layer = (2 * args.dim * args.dim + 2 * args.dim * kv_dim  # wq, wo; wk, wv
+                 + 3 * args.dim * args.ffn_hidden_dim + 2 * args.dim)  # w1, w2, w3; two norms
+    embeddings = args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
+    return (embeddings + args.n_layers * per_layer + args.dim) * torch.empty(0, dtype=dtype).element_size()
+
+
+def _check_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size: int) -> None:
+    """Log the KV cache about to be allocated; raise NotEnoughMemoryError if weights + cache cannot
+    fit (each GPU holds one rank's share; the ranks of a CPU job share the machine's RAM)."""
+    try:
+        from .model import kv_cache_bytes
+    except ImportError:  # TODO(merge): engineer model's kv_cache_bytes (contract 3); drop this then.
+        def kv_cache_bytes(args: Any, dtype: torch.dtype, world_size: int) -> int:
+            heads = max(args.n_kv_heads, world_size) // world_size
+            return (2 * args.n_layers * heads * args.head_dim * torch.empty(0, dtype=dtype).element_size()
+                    * args.max_batch_size * args.max_seq_len)
+
+    cache = kv_cache_bytes(args, dtype, world_size)
+    logger.info(f"KV cache: {cache / 2**30:.2f} GiB per rank (max_batch_size {args.max_batch_size} x "
+                f"max_seq_len {args.max_seq_len} x {args.n_layers} layers x {args.n_kv_heads} KV heads x "
+                f"head_dim {args.head_dim} x {torch.empty(0, dtype=dtype).element_size()} bytes x 2 for "
+                f"keys and values{f' / {world_size} ranks' if world_size > 1 else ''})")
+    ranks_here = world_size if device.type == "cpu" else 1
+    check_fits_device(_weight_bytes(args, dtype) // world_size * ranks_here, cache * ranks_here, device)
+
+
+# --- what comes from other modules ---------------------------------------------------------------
+
+
+def _require_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None) -> Path:
+    """The tokenizer file: ``tokenizer_path`` or the one beside the weights; the error says where to
+    get it."""
+    try:
+        from .tokenizer import require_tokenizer
+    except ImportError:  # TODO(merge): tokenizer discovery lives in llama3.tokenizer (contract 1).
+        from .checkpoint import require_tokenizer
+    return require_tokenizer(ckpt_dir, tokenizer_path)
+
+
+def _checkpoint_source(info: Any, ckpt_dir: str | Path) -> Any:
+    # TODO(merge): engineer ckpt's read_model_args / load_model take the CheckpointInfo, so the
+    # directory is inspected once; until then they take the path.
+    from .checkpoint import load_model
+
+    return info if "CheckpointInfo" in str(load_model.__annotations__.get("ckpt_dir", "")) else ckpt_dir
+

@@ -9,6 +9,7 @@ import torch
 
 from llama3 import ModelArgs, Transformer
 from llama3.distributed import ColumnParallelLinear, RowParallelLinear
+from llama3.generation import make_decode_step
 from llama3.quantize import (
     Int8ColumnParallelLinear,
     Int8RowParallelLinear,
@@ -68,9 +69,7 @@ def test_compiled_decode_gives_the_eager_tokens(device):
     tokens = prompt(device=device)
     want, want_logits = greedy(model, tokens, eager_step(model))
 
-    compiled = torch.compile(model.forward_static)
-    got, got_logits = greedy(model, tokens,
-                             lambda token, pos: compiled(token, torch.tensor([pos], device=device)))
+    got, got_logits = greedy(model, tokens, make_decode_step(model, compile=True))
     assert torch.equal(got, want)
     assert (got_logits - want_logits).abs().max().item() <= 1e-4
 

@@ -9,18 +9,31 @@ tests that need an exact expected output (stop tokens, multi-byte characters, ca
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 import math
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from llama3 import ModelArgs, Transformer
-from llama3.generation import Llama
+from llama3 import ModelArgs, Transformer, generation, memory
+from llama3.decoding import kv_buckets
+from llama3.generation import (
+    ConcurrentUseError,
+    Llama,
+    NonFiniteLogitsError,
+    NotEnoughMemoryError,
+    SamplingParams,
+    make_decode_step,
+)
+from llama3.progress import configure_logging
 from llama3.sampling import sample_next_token, sample_top_p
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,6 +220,27 @@ def test_max_gen_len_and_default_length(tok):
     assert text[0]["generation"] == tok.decode(list(range(1001, 1031)))
 
 
+def test_echoed_prompt_logprobs_come_from_forward_logprobs(tok):
+    # The prompt is scored by model.forward_logprobs (chunked inside the model, never prompt x
+    # vocab logits at once); generate must not ask forward() for every prompt position's logits.
+    class Scoring(ScriptedModel):
+        def forward_logprobs(self, tokens, start_pos):
+            bsz, seqlen = tokens.shape
+            self.calls.append(("logprobs", start_pos, seqlen))
+            target = self.targets[:bsz, start_pos + seqlen - 1 : start_pos + seqlen]
+            last = torch.zeros(bsz, 1, VOCAB).scatter_(-1, target[..., None], self.SCORE)
+            return torch.full((bsz, seqlen - 1), -1.5), last
+
+    model = Scoring()
+    llama = Llama(model, tok)
+    model.script(0, 4, [401, 402, tok.eot_id])
+    prompt = [tok.bos_id, 10, 11, 12]
+    out, lps = llama.generate([prompt], max_gen_len=5, temperature=0, logprobs=True, echo=True)
+    assert out == [[tok.bos_id, 10, 11, 12, 401, 402]]
+    assert lps[0] == pytest.approx([0.0, -1.5, -1.5, -1.5] + [ScriptedModel.logprob()] * 2, abs=1e-4)
+    assert model.calls == [("logprobs", 0, 4), (4, 1), (5, 1)]
+
+
 def test_sampling_with_top_p_keeps_only_the_nucleus(tok):
     # The favoured token has probability ~0.99 at temperature 0.6, so top-p 0.9 keeps it alone.
     model = ScriptedModel()
@@ -247,13 +281,48 @@ def test_static_decode_step_matches_eager(model, tok):
     # The compile=True path runs decode steps through model.forward_static; exercise that path
     # (without the compiler, which the fast-path tests cover) against eager decoding.
     eager = Llama(model, tok)
-    static = Llama(model, tok)
-    static._decode_step = model.forward_static
+    static = Llama(model, tok, decode_step=make_decode_step(model, compile=False, static=True))
     batch = prompts([5, 2, 8], seed=5)
     ref = eager.generate(batch, max_gen_len=7, temperature=0, logprobs=True)
     got = static.generate(batch, max_gen_len=7, temperature=0, logprobs=True)
     assert got[0] == ref[0]
     for a, b in zip(got[1], ref[1], strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    with pytest.raises(ValueError, match="not both"):
+        Llama(model, tok, compile=True, decode_step=eager.decode_step)
+
+
+def test_static_decode_step_attends_over_kv_length_buckets():
+    assert kv_buckets(64) == [64]
+    assert kv_buckets(256) == [256]
+    assert kv_buckets(1000) == [256, 512, 1000]
+    assert kv_buckets(131072) == [2**k for k in range(8, 18)]
+    model = tiny_model(max_seq_len=1000)
+    seen = []
+
+    def forward_static(tokens, input_pos, kv_len=None):
+        seen.append((tokens.tolist(), input_pos.tolist(), kv_len))
+        return torch.zeros(tokens.shape[0], 1, VOCAB)
+
+    model.forward_static = forward_static
+    step = make_decode_step(model, compile=False, static=True)
+    for pos in (0, 255, 256, 511, 512, 999):
+        step(torch.tensor([[pos]]), pos)
+    assert seen == [([[p]], [p], kv) for p, kv in
+                    [(0, 256), (255, 256), (256, 512), (511, 512), (512, 1000), (999, 1000)]]
+    with pytest.raises(ValueError, match="outside the KV cache"):
+        step(torch.tensor([[1]]), 1000)
+
+
+def test_static_decode_across_a_bucket_boundary_gives_the_eager_tokens(tok):
+    # Positions 249..261 cross the 256 bucket: the step then attends over 512 cached positions.
+    model = tiny_model(max_seq_len=600, max_batch_size=2)
+    batch = prompts([252, 249], seed=9)
+    want, want_lp = Llama(model, tok).generate(batch, max_gen_len=10, temperature=0, logprobs=True)
+    static = Llama(model, tok, decode_step=make_decode_step(model, compile=False, static=True))
+    got, got_lp = static.generate(batch, max_gen_len=10, temperature=0, logprobs=True)
+    assert got == want
+    for a, b in zip(got_lp, want_lp, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
 
 
@@ -279,9 +348,18 @@ def test_chat_completion_returns_the_scripted_assistant_message(tok):
     prompt = llama.formatter.encode_dialog_prompt(dialog)
     answer = tok.encode("Hello there 🦙", bos=False, eos=False)
     model.script(0, len(prompt), answer + [tok.eot_id])
-    result = llama.chat_completion([dialog], temperature=0)
-    assert result == [{"generation": {"role": "assistant", "content": "Hello there 🦙"}}]
+    [result] = llama.chat_completion([dialog], temperature=0)
+    assert set(result) == {"generation"}
+    message = result["generation"]
+    assert (message["role"], message["content"], message["stop_reason"]) == (
+        "assistant", "Hello there 🦙", "end_of_turn")
+    assert message.get("tool_calls", []) == []
     assert "".join(llama.stream_chat_completion(dialog, temperature=0)) == "Hello there 🦙"
+    # <|eom_id|> ends a message (the model waits for a tool's answer); running out of tokens is said too.
+    model.script(0, len(prompt), answer[:2] + [tok.eom_id])
+    assert llama.chat_completion([dialog], temperature=0)[0]["generation"]["stop_reason"] == "end_of_message"
+    cut = llama.chat_completion([dialog], temperature=0, max_gen_len=1)[0]["generation"]
+    assert (cut["content"], cut["stop_reason"]) == (tok.decode(answer[:1]), "out_of_tokens")
 
 
 def test_chat_completion_on_a_tiny_model(llama, tok):
@@ -291,7 +369,7 @@ def test_chat_completion_on_a_tiny_model(llama, tok):
     result = llama.chat_completion(dialogs, temperature=0, max_gen_len=5, logprobs=True)
     ids, _ = llama.generate([llama.formatter.encode_dialog_prompt(d) for d in dialogs], 5, temperature=0)
     for r, gen in zip(result, ids, strict=True):
-        assert r["generation"] == {"role": "assistant", "content": tok.decode(gen)}
+        assert (r["generation"]["role"], r["generation"]["content"]) == ("assistant", tok.decode(gen))
         assert len(r["logprobs"]) == len(gen) == len(r["tokens"])
 
 
@@ -376,6 +454,119 @@ def test_model_and_tokenizer_must_match(tok):
         Llama(tiny_model(vocab_size=256), tok)
 
 
+# --- reliability: never a silently wrong answer (issue 10) -----------------------------------------
+
+
+def test_reliability_concurrent_calls_give_the_single_thread_outputs(model, tok):
+    # One Llama, one KV cache: concurrent calls are serialised, so each gets its own right answer.
+    llama = Llama(model, tok)
+    jobs = [["Once upon a time", "1, 2, 3,"], ["Bonjour"], ["The capital of France is", "x", "Hi"]]
+    want = [llama.text_completion(texts, temperature=0, max_gen_len=8) for texts in jobs]
+    got: dict[int, list] = {}
+
+    def work(i: int) -> None:
+        got[i] = [llama.text_completion(jobs[i], temperature=0, max_gen_len=8) for _ in range(2)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(jobs))] == [[w, w] for w in want]
+
+
+def test_reliability_interleaved_streams_raise(model, tok):
+    llama = Llama(model, tok)
+    want = llama.text_completion(["Bonjour"], temperature=0, max_gen_len=6)[0]["generation"]
+    first = llama.stream_text_completion("Once upon a time", temperature=0, max_gen_len=6)
+    second = llama.stream_text_completion("Bonjour", temperature=0, max_gen_len=6)
+    next(first)
+    text = next(second)  # takes over the KV cache
+    with pytest.raises(ConcurrentUseError, match="overtaken"):
+        next(first)
+    assert text + "".join(second) == want  # the stream that took over is unharmed
+    # A stream resumed after a plain call on the same Llama fails the same way.
+    stream = llama.stream_text_completion("Bonjour", temperature=0, max_gen_len=6)
+    next(stream)
+    llama.generate(prompts([3]), 2, temperature=0)
+    with pytest.raises(ConcurrentUseError):
+        next(stream)
+    # A stream created before another call but not yet started is fine: it has not used the cache.
+    late = llama.stream_text_completion("Bonjour", temperature=0, max_gen_len=6)
+    llama.generate(prompts([3]), 2, temperature=0)
+    assert "".join(late) == want
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_reliability_non_finite_logits_raise(tok, poison):
+    model = tiny_model()
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[0, 0] = poison
+    llama = Llama(model, tok)
+    batch = prompts([4, 6])
+    for temperature in (0, 0.6):
+        with pytest.raises(NonFiniteLogitsError, match="NaN or infinite.*float16"):
+            llama.generate(batch, 5, temperature=temperature)
+    with pytest.raises(NonFiniteLogitsError):
+        llama.generate(batch, 0, temperature=0, logprobs=True, echo=True)
+    with pytest.raises(NonFiniteLogitsError):
+        list(llama.stream_text_completion(["Hi"], temperature=0, max_gen_len=4))
+
+
+@pytest.mark.parametrize(("temperature", "top_p", "message"), [
+    (float("nan"), 0.9, "temperature must be a finite number"),
+    (float("inf"), 0.9, "temperature must be a finite number"),
+    (-0.1, 0.9, "temperature must be >= 0"),
+    ("0.5", 0.9, "temperature must be a finite number"),
+    (0.6, float("nan"), "top_p must be a finite number"),
+    (0.6, 0.0, r"top_p must be in \(0, 1\]"),
+    (0.6, 1.5, r"top_p must be in \(0, 1\]"),
+])
+def test_reliability_bad_sampling_parameters_are_rejected(llama, temperature, top_p, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(temperature, top_p)
+    with pytest.raises(ValueError, match=message):
+        llama.generate(prompts([3]), 2, temperature=temperature, top_p=top_p)
+    with pytest.raises(ValueError, match=message):
+        llama.stream(prompts([3]), 2, temperature=temperature, top_p=top_p)  # at the call
+    assert SamplingParams() == SamplingParams(0.6, 0.9)
+    assert SamplingParams(temperature=0, top_p=1).temperature == 0.0
+
+
+def test_reliability_token_ids_must_be_integers(llama):
+    with pytest.raises(ValueError, match=r"prompt 1, position 2: token id 791.7 is not an integer"):
+        llama.generate([[128000, 5], [128000, 9, 791.7]], 2, temperature=0)
+    with pytest.raises(ValueError, match=r"prompt 0, position 1: token id 7.0 is not an integer"):
+        llama.generate([[128000, 7.0]], 2, temperature=0)
+    with pytest.raises(ValueError, match="prompt 0, position 0: .* not an integer"):
+        llama.generate([torch.tensor([128000.0, 5.0])], 2, temperature=0)
+    with pytest.raises(ValueError, match=f"prompt 0, position 1: token id {VOCAB} is outside"):
+        llama.generate([[1, VOCAB]], 2, temperature=0)
+    # Integer numpy and torch scalars and arrays are ids like any other.
+    want = llama.generate([[128000, 791, 6864]], 3, temperature=0)
+    assert llama.generate([[np.int64(128000), torch.tensor(791), np.int32(6864)]], 3, temperature=0) == want
+    assert llama.generate([np.array([128000, 791, 6864])], 3, temperature=0) == want
+    assert llama.generate(torch.tensor([[128000, 791, 6864]]), 3, temperature=0) == want
+
+
+def _no_loading(*args, **kwargs):
+    raise AssertionError("Llama.build loaded weights before its checks")
+
+
+def test_reliability_model_and_tokenizer_vocabularies_must_be_equal(tok, llama3_tokenizer_path, tmp_path,
+                                                                     monkeypatch):
+    with pytest.raises(ValueError, match="128256 tokens but the model's vocabulary has 128512"):
+        Llama(tiny_model(vocab_size=128512), tok)
+    # Llama.build refuses before reading any weight.
+    from llama3 import checkpoint
+
+    args = ModelArgs(**{**TINY, "vocab_size": 128512, "n_layers": 1})
+    checkpoint.save_meta_checkpoint(checkpoint.random_state_dict(args, dtype=torch.bfloat16), args, tmp_path)
+    monkeypatch.setattr(checkpoint, "load_model", _no_loading)
+    with pytest.raises(ValueError, match="128256 tokens but the model's vocabulary has 128512"):
+        Llama.build(tmp_path, llama3_tokenizer_path, 64, 1, device="cpu", verbose=False)
+
+
 # --- building from a checkpoint and the example scripts ---------------------------------------------
 
 
@@ -390,6 +581,59 @@ def test_build_seeds_sampling_and_explains_a_missing_tokenizer(generation_checkp
     assert sample() == first
     with pytest.raises(ValueError, match="quantize"):
         Llama.build(generation_checkpoint, llama3_tokenizer_path, quantize="int3")
+
+
+@pytest.fixture()
+def llama3_log(caplog):
+    """caplog for the package's logger (which configure_logging keeps from propagating); its state is
+    restored afterwards."""
+    logger = logging.getLogger("llama3")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="llama3")
+    yield caplog
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def test_build_checks_that_weights_and_cache_fit_before_loading(generation_checkpoint, llama3_tokenizer_path,
+                                                                 monkeypatch, llama3_log):
+    from llama3 import checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_model", _no_loading)
+    # A cache of 2 layers x 2 KV heads x head_dim 8 x 4 bytes x 2 (keys, values) = 256 bytes per
+    # position: 2**31 positions need 512 GiB, more than this machine's RAM.
+    with pytest.raises(NotEnoughMemoryError, match=r"KV cache 512.00 GiB"):
+        Llama.build(generation_checkpoint, llama3_tokenizer_path, 2**31, 1, device="cpu", dtype="float32",
+                    verbose=False)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**20)  # 1 MiB free
+    with pytest.raises(NotEnoughMemoryError, match=r"only 0.00 GiB is free.*max_batch_size"):
+        Llama.build(generation_checkpoint, llama3_tokenizer_path, 64, 2, device="cpu", verbose=False)
+    with pytest.raises(NotEnoughMemoryError):
+        Llama.build(generation_checkpoint, llama3_tokenizer_path, 1024, 4, device="cpu", dtype="float32")
+    # 2 layers x 4 rows x 1024 positions x 2 KV heads x 8 x 4 bytes x 2 = 1 MiB
+    assert ("KV cache: 0.00 GiB per rank (max_batch_size 4 x max_seq_len 1024 x 2 layers x 2 KV heads"
+            in llama3_log.text)
+
+
+def test_build_sets_the_prefill_chunk(generation_checkpoint, llama3_tokenizer_path):
+    gen = Llama.build(generation_checkpoint, llama3_tokenizer_path, 64, 1, device="cpu", prefill_chunk=16,
+                      verbose=False)
+    assert gen.model.prefill_chunk == 16
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="prefill_chunk"):
+            Llama.build(generation_checkpoint, llama3_tokenizer_path, prefill_chunk=bad)
+
+
+def test_long_generation_reports_progress_unless_quiet(llama, monkeypatch, llama3_log):
+    monkeypatch.setattr(generation, "Progress", functools.partial(generation.Progress, interval=0.0))
+    configure_logging(True)
+    llama.generate(prompts([3]), 4, temperature=0)
+    lines = [r.getMessage() for r in llama3_log.records if r.name == "llama3.generation"]
+    assert lines[-1].startswith("generating (batch of 1): 4 tok of 4 tok (100%)") and "ETA" in lines[-1]
+    llama3_log.clear()
+    configure_logging(False)
+    llama.generate(prompts([3]), 4, temperature=0)
+    assert not [r for r in llama3_log.records if r.name == "llama3.generation"]
 
 
 def test_build_without_a_tokenizer_says_where_to_get_it(tmp_path, generation_checkpoint):
