@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import inspect
-import math
 import os
 import re
 import sys
@@ -174,14 +173,8 @@ def check_sampling(temperature: Any, top_p: Any) -> tuple[float, float]:
         except (TypeError, ValueError):
             raise UsageError(f"{flag} must be a number, got {value!r}") from None
     temperature, top_p = values
-    try:
-        from .generation import SamplingParams
-    except ImportError:  # TODO(merge): engineer gen's SamplingParams (contract 4) replaces this branch.
-        if not math.isfinite(temperature) or temperature < 0:
-            raise UsageError(f"--temperature must be a finite number >= 0, got {temperature}") from None
-        if not math.isfinite(top_p) or not 0 < top_p <= 1:
-            raise UsageError(f"--top_p must be in (0, 1], got {top_p}") from None
-        return temperature, top_p
+    from .decoding import SamplingParams
+
     try:
         SamplingParams(temperature=temperature, top_p=top_p)
     except ValueError as exc:

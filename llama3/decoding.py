@@ -27,7 +27,6 @@ The decode step, ``step(tokens [bsz, 1], pos) -> logits [bsz, 1, vocab]``, comes
 from __future__ import annotations
 
 import bisect
-import inspect
 import logging
 import math
 import numbers
@@ -130,8 +129,6 @@ class _StaticStep:
         self.device = model_device(model)
         self.compiled = compile
         forward = model.forward_static
-        # TODO(merge): model's forward_static takes kv_len (contract 3); then drop this check.
-        self._takes_kv_len = "kv_len" in inspect.signature(forward).parameters
         if compile:
             # kv_len is a Python int and dynamic=False keeps it (and the batch size) static: one
             # graph per value. Dynamo's default of 8 graphs per function would fall back to eager.
@@ -161,14 +158,13 @@ class _StaticStep:
         self._pos.fill_(pos)
         if self.device.type == "cuda" and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        kwargs = {"kv_len": kv_len} if self._takes_kv_len else {}
         key = (bsz, kv_len)
         if not self.compiled or key in self._seen:
-            return self.forward(buffer, self._pos, **kwargs)
+            return self.forward(buffer, self._pos, kv_len=kv_len)
         self._seen.add(key)
         logger.info("Compiling the decode step for batch %d, kv length %d (once per bucket)", bsz, kv_len)
         with Progress(f"compiling the decode step (batch {bsz}, kv length {kv_len})", logger=logger):
-            return self.forward(buffer, self._pos, **kwargs)
+            return self.forward(buffer, self._pos, kv_len=kv_len)
 
 
 def _allow_graphs(n: int) -> None:
@@ -272,17 +268,6 @@ def _raise_if_non_finite(non_finite: bool, pos: int) -> None:
             "corrupt weights in the checkpoint (check or re-download the files)")
 
 
-def _forward_logprobs(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(tokens[:, i+1] | ..tokens[:, i]) [bsz, seq-1], last logits [bsz, 1, vocab]), prefill from 0."""
-    if hasattr(model, "forward_logprobs"):
-        return model.forward_logprobs(tokens, 0)
-    # TODO(merge): Transformer.forward_logprobs (contract 3) computes this chunk by chunk; this
-    # fallback (prompt x vocab logits at once) goes when the model branch is merged.
-    logits = model.forward(tokens, 0)
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
-    return logprobs, logits[:, -1:]
-
-
 @torch.no_grad()
 def decode(model: torch.nn.Module, step: DecodeStep, batch: Batch, sampling: SamplingParams,
            stop_tokens: Sequence[int], *, logprobs: bool = False, echo: bool = False,
@@ -301,7 +286,7 @@ def decode(model: torch.nn.Module, step: DecodeStep, batch: Batch, sampling: Sam
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite logits so far
     if logprobs and echo:
         # Every prompt position's log-probability, computed chunk by chunk inside the model.
-        prompt_logprobs, logits = _forward_logprobs(model, tokens[:, :min_len])
+        prompt_logprobs, logits = model.forward_logprobs(tokens[:, :min_len], 0)
         batch.token_logprobs[:, 1:min_len] = prompt_logprobs
         if min_len == total_len:  # nothing to generate and no prompt left to feed
             _raise_if_non_finite(bool(~torch.isfinite(prompt_logprobs).all()), min_len - 1)

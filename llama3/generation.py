@@ -27,6 +27,7 @@ from typing import Any, TypedDict, overload
 
 import torch
 
+from .chat_format import ChatFormat, Dialog, Message, validate_dialog
 from .decoding import (
     Batch,
     DecodeStep,
@@ -38,8 +39,9 @@ from .decoding import (
     prepare_batch,
 )
 from .memory import NotEnoughMemoryError, check_fits_device
+from .model import kv_cache_bytes
 from .progress import Progress, configure_logging
-from .tokenizer import ROLES, ChatFormat, Dialog, Message, StreamDecoder, Tokenizer
+from .tokenizer import StreamDecoder, Tokenizer, require_tokenizer
 
 __all__ = [
     "ChatPrediction", "CompletionPrediction", "ConcurrentUseError", "DecodeStep", "Llama",
@@ -48,7 +50,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_PROMPT_ENDING_ROLES = ("user", "ipython")
 _QUANTIZE_MODES = ("int8",)
 
 
@@ -70,27 +71,6 @@ class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: list[str]
     logprobs: list[float]
-
-
-# TODO(merge): llama3.chat_format.validate_dialog (engineer tok) replaces this copy; keep
-# `validate_dialog` importable from here as a re-export.
-def validate_dialog(dialog: Dialog, index: int | None = None) -> None:
-    """Raise ``ValueError`` unless ``dialog`` is a non-empty list of messages with known roles whose
-    last message is one the assistant answers (``user`` or ``ipython``)."""
-    where = f"dialog {index}" if index is not None else "dialog"
-    if isinstance(dialog, (str, bytes, Mapping)) or not isinstance(dialog, Sequence):
-        raise ValueError(f"{where} must be a list of messages, got {type(dialog).__name__}")
-    if len(dialog) == 0:
-        raise ValueError(f"{where} is empty; it needs at least one message with role "
-                         f"{' or '.join(_PROMPT_ENDING_ROLES)}")
-    for j, message in enumerate(dialog):
-        role = message.get("role") if isinstance(message, Mapping) else None
-        if role not in ROLES:
-            raise ValueError(f"{where}, message {j}: unknown role {role!r}; roles are {', '.join(ROLES)}")
-    last = dialog[-1]["role"]
-    if last not in _PROMPT_ENDING_ROLES:
-        raise ValueError(f"{where} ends with a message of role {last!r}; the last message must have role "
-                         f"{' or '.join(_PROMPT_ENDING_ROLES)} for the assistant to answer it")
 
 
 class Llama:
@@ -183,7 +163,7 @@ class Llama:
 
         info = inspect_checkpoint(ckpt_dir)  # a missing directory is reported as such, first
         # The tokenizer before the weights: a wrong file fails before minutes of loading.
-        tokenizer_file = _require_tokenizer(ckpt_dir, tokenizer_path)
+        tokenizer_file = require_tokenizer(ckpt_dir, tokenizer_path)
         tokenizer = Tokenizer(tokenizer_file)
         source = _checkpoint_source(info, ckpt_dir)
         args = read_model_args(source, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
@@ -381,7 +361,7 @@ class Llama:
         for i, ids in enumerate(tokens):
             # generate cut the stop token; handing it back lets the chat format name the stop reason.
             reply = ids if stop_tokens[i] is None else ids + [stop_tokens[i]]
-            message = _as_message(self.formatter.decode_assistant_message(reply))
+            message = self.formatter.decode_assistant_message(reply)
             result: ChatPrediction = {"generation": message}
             if token_logprobs is not None:
                 result["tokens"] = [self.tokenizer.decode([t]) for t in ids]
@@ -460,15 +440,6 @@ def _check_vocabulary(n_words: int | None, vocab_size: int, tokenizer_path: Any 
                      f"not belong together.{hint}")
 
 
-def _as_message(message: Any) -> Message:
-    # TODO(merge): engineer tok's decode_assistant_message returns the message dict (contract 5);
-    # this adapter for the old AssistantMessage dataclass goes then.
-    if isinstance(message, Mapping):
-        return message
-    return {"role": "assistant", "content": message.content, "tool_calls": [],
-            "stop_reason": message.stop_reason}
-
-
 # --- fitting the model on the device ----------------------------------------------------------
 
 
@@ -484,14 +455,6 @@ def _weight_bytes(args: Any, dtype: torch.dtype) -> int:
 def _check_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size: int) -> None:
     """Log the KV cache about to be allocated; raise NotEnoughMemoryError if weights + cache cannot
     fit (each GPU holds one rank's share; the ranks of a CPU job share the machine's RAM)."""
-    try:
-        from .model import kv_cache_bytes
-    except ImportError:  # TODO(merge): engineer model's kv_cache_bytes (contract 3); drop this then.
-        def kv_cache_bytes(args: Any, dtype: torch.dtype, world_size: int) -> int:
-            heads = max(args.n_kv_heads, world_size) // world_size
-            return (2 * args.n_layers * heads * args.head_dim * torch.empty(0, dtype=dtype).element_size()
-                    * args.max_batch_size * args.max_seq_len)
-
     cache = kv_cache_bytes(args, dtype, world_size)
     logger.info(f"KV cache: {cache / 2**30:.2f} GiB per rank (max_batch_size {args.max_batch_size} x "
                 f"max_seq_len {args.max_seq_len} x {args.n_layers} layers x {args.n_kv_heads} KV heads x "
@@ -502,16 +465,6 @@ def _check_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size:
 
 
 # --- what comes from other modules ---------------------------------------------------------------
-
-
-def _require_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None) -> Path:
-    """The tokenizer file: ``tokenizer_path`` or the one beside the weights; the error says where to
-    get it."""
-    try:
-        from .tokenizer import require_tokenizer
-    except ImportError:  # TODO(merge): tokenizer discovery lives in llama3.tokenizer (contract 1).
-        from .checkpoint import require_tokenizer
-    return require_tokenizer(ckpt_dir, tokenizer_path)
 
 
 def _checkpoint_source(info: Any, ckpt_dir: str | Path) -> Any:
