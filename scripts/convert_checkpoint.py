@@ -21,25 +21,26 @@ def _dtype(dtype: str | None):
 
 
 def to_hf(src: str, dst: str, dtype: str | None = None, rope_scale_factor: float | None = None,
-          max_shard_gb: float = 5.0) -> None:
-    """Meta (or HF) → Hugging Face safetensors, split into files of at most ``max_shard_gb``."""
+          max_shard_gb: float = 5.0, overwrite: bool = False) -> None:
+    """Meta (or HF) → Hugging Face safetensors, split into files of at most ``max_shard_gb``, plus
+    the tokenizer and generation files transformers reads."""
     paths = convert_checkpoint(src, dst, to="hf", dtype=_dtype(dtype), rope_scale_factor=rope_scale_factor,
-                               max_shard_bytes=int(max_shard_gb * 1e9))
+                               max_shard_bytes=int(max_shard_gb * 1e9), overwrite=overwrite)
     print(f"wrote {len(paths)} safetensors file(s) and config.json to {dst}")
 
 
 def to_meta(src: str, dst: str, num_shards: int = 1, dtype: str | None = None,
-            rope_scale_factor: float | None = None) -> None:
+            rope_scale_factor: float | None = None, overwrite: bool = False) -> None:
     """Hugging Face (or Meta) → Meta's params.json + consolidated.NN.pth, ``num_shards`` shards."""
     paths = convert_checkpoint(src, dst, to="meta", num_shards=num_shards, dtype=_dtype(dtype),
-                               rope_scale_factor=rope_scale_factor)
+                               rope_scale_factor=rope_scale_factor, overwrite=overwrite)
     print(f"wrote {len(paths)} shard(s) and params.json to {dst}")
 
 
-def reshard(src: str, dst: str, num_shards: int, dtype: str | None = None) -> None:
+def reshard(src: str, dst: str, num_shards: int, dtype: str | None = None, overwrite: bool = False) -> None:
     """A Meta checkpoint with any number of shards → one with ``num_shards``."""
     before = inspect_checkpoint(src).num_shards
-    to_meta(src, dst, num_shards=num_shards, dtype=dtype)
+    to_meta(src, dst, num_shards=num_shards, dtype=dtype, overwrite=overwrite)
     print(f"resharded {before} → {num_shards}")
 
 
