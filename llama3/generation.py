@@ -160,8 +160,9 @@ class Llama:
         if quantize is not None and quantize not in _QUANTIZE_MODES:
             raise ValueError(f"unknown quantize={quantize!r}; choose one of {', '.join(_QUANTIZE_MODES)} "
                              "or None")
-        from .checkpoint import load_model, require_tokenizer
+        from .checkpoint import load_model, require_tokenizer, resolve_checkpoint_dir
 
+        ckpt_dir = resolve_checkpoint_dir(ckpt_dir)  # a Hugging Face Hub id becomes its local folder
         # Explicit path if given, else tokenizer.model beside the weights; the error says where
         # to get the file.
         tokenizer_path = require_tokenizer(ckpt_dir, tokenizer_path)

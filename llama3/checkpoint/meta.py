@@ -143,7 +143,7 @@ class MetaFormat:
         odd = []
         for path in candidates:
             m = _SHARD_RE.fullmatch(path.name)
-            if m is None:
+            if m is None or path.name != f"consolidated.{int(m.group(1)):02d}.pth":
                 odd.append(path.name)
             elif int(m.group(1)) in numbered:
                 odd.append(path.name)
