@@ -830,7 +830,8 @@ def test_hub_id_resolves_from_the_cache_offline(tmp_path, llama3_tokenizer_path,
     lines = proc.stdout.splitlines()
     assert lines[0] == str(snapshot)
     assert lines[1] == f"Transformer {args.dim}"
-    assert lines[2].startswith("ERROR cannot download test-org/Not-Cached from the Hugging Face Hub "
+    assert lines[2].startswith("ERROR no directory 'test-org/Not-Cached' here; as a Hugging Face Hub id: "
+                               "cannot download test-org/Not-Cached from the Hugging Face Hub "
                                "(no network, or HF_HUB_OFFLINE=1)")
     assert "pass a local checkpoint directory" in lines[2]
     # An existing directory always wins over a Hub id of the same spelling.
@@ -870,3 +871,29 @@ def test_converted_hf_folder_loads_in_transformers_with_the_chat_template(tmp_pa
     tokens = torch.tensor([want])
     assert (ours(tokens, 0) - _hf_logits(hf, tokens)).abs().max().item() <= 1e-4
     assert hf.generation_config.eos_token_id == [128001, 128008, 128009]
+
+
+@pytest.mark.parametrize("error,message", [
+    ("GatedRepoError", "test-org/Gated is a gated model: accept its license at https://huggingface.co/test-org/"
+                       "Gated while logged in, then log in here with `huggingface-cli login`"),
+    ("RepositoryNotFoundError", "there is no Hub repository test-org/Gated (or it is private: log in with "
+                                "`huggingface-cli login`); check the spelling"),
+])
+def test_hub_errors_say_what_to_do(monkeypatch, tmp_path, error, message):
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    from llama3.checkpoint import HubError
+
+    def refuse(*args, **kwargs):
+        cls = getattr(hub_errors, error)
+        e = cls.__new__(cls)  # built without an HTTP response object
+        Exception.__init__(e, "refused")
+        raise e
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HubError, match=re.escape(message)) as e:
+        load_model("test-org/Gated", max_seq_len=8, max_batch_size=1)
+    assert "or pass a local checkpoint directory instead" in str(e.value)
+    assert isinstance(e.value, CheckpointNotFoundError)

@@ -41,7 +41,6 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
     repo_id = str(name_or_path)
     try:
         import huggingface_hub
-        from huggingface_hub import errors as hub_errors
     except ImportError:
         raise CheckpointNotFoundError(
             f"{repo_id!r} is not a directory; to load it as a Hugging Face Hub id install the optional "
@@ -50,26 +49,9 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
     def download(patterns: list[str]) -> Path:
         try:
             return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
-        except hub_errors.GatedRepoError as e:
-            raise HubError(
-                f"{repo_id} is a gated model: accept its license at https://huggingface.co/{repo_id} while "
-                f"logged in, then log in here with `huggingface-cli login` (or set HF_TOKEN), {_LOCAL_HINT}"
-            ) from e
-        except hub_errors.RepositoryNotFoundError as e:
-            raise HubError(
-                f"no directory {repo_id!r} here and no Hub repository {repo_id} (or it is private: log in "
-                f"with `huggingface-cli login`); check the spelling, {_LOCAL_HINT}") from e
-        except hub_errors.RevisionNotFoundError as e:
-            raise HubError(f"{repo_id}: {e}") from e
-        except (hub_errors.LocalEntryNotFoundError, hub_errors.IncompleteSnapshotError) as e:
-            raise HubError(
-                f"cannot download {repo_id} from the Hugging Face Hub (no network, or HF_HUB_OFFLINE=1) and "
-                f"it is not (completely) in the local cache {huggingface_hub.constants.HF_HUB_CACHE}; "
-                f"connect and retry, {_LOCAL_HINT}") from e
-        except hub_errors.HfHubHTTPError as e:
-            raise HubError(f"the Hugging Face Hub refused {repo_id}: {e}; {_LOCAL_HINT}") from e
-        except OSError as e:
-            raise HubError(f"cannot fetch {repo_id} from the Hugging Face Hub: {e}; {_LOCAL_HINT}") from e
+        except Exception as e:  # every failure becomes one message saying what to do
+            raise HubError(f"no directory {repo_id!r} here; as a Hugging Face Hub id: "
+                           f"{_explain(repo_id, e)}") from e
 
     logger.info("Resolving Hugging Face Hub id %s", repo_id)
     folder = download(_FILES)
@@ -77,3 +59,24 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
         folder = download(_FILES + _META_WEIGHTS)  # a repository with Meta's files only
     logger.info("  %s -> %s", repo_id, folder)
     return folder
+
+
+def _explain(repo_id: str, e: Exception) -> str:
+    """What went wrong resolving ``repo_id``, and what to do about it."""
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hub_errors
+
+    if isinstance(e, hub_errors.GatedRepoError):
+        return (f"{repo_id} is a gated model: accept its license at https://huggingface.co/{repo_id} "
+                f"while logged in, then log in here with `huggingface-cli login` (or set HF_TOKEN), "
+                f"{_LOCAL_HINT}")
+    if isinstance(e, hub_errors.RepositoryNotFoundError):
+        return (f"there is no Hub repository {repo_id} (or it is private: log in with "
+                f"`huggingface-cli login`); check the spelling, {_LOCAL_HINT}")
+    if isinstance(e, (hub_errors.LocalEntryNotFoundError, hub_errors.IncompleteSnapshotError)):
+        return (f"cannot download {repo_id} from the Hugging Face Hub (no network, or HF_HUB_OFFLINE=1) "
+                f"and it is not (completely) in the local cache {constants.HF_HUB_CACHE}; connect and "
+                f"retry, {_LOCAL_HINT}")
+    if isinstance(e, hub_errors.HfHubHTTPError):
+        return f"the Hugging Face Hub refused {repo_id}: {e}; {_LOCAL_HINT}"
+    return f"cannot fetch {repo_id} from the Hugging Face Hub ({type(e).__name__}: {e}); {_LOCAL_HINT}"
