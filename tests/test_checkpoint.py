@@ -897,3 +897,18 @@ def test_hub_errors_say_what_to_do(monkeypatch, tmp_path, error, message):
         load_model("test-org/Gated", max_seq_len=8, max_batch_size=1)
     assert "or pass a local checkpoint directory instead" in str(e.value)
     assert isinstance(e.value, CheckpointNotFoundError)
+
+
+def test_save_pretrained_folder_with_tied_embeddings_and_sharded_safetensors_loads(tmp_path):
+    """transformers -> us: a save_pretrained folder with both tied embeddings and an index."""
+    hf = _hf_model(dict(config=dict(num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True)),
+                   seed=3)
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(files) >= 3 and (tmp_path / "model.safetensors.index.json").is_file()
+    info = inspect_checkpoint(str(tmp_path))
+    assert info.format == "hf" and info.num_shards == 1 and [p.name for p in info.files] == files
+    model = _load(tmp_path)
+    assert model.params.tie_word_embeddings and model.output.weight is model.tok_embeddings.weight
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
+    assert (model(tokens, 0) - _hf_logits(hf, tokens)).abs().max().item() <= 1e-4
