@@ -92,21 +92,25 @@ def write_random_checkpoint(out_dir: str | Path, args: ModelArgs | str, *, forma
     directory is written atomically (temporary directory, then rename), and a non-empty
     ``out_dir`` is refused unless ``overwrite``. Returns ``out_dir``."""
     from .checkpoint import check_shard_layout, save_hf_checkpoint, save_meta_checkpoint
-    from .checkpoint.base import atomic_directory, check_output_dir, regular_file
+    from .checkpoint.base import (
+        atomic_directory,
+        check_output_dir,
+        check_positive_float,
+        check_positive_int,
+        regular_file,
+    )
     from .checkpoint.hf import write_hf_extras
 
     if isinstance(args, str):
         args = preset_args(args)
     if format not in ("meta", "hf"):
         raise ValueError(f"format must be 'meta' or 'hf', got {format!r}")
-    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
-        raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
+    check_positive_int("num_shards", num_shards)
     if format == "hf" and num_shards != 1:
         raise ValueError("num_shards applies to the Meta format only")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    if not (isinstance(std, (int, float)) and std > 0 and std != float("inf")):
-        raise ValueError(f"std must be a finite number > 0, got {std!r}")
+    check_positive_float("std", std)
     tokenizer_path = None if tokenizer is None else regular_file(Path(tokenizer).expanduser(), "tokenizer")
     out = Path(out_dir).expanduser()
     check_output_dir(out, overwrite)

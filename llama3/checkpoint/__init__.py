@@ -25,7 +25,14 @@ import torch
 from ..distributed import init_model_parallel, model_parallel_rank, select_device, select_dtype
 from ..model import ModelArgs, Transformer
 from ..progress import Progress, configure_logging
-from .base import CheckpointInfo, atomic_directory, check_output_dir, exists_at_all, validate_overrides
+from .base import (
+    CheckpointInfo,
+    atomic_directory,
+    check_output_dir,
+    check_positive_int,
+    exists_at_all,
+    validate_overrides,
+)
 from .errors import (
     CheckpointError,
     CheckpointFormatError,
@@ -279,16 +286,13 @@ def _check_fits(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
 def _validate_convert_args(to: Any, num_shards: Any, dtype: Any, max_shard_bytes: Any) -> None:
     if to not in ("meta", "hf"):
         raise ValueError(f"to must be 'meta' or 'hf', got {to!r}")
-    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
-        raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
+    check_positive_int("num_shards", num_shards)
     if to == "hf" and num_shards != 1:
         raise ValueError(f"num_shards={num_shards} applies to the Meta format only (an HF checkpoint is "
                          "one logical shard; use max_shard_bytes to split its files)")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
-    if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int)
-                                        or isinstance(max_shard_bytes, bool) or max_shard_bytes < 1):
-        raise ValueError(f"max_shard_bytes must be a positive integer or None, got {max_shard_bytes!r}")
+    check_positive_int("max_shard_bytes", max_shard_bytes, optional=True)
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, num_shards: int = 1,

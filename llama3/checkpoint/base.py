@@ -21,7 +21,8 @@ from ..model import ModelArgs
 from .errors import CheckpointError, CheckpointFormatError, ConfigValueError, NotARegularFileError
 
 __all__ = ["CheckpointInfo", "FormatReader", "regular_file", "read_json", "ConfigReader", "file_mode",
-           "build_args", "validate_overrides", "atomic_directory", "check_output_dir"]
+           "build_args", "validate_overrides", "check_positive_int", "check_positive_float",
+           "atomic_directory", "check_output_dir"]
 
 Convert = Callable[[torch.Tensor], torch.Tensor]
 
@@ -168,19 +169,29 @@ def dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
+def check_positive_int(name: str, value: Any, *, optional: bool = False) -> None:
+    """Raise ``ValueError`` naming the argument unless ``value`` is an int >= 1 (or None if optional)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
+
+
+def check_positive_float(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming the argument unless ``value`` is a finite number > 0."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
 def validate_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """The caller's overrides (``None`` dropped), checked as arguments: a bad value is the
     caller's mistake, not the checkpoint's."""
     clean = {k: v for k, v in overrides.items() if v is not None}
     for key in ("max_seq_len", "max_batch_size"):
         if key in clean:
-            v = clean[key]
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"argument {key} must be a positive integer, got {v!r}")
+            check_positive_int(f"argument {key}", clean[key])
     if "rope_scale_factor" in clean:
-        v = clean["rope_scale_factor"]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or v == float("inf"):
-            raise ValueError(f"argument rope_scale_factor must be a finite number > 0, got {v!r}")
+        check_positive_float("argument rope_scale_factor", clean["rope_scale_factor"])
     return clean
 
 
