@@ -39,10 +39,10 @@ from llama3.checkpoint import (
     save_meta_checkpoint,
     unpermute_rotate_half,
 )
+from llama3.presets import PRESETS, preset_args, write_random_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=256, multiple_of=32,
-            ffn_dim_multiplier=1.3, use_scaled_rope=True, rope_scale_factor=32.0)
+TINY = PRESETS["test-gqa"]  # GQA 8/2, vocabulary 256, FFN multiplier 1.3, RoPE scaling factor 32
 
 
 def _load(path, seq=16, **kw) -> Transformer:
@@ -387,7 +387,6 @@ from llama3.checkpoint import (  # noqa: E402
     TiedWeightsMismatchError,
     UnsafePathError,
 )
-from llama3.presets import PRESETS, preset_args, write_random_checkpoint  # noqa: E402
 
 
 def _write_meta(path, args, shards=1, seed=0):
