@@ -160,15 +160,15 @@ class Llama:
         if quantize is not None and quantize not in _QUANTIZE_MODES:
             raise ValueError(f"unknown quantize={quantize!r}; choose one of {', '.join(_QUANTIZE_MODES)} "
                              "or None")
-        from .checkpoint import load_model, require_tokenizer, resolve_checkpoint_dir
+        from .checkpoint import inspect_checkpoint, load_model, require_tokenizer
 
-        ckpt_dir = resolve_checkpoint_dir(ckpt_dir)  # a Hugging Face Hub id becomes its local folder
-        # Explicit path if given, else tokenizer.model beside the weights; the error says where
-        # to get the file.
-        tokenizer_path = require_tokenizer(ckpt_dir, tokenizer_path)
-        # The tokenizer first: a wrong path should fail before minutes of weight loading.
+        # One look at the checkpoint (a Hub id becomes its local folder; a missing directory is
+        # reported as such), then the tokenizer: explicit path if given, else tokenizer.model beside
+        # the weights. Both fail before minutes of weight loading.
+        info = inspect_checkpoint(ckpt_dir)
+        tokenizer_path = require_tokenizer(info.root, tokenizer_path)
         tokenizer = Tokenizer(tokenizer_path)
-        model = load_model(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
+        model = load_model(info, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                            dtype=dtype, model_parallel_size=model_parallel_size,
                            rope_scale_factor=rope_scale_factor, verbose=verbose)
         if quantize == "int8":

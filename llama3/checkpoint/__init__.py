@@ -149,14 +149,13 @@ def inspect_checkpoint(ckpt_dir: str | Path) -> CheckpointInfo:
     for reader in _READERS:
         info = reader.detect(root)
         if info is not None:
-            info.extra["root"] = root
             return info
 
     original = root / "original"
     if exists_at_all(original / "params.json") and any(original.glob("consolidated.*.pth")):
         info = META.detect(original)
         assert info is not None  # shards exist, so detect either returns or raises
-        info.extra["root"] = root
+        info.root = root
         # A Hugging Face download's config.json is the authority on its RoPE scaling (3.2 says 32).
         if exists_at_all(root / "config.json"):
             from .base import read_json
@@ -212,12 +211,13 @@ def load_full_state_dict(ckpt_dir: str | Path, *, dtype: torch.dtype | None = No
     return load_rank_state_dict(info, args, 0, 1, dtype=dtype), args
 
 
-def load_model(ckpt_dir: str | Path, *, max_seq_len: int, max_batch_size: int,
+def load_model(ckpt_dir: str | Path | CheckpointInfo, *, max_seq_len: int, max_batch_size: int,
                device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                model_parallel_size: int | None = None, rope_scale_factor: float | None = None,
                verbose: bool = True) -> Transformer:
-    """Build a Transformer from a checkpoint (a directory in Meta or Hugging Face format, or a Hub
-    id) on this process's model-parallel rank, resharding as needed.
+    """Build a Transformer from a checkpoint (a directory in Meta or Hugging Face format, a Hub id,
+    or what :func:`inspect_checkpoint` returned) on this process's model-parallel rank, resharding
+    as needed.
 
     The model is built on the meta device and the weights assigned in place, so a rank holds at
     most its own share of the weights (plus memory-mapped file pages). ``device``/``dtype`` default
@@ -227,7 +227,8 @@ def load_model(ckpt_dir: str | Path, *, max_seq_len: int, max_batch_size: int,
     level switch (:func:`llama3.progress.configure_logging`): progress on stderr, rank 0 only.
     """
     configure_logging(verbose)
-    info = inspect_checkpoint(ckpt_dir)  # before any process group: a wrong path fails at once
+    # Before any process group: a wrong path fails at once.
+    info = ckpt_dir if isinstance(ckpt_dir, CheckpointInfo) else inspect_checkpoint(ckpt_dir)
     validate_overrides({"max_seq_len": max_seq_len, "max_batch_size": max_batch_size,
                         "rope_scale_factor": rope_scale_factor})
     args = read_model_args(info, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
@@ -312,7 +313,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, num_shards:
     dst = Path(dst).expanduser()
     check_output_dir(dst, overwrite)
     info = inspect_checkpoint(src)
-    root = info.extra["root"]
+    root = info.root
     if dst.resolve() in (root.resolve(), info.path.resolve()):
         raise ValueError(f"the output {dst} is the source checkpoint; choose another directory")
     args = read_model_args(info, rope_scale_factor=rope_scale_factor)

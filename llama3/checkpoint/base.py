@@ -53,6 +53,11 @@ class CheckpointInfo:
     files: list[Path]  # Meta: shards in rank order; HF: safetensors files
     config: dict[str, Any]  # params.json or config.json, as read
     extra: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None  # the directory asked for (``path`` or its parent for original/)
+
+    def __post_init__(self) -> None:
+        if self.root is None:
+            self.root = self.path
 
     @property
     def format(self) -> str:
