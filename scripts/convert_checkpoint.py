@@ -10,10 +10,25 @@ in SRC is copied. The whole model passes through host memory once (memory-mapped
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import fire
 
-from llama3.checkpoint import convert_checkpoint, inspect_checkpoint
+from llama3.checkpoint import CheckpointError, convert_checkpoint, inspect_checkpoint
 from llama3.distributed import select_dtype
+
+
+def _user_errors_in_one_line(fn):
+    """A user error (bad path, bad argument, bad checkpoint) prints one line and exits 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (CheckpointError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return wrapper
 
 
 def _dtype(dtype: str | None):
@@ -26,7 +41,8 @@ def to_hf(src: str, dst: str, dtype: str | None = None, rope_scale_factor: float
     the tokenizer and generation files transformers reads."""
     paths = convert_checkpoint(src, dst, to="hf", dtype=_dtype(dtype), rope_scale_factor=rope_scale_factor,
                                max_shard_bytes=int(max_shard_gb * 1e9), overwrite=overwrite)
-    print(f"wrote {len(paths)} safetensors file(s) and config.json to {dst}")
+    print(f"wrote {len(paths)} safetensors file(s), config.json, generation_config.json and the tokenizer "
+          f"files found to {dst}")
 
 
 def to_meta(src: str, dst: str, num_shards: int = 1, dtype: str | None = None,
@@ -45,4 +61,5 @@ def reshard(src: str, dst: str, num_shards: int, dtype: str | None = None, overw
 
 
 if __name__ == "__main__":
-    fire.Fire({"to_hf": to_hf, "to_meta": to_meta, "reshard": reshard})
+    fire.Fire({name: _user_errors_in_one_line(fn) for name, fn in
+               {"to_hf": to_hf, "to_meta": to_meta, "reshard": reshard}.items()})

@@ -24,6 +24,11 @@ from llama3.distributed import select_dtype
 from llama3.presets import PRESETS, preset_args, write_random_checkpoint
 
 
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(out_dir: str, preset: str = "tiny-chat", format: str = "meta", num_shards: int = 1,
          dtype: str = "float32", seed: int = 0, std: float = 0.02, tokenizer: str | None = None,
          overwrite: bool = False, **overrides) -> None:
@@ -31,10 +36,10 @@ def main(out_dir: str, preset: str = "tiny-chat", format: str = "meta", num_shar
     known = {f.name for f in fields(ModelArgs)} - {"max_batch_size", "max_seq_len"}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        sys.exit(f"unknown flag(s) {', '.join('--' + k for k in unknown)}; model flags are "
-                 f"{', '.join('--' + k for k in sorted(known))}")
+        _fail(f"unknown flag(s) {', '.join('--' + k for k in unknown)}; model flags are "
+              f"{', '.join('--' + k for k in sorted(known))}")
     if preset not in PRESETS:
-        sys.exit(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        _fail(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     try:
         args = preset_args(preset, **overrides)
         torch_dtype = select_dtype(None, dtype)  # type: ignore[arg-type]
@@ -42,7 +47,7 @@ def main(out_dir: str, preset: str = "tiny-chat", format: str = "meta", num_shar
         out = write_random_checkpoint(out_dir, args, format=format, num_shards=num_shards, seed=seed, std=std,
                                       dtype=torch_dtype, tokenizer=source, overwrite=overwrite)
     except (CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        _fail(str(e))
     print(f"wrote {format} checkpoint ({dtype}) to {out}")
     if source is None:
         print("no tokenizer.model copied: pass --tokenizer PATH, or `pip install --no-deps llama-models` "
