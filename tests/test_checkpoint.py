@@ -762,7 +762,7 @@ def test_loader_logs_files_and_progress_and_is_quiet_when_not_verbose(tiny, log_
     _load(tmp, verbose=True)
     assert any(f"Loading Hugging Face checkpoint {tmp} ({n_files} files) on 1 model-parallel rank" in line
                for line in log_lines), log_lines
-    assert any(line.startswith("loading weights: done in") for line in log_lines), log_lines
+    assert any(line.startswith("Loaded: done in") for line in log_lines), log_lines
     assert not any("shard(s)" in line for line in log_lines)
     capfd.readouterr()
     _load(tmp, verbose=False)

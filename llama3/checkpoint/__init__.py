@@ -191,7 +191,8 @@ def load_rank_state_dict(ckpt_dir: str | Path | CheckpointInfo, args: ModelArgs,
     check_shard_layout(info.num_shards, world_size, args)
     elements = sum(math.prod(shard_shape(n, args, rank, world_size)) for n in param_names(args)
                    if not (n == "output.weight" and args.tie_word_embeddings))
-    with Progress("loading weights", unit="B", logger=logger) as progress:
+    # Lines every few seconds with GB/s and ETA; load_model logs the total time.
+    with Progress("loading weights", unit="B", logger=logger, final=False) as progress:
         def convert(t: torch.Tensor) -> torch.Tensor:
             if progress.total is None:
                 progress.total = elements * t.element_size()

@@ -216,11 +216,11 @@ class MetaFormat:
                 evidence = _llama32_evidence(build_args(params, {}, source), params["tie_word_embeddings"])
                 if evidence:
                     params["rope_scale_factor"] = LLAMA32_ROPE_FACTOR
-                    note = (f"Llama 3.2 recognised by {evidence}; params.json has no factor, 32 is "
-                            "3.2's (override with rope_scale_factor=)")
+                    note = (f"Llama 3.2 recognised by {evidence}; params.json has no factor; "
+                            "override with rope_scale_factor=")
                 else:
-                    note = ("Meta's default for 3.1/3.3; params.json has no factor (override with "
-                            "rope_scale_factor=)")
+                    note = ("Meta's default for 3.1/3.3: params.json has no factor; override with "
+                            "rope_scale_factor=")
         if "rope_scale_factor" in overrides:
             note = "rope_scale_factor argument"
         info.extra["rope_note"] = note
