@@ -638,14 +638,21 @@ def test_reliability_bad_arguments_are_reported_as_arguments(tiny, kwargs, messa
     assert "params.json" not in str(e.value) and not isinstance(e.value, CheckpointError)
 
 
-def test_reliability_missing_directory_is_not_a_missing_tokenizer(tmp_path):
+def test_reliability_missing_directory_is_not_a_missing_tokenizer(tmp_path, monkeypatch):
     from llama3 import Llama
+    from llama3.checkpoint import HubError
 
     for call in (lambda: _load(tmp_path / "typo"), lambda: inspect_checkpoint(tmp_path / "typo"),
                  lambda: Llama.build(str(tmp_path / "typo"), max_seq_len=8, max_batch_size=1)):
         with pytest.raises(CheckpointNotFoundError, match="does not exist") as e:
             call()
         assert not isinstance(e.value, TokenizerNotFoundError) and "typo" in str(e.value)
+    # A relative "dir/typo" beside a real dir/ is a mistyped path, not a Hub id to download.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpts").mkdir()
+    with pytest.raises(CheckpointNotFoundError, match="checkpoint directory ckpts/typo does not exist") as e:
+        Llama.build("ckpts/typo", max_seq_len=8, max_batch_size=1)
+    assert not isinstance(e.value, HubError)
 
 
 def test_reliability_output_directory_kept_unless_overwrite(tmp_path):

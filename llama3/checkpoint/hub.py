@@ -29,14 +29,16 @@ def looks_like_hub_id(name: str) -> bool:
 
 def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
     """The local directory for a checkpoint name: an existing directory always wins; a string
-    that looks like a Hub repo id (``owner/name``) is resolved to its snapshot folder, downloaded
-    if needed. Anything else is returned unchanged (the loader then reports what is missing).
+    that looks like a Hub repo id (``owner/name``, where no local folder ``owner`` exists) is
+    resolved to its snapshot folder, downloaded if needed. Anything else is returned unchanged
+    (the loader then reports what is missing).
 
     Raises ``HubError`` (a ``CheckpointNotFoundError``) saying what to do when the repository is
     gated (accept the license and log in), unreachable (no network and not cached) or unknown.
     """
     path = Path(name_or_path).expanduser()
-    if isinstance(name_or_path, Path) or path.is_dir() or not looks_like_hub_id(str(name_or_path)):
+    if (isinstance(name_or_path, Path) or path.is_dir() or not looks_like_hub_id(str(name_or_path))
+            or path.parent.is_dir()):  # "checkpoints/typo" beside a real checkpoints/: a local path
         return path
     repo_id = str(name_or_path)
     try:
