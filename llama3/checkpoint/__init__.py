@@ -31,6 +31,7 @@ from .base import (
     check_output_dir,
     check_positive_int,
     exists_at_all,
+    read_json,
     validate_overrides,
 )
 from .errors import (
@@ -154,12 +155,11 @@ def inspect_checkpoint(ckpt_dir: str | Path) -> CheckpointInfo:
     original = root / "original"
     if exists_at_all(original / "params.json") and any(original.glob("consolidated.*.pth")):
         info = META.detect(original)
-        assert info is not None  # shards exist, so detect either returns or raises
+        if info is None:  # unreachable: shards exist, so detect returns or raises
+            raise RuntimeError(f"internal error: no Meta checkpoint detected in {original}")
         info.root = root
         # A Hugging Face download's config.json is the authority on its RoPE scaling (3.2 says 32).
         if exists_at_all(root / "config.json"):
-            from .base import read_json
-
             info.extra["hf_config"] = read_json(root / "config.json")
         return info
 
