@@ -761,12 +761,22 @@ def test_llama32_rope_factor_by_shape_and_default_8_otherwise(tmp_path):
     assert read_model_args(tmp_path / "hf").rope_scale_factor == 16.0
 
 
-def test_loader_logs_files_and_progress_and_is_quiet_when_not_verbose(tiny, log_lines, capfd):
+def test_loader_logs_files_and_progress_and_is_quiet_when_not_verbose(tiny, log_lines, capfd, monkeypatch):
+    import functools
+
+    import llama3.checkpoint as checkpoint_module
+    from llama3.progress import Progress
+
     args, sd, tmp = tiny
     save_hf_checkpoint(sd, args, tmp, max_shard_bytes=60_000)
     n_files = len(list(tmp.glob("*.safetensors")))
     assert n_files >= 3
+    # Report at every step instead of every 5 s, so this small load shows its rate lines.
+    monkeypatch.setattr(checkpoint_module, "Progress", functools.partial(Progress, interval=0.0))
     _load(tmp, verbose=True)
+    rates = [line for line in log_lines if line.startswith("loading weights: ")]
+    assert rates and all(re.search(r"GB of 0.00 GB \(\d+%\), [\d.]+ GB/s, ETA \d+s$", r) for r in rates)
+    assert rates[-1].startswith("loading weights: 0.00 GB of 0.00 GB (100%)")  # the total was right
     assert any(f"Loading Hugging Face checkpoint {tmp} ({n_files} files) on 1 model-parallel rank" in line
                for line in log_lines), log_lines
     assert any(line.startswith("Loaded: done in") for line in log_lines), log_lines
