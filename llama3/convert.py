@@ -14,7 +14,6 @@ by :func:`llama3.checkpoint.convert_checkpoint`; ``to_hf`` / ``to_meta`` and eve
 
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,12 +80,7 @@ def _convert(argv: list[str] | None) -> int:
                                "rope_scale_factor": getattr(args, "rope_scale_factor", None)}
     if max_shard_gb is not None:
         options["max_shard_bytes"] = int(max_shard_gb * 1e9)
-    if "overwrite" in inspect.signature(convert_checkpoint).parameters:
-        options["overwrite"] = args.overwrite
-    elif args.overwrite and dst.exists():  # TODO(merge): ckpt's convert_checkpoint(overwrite=) replaces this.
-        import shutil
-
-        shutil.rmtree(dst)
+    options["overwrite"] = args.overwrite
     before = inspect_checkpoint(src).num_shards if args.command == "reshard" else None
     paths = convert_checkpoint(src, dst, to=to, **options)
     if to == "hf":

@@ -161,19 +161,20 @@ class Llama:
         from .checkpoint import inspect_checkpoint, load_model, read_model_args
         from .distributed import select_device, select_dtype
 
-        info = inspect_checkpoint(ckpt_dir)  # a missing directory is reported as such, first
-        # The tokenizer before the weights: a wrong file fails before minutes of loading.
-        tokenizer_file = require_tokenizer(ckpt_dir, tokenizer_path)
+        # One look at the checkpoint (a Hub id becomes its local folder; a missing directory is
+        # reported as such), then the tokenizer (explicit path, else tokenizer.model beside the
+        # weights), the shape and the memory it needs: all fail before minutes of weight loading.
+        info = inspect_checkpoint(ckpt_dir)
+        tokenizer_file = require_tokenizer(info.root, tokenizer_path)
         tokenizer = Tokenizer(tokenizer_file)
-        source = _checkpoint_source(info, ckpt_dir)
-        args = read_model_args(source, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+        args = read_model_args(info, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                                rope_scale_factor=rope_scale_factor)
         _check_vocabulary(tokenizer.n_words, args.vocab_size, tokenizer_path=tokenizer_file)
         target = select_device(device)
         world = model_parallel_size or int(os.environ.get("WORLD_SIZE", "1"))
         _check_fits(args, select_dtype(target, dtype), target, world)
 
-        model = load_model(source, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
+        model = load_model(info, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                            dtype=dtype, model_parallel_size=model_parallel_size,
                            rope_scale_factor=rope_scale_factor, verbose=verbose)
         model.prefill_chunk = prefill_chunk
@@ -462,15 +463,4 @@ def _check_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size:
                 f"keys and values{f' / {world_size} ranks' if world_size > 1 else ''})")
     ranks_here = world_size if device.type == "cpu" else 1
     check_fits_device(_weight_bytes(args, dtype) // world_size * ranks_here, cache * ranks_here, device)
-
-
-# --- what comes from other modules ---------------------------------------------------------------
-
-
-def _checkpoint_source(info: Any, ckpt_dir: str | Path) -> Any:
-    # TODO(merge): engineer ckpt's read_model_args / load_model take the CheckpointInfo, so the
-    # directory is inspected once; until then they take the path.
-    from .checkpoint import load_model
-
-    return info if "CheckpointInfo" in str(load_model.__annotations__.get("ckpt_dir", "")) else ckpt_dir
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
 
 from .cli import UsageError, make_parser, run_main
 
@@ -56,16 +55,6 @@ def _model_fields() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(ModelArgs) if f.name not in _RUN_FIELDS]
 
 
-def _presets() -> dict[str, dict[str, Any]]:
-    try:
-        from .presets import PRESETS
-    except ImportError:  # TODO(merge): engineer ckpt's llama3/presets.py (contract 2) replaces this.
-        from .checkpoint import PRESETS as OLD
-
-        return {("tiny-chat" if k == "tiny" else k): v for k, v in OLD.items()}
-    return PRESETS
-
-
 def _parser():
     parser = make_parser(PROG, "Write a checkpoint of random weights (Meta or Hugging Face layout). "
                                "Every --dashed-flag also accepts the --underscore_spelling.")
@@ -92,7 +81,8 @@ def _parser():
 
 def _make(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    presets = _presets()
+    from .presets import PRESETS as presets
+
     if args.preset not in presets:
         raise UsageError(f"unknown --preset {args.preset!r}; choose one of {', '.join(presets)}")
     overrides = {f.name: getattr(args, f.name) for f in _model_fields() if getattr(args, f.name) is not None}
@@ -101,10 +91,11 @@ def _make(argv: list[str] | None) -> int:
         raise UsageError(f"{args.out_dir} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"{args.out_dir} is not empty; choose a new directory or pass --overwrite")
-    from .checkpoint import llama_models_tokenizer
     from .distributed import select_dtype
     from .model import ModelArgs
+    from .presets import write_random_checkpoint
     from .progress import configure_logging
+    from .tokenizer import llama_models_tokenizer
 
     configure_logging(True)
     dtype = select_dtype(None, args.dtype)  # type: ignore[arg-type]
@@ -112,8 +103,8 @@ def _make(argv: list[str] | None) -> int:
     tokenizer = Path(args.tokenizer).expanduser() if args.tokenizer else llama_models_tokenizer()
     if args.tokenizer and not tokenizer.is_file():
         raise UsageError(f"--tokenizer {args.tokenizer!r} is not a file")
-    _write(out, model_args, format=args.format, num_shards=args.num_shards, seed=args.seed, std=args.std,
-           dtype=dtype, tokenizer=tokenizer, overwrite=args.overwrite)
+    write_random_checkpoint(out, model_args, format=args.format, num_shards=args.num_shards, seed=args.seed,
+                            std=args.std, dtype=dtype, tokenizer=tokenizer, overwrite=args.overwrite)
     print(f"wrote {args.format} checkpoint ({args.preset}, {args.dtype}, random weights) to {out}")
     if tokenizer is None:
         print("no tokenizer.model copied: pass --tokenizer PATH, or `pip install --no-deps llama-models` "
@@ -121,34 +112,6 @@ def _make(argv: list[str] | None) -> int:
     else:
         print(f"copied {tokenizer} to {out / 'tokenizer.model'}")
     return 0
-
-
-def _write(out: Path, model_args: Any, **kwargs: Any) -> None:
-    try:
-        from .presets import write_random_checkpoint
-    except ImportError:  # TODO(merge): engineer ckpt's write_random_checkpoint (contract 2) replaces this.
-        _write_old(out, model_args, **kwargs)
-        return
-    write_random_checkpoint(out, model_args, **kwargs)
-
-
-def _write_old(out: Path, args: Any, *, format: str, num_shards: int, seed: int, std: float, dtype: Any,
-               tokenizer: Path | None, overwrite: bool) -> None:  # pragma: no cover - removed at merge
-    import shutil
-
-    from .checkpoint import random_state_dict, save_hf_checkpoint, save_meta_checkpoint
-
-    if format == "hf" and num_shards != 1:
-        raise UsageError("--num-shards applies to the Meta layout only")
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    sd = random_state_dict(args, seed=seed, dtype=dtype, std=std)
-    if format == "meta":
-        save_meta_checkpoint(sd, args, out, num_shards=num_shards)
-    else:
-        save_hf_checkpoint(sd, args, out)
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, out / "tokenizer.model")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+import torch
+
+from llama3.model import Transformer
+from llama3.presets import PRESETS, preset_args, write_random_checkpoint
 
 # ----------------------------------------------------------------------------------
 # Tokenizer / chat format (tests/test_tokenizer.py, tests/test_chat_format.py)
@@ -83,24 +87,51 @@ def meta_tokenizer(llama3_tokenizer_path: Path):
 
 
 # ----------------------------------------------------------------------------------
+# Tiny models and checkpoints, shared by every test file. Shapes come from the one table,
+# llama3.presets.PRESETS: "test-chat" (the real 128,256-token vocabulary, so real token ids are
+# valid), "test-gqa" (8 query heads on 2 KV heads, vocabulary 256, 3.2's RoPE scaling), "tiny".
+# ----------------------------------------------------------------------------------
+
+
+def tiny_model(preset: str = "test-chat", *, seed: int = 0, std: float = 0.1, norm_gains: bool = False,
+               dtype: torch.dtype = torch.float32, device: str = "cpu", **overrides) -> Transformer:
+    """A Transformer of preset ``preset`` (with ModelArgs ``overrides``) and random weights: torch
+    seeded with ``seed``, matrices ~ N(0, std²) — larger than the default init, so greedy choices
+    have clear margins — and norm gains 1, or ~ U(0.5, 1.5) with ``norm_gains``. In eval mode."""
+    torch.manual_seed(seed)
+    model = Transformer(preset_args(preset, **overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0.0, std)
+            elif norm_gains:
+                p.uniform_(0.5, 1.5)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model() -> Callable[..., Transformer]:
+    """The :func:`tiny_model` helper, for tests that prefer a fixture to ``from conftest import``."""
+    return tiny_model
+
+
+# ------------------------------------------------------------- end tiny models section
+
+
+# ----------------------------------------------------------------------------------
 # Generation / chat CLI (tests/test_generation.py, tests/test_chat_cli.py)
 # ----------------------------------------------------------------------------------
 
-GENERATION_TINY_ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256,
-                            multiple_of=32, norm_eps=1e-5, rope_theta=500000.0)
+GENERATION_TINY_ARGS = PRESETS["test-chat"]
 
 
 @pytest.fixture(scope="session")
 def generation_checkpoint(tmp_path_factory, llama3_tokenizer_path: Path) -> Path:
     """A tiny random-weight Meta-format checkpoint with the real vocabulary, and the real
     tokenizer.model linked beside it (outside the repository), as ``Llama.build`` expects."""
-    from llama3 import ModelArgs
-    from llama3.checkpoint import random_state_dict, save_meta_checkpoint
-
     out = tmp_path_factory.mktemp("generation_ckpt")
-    args = ModelArgs(**GENERATION_TINY_ARGS)
     # std 0.1: logits spread enough that greedy choices have clear margins.
-    save_meta_checkpoint(random_state_dict(args, seed=0, std=0.1), args, out)
+    write_random_checkpoint(out, "test-chat", seed=0, std=0.1, dtype=torch.float32)
     (out / "tokenizer.model").symlink_to(llama3_tokenizer_path)
     return out
 

@@ -15,26 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import tiny_model
 
-from llama3 import ModelArgs, Transformer
 from llama3.chat import ChatSession, main
 from llama3.generation import Llama
 from llama3.tokenizer import ChatFormat
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
-            max_batch_size=1)
 
 
 def tiny_llama(tokenizer, max_seq_len: int) -> Llama:
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(**TINY, max_seq_len=max_seq_len))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.normal_(0.0, 0.1)
-    return Llama(model.eval(), tokenizer)
+    model = tiny_model("test-chat", seed=0, std=0.1, max_batch_size=1, max_seq_len=max_seq_len)
+    return Llama(model, tokenizer)
 
 
 class Recorder:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from llama3 import ModelArgs, Transformer
+from llama3 import Transformer
 from llama3.distributed import ColumnParallelLinear, RowParallelLinear
 from llama3.generation import make_decode_step
+from llama3.presets import PRESETS
 from llama3.quantize import (
     Int8ColumnParallelLinear,
     Int8RowParallelLinear,
@@ -17,8 +19,7 @@ from llama3.quantize import (
     quantize_per_channel,
 )
 
-TINY = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=256, multiple_of=32,
-            max_batch_size=2, max_seq_len=48)
+TINY = dict(PRESETS["test-gqa"], max_batch_size=2, max_seq_len=48)
 PROMPT, STEPS = 8, 12
 # CUDA cases join in on a machine with a GPU (scripts/gpu_check.sh); nothing is skipped on CPU.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -26,14 +27,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
                **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**{**TINY, **overrides}))
-    with torch.no_grad():
-        # Larger than the default init: logits spread out, so greedy choices have clear margins.
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.normal_(0.0, 0.08)
-    return model.to(device=device, dtype=dtype).eval()
+    # The shared helper; larger than the default init: logits spread out, clear greedy margins.
+    return tiny_model("test-gqa", seed=seed, std=0.08, dtype=dtype, device=device, **{**TINY, **overrides})
 
 
 def prompt(batch: int = 2, seed: int = 1, device: str = "cpu") -> torch.Tensor:

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model as shared_tiny_model
 from torch import nn
 
 from llama3 import ModelArgs, Transformer, generation, memory
@@ -33,24 +34,18 @@ from llama3.generation import (
     SamplingParams,
     make_decode_step,
 )
+from llama3.presets import PRESETS
 from llama3.progress import configure_logging
 from llama3.sampling import sample_next_token, sample_top_p
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 128256  # the real tokenizer's; the tiny models share it so its ids are valid
-TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=32,
-            max_batch_size=4, max_seq_len=64)
+TINY = dict(PRESETS["test-chat"], max_batch_size=4, max_seq_len=64)
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**{**TINY, **overrides}))
-    with torch.no_grad():
-        # Larger than the default init, so greedy choices have clear margins.
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.normal_(0.0, 0.1)
-    return model.eval()
+    # The shared helper; weights ~ N(0, 0.1²), larger than the default init: clear greedy margins.
+    return shared_tiny_model("test-chat", seed=seed, std=0.1, **{**TINY, **overrides})
 
 
 class ScriptedModel(nn.Module):
