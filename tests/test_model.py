@@ -14,6 +14,7 @@ import torch
 
 from llama3 import ModelArgs, Transformer
 from llama3.distributed import init_model_parallel
+from llama3.presets import preset_args
 
 meta_model = pytest.importorskip("llama_models.llama3.model", reason="pip install --no-deps llama-models")
 from llama_models.llama3.args import ModelArgs as MetaModelArgs  # noqa: E402
@@ -206,30 +207,23 @@ def test_forward_static_equals_forward():
         assert (step[:, 0] - full[:, pos]).abs().max().item() <= 1e-5
 
 
-# params.json values of Meta's releases (3.2 ties the output projection to the embedding).
-REAL_SHAPES = {
-    "llama-3-8b": (dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
-                        ffn_dim_multiplier=1.3), 8_030_261_248),
-    "llama-3-70b": (dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
-                         ffn_dim_multiplier=1.3), 70_553_706_496),
-    "llama-3.1-405b": (dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, multiple_of=4096,
-                            ffn_dim_multiplier=1.2, use_scaled_rope=True), 405_853_388_800),
-    "llama-3.2-1b": (dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256,
-                          ffn_dim_multiplier=1.5, use_scaled_rope=True, tie_word_embeddings=True),
-                     1_235_814_400),
-    "llama-3.2-3b": (dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, multiple_of=256,
-                          ffn_dim_multiplier=1.0, use_scaled_rope=True, tie_word_embeddings=True),
-                     3_212_749_824),
+# Parameter counts of Meta's releases (published model cards), checked against the presets'
+# params.json values (3.2 ties the output projection to the embedding).
+RELEASED_PARAMETER_COUNTS = {
+    "llama-3-8b": 8_030_261_248,
+    "llama-3-70b": 70_553_706_496,
+    "llama-3.1-405b": 405_853_388_800,
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3.2-3b": 3_212_749_824,
 }
 
 
-@pytest.mark.parametrize("name", REAL_SHAPES)
+@pytest.mark.parametrize("name", RELEASED_PARAMETER_COUNTS)
 def test_parameter_count_of_released_shapes(name):
-    params, expected = REAL_SHAPES[name]
     with torch.device("meta"):
-        model = Transformer(ModelArgs(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, **params))
+        model = Transformer(preset_args(name))
     assert all(p.device.type == "meta" for p in model.parameters())
-    assert sum(p.numel() for p in model.parameters()) == expected
+    assert sum(p.numel() for p in model.parameters()) == RELEASED_PARAMETER_COUNTS[name]
 
 
 def test_bfloat16_and_float16_logits_close_to_float32():
