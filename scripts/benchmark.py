@@ -50,9 +50,21 @@ import torch
 from llama3.checkpoint import meta_to_hf_state_dict
 from llama3.distributed import select_device, select_dtype
 from llama3.model import ModelArgs, Transformer
+from llama3.sampling import sample_next_token
 
-# params.json of Meta's releases. "tiny" is for trying the script out.
-SHAPES: dict[str, dict[str, Any]] = {
+# TODO(lead, at merge): llama3.presets (ckpt) and make_decode_step (gen) land in other branches;
+# once merged, delete both fallbacks below (the local SHAPES table and _local_decode_step).
+try:
+    from llama3.presets import PRESETS as SHAPES
+except ImportError:  # pragma: no cover - before the merge
+    SHAPES = None  # type: ignore[assignment]
+try:
+    from llama3.generation import make_decode_step
+except ImportError:  # pragma: no cover - before the merge
+    make_decode_step = None  # type: ignore[assignment]
+
+# params.json of Meta's releases, names as in llama3.presets. (Fallback until the merge.)
+_SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=4096, multiple_of=64),
     "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
                          multiple_of=256, ffn_dim_multiplier=1.5, rope_theta=500000.0,
@@ -65,6 +77,8 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256,
                         multiple_of=4096, ffn_dim_multiplier=1.3, rope_theta=500000.0),
 }
+if SHAPES is None:
+    SHAPES = _SHAPES
 
 
 # --- measuring -----------------------------------------------------------------------------------
@@ -90,18 +104,20 @@ def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> flo
 
 
 def measure_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
-    """Memory bandwidth in GB/s (1e9 bytes/s) by three streaming kernels over ``gib`` GiB."""
+    """Memory bandwidth in GB/s (1e9 bytes/s) over a ``gib`` GiB buffer (far larger than any cache).
+
+    ``read`` is the one decoding is held to: a float32 sum, which reads the buffer once and writes
+    nothing (decode reads weights, it does not copy them). ``copy`` (read + write) and
+    ``gemv_fp32`` (torch.mv over the buffer as a matrix) are reported alongside."""
     n = int(gib * 2**30) // 4
     a = torch.ones(n, device=device)
     b = torch.empty_like(a)
     probes = {
+        "read": (lambda: a.sum(), a.nbytes),
         "copy": (lambda: b.copy_(a), 2 * a.nbytes),  # reads a, writes b
-        "sum": (lambda: a.sum(), a.nbytes),
         "gemv_fp32": (lambda: torch.mv(a.view(-1, 4096), b[:4096]), a.nbytes),
     }
-    result = {name: nbytes / _best_time(fn, device, repeats) / 1e9 for name, (fn, nbytes) in probes.items()}
-    result["best"] = max(result.values())
-    return result
+    return {name: nbytes / _best_time(fn, device, repeats) / 1e9 for name, (fn, nbytes) in probes.items()}
 
 
 @contextlib.contextmanager
@@ -285,6 +301,233 @@ def _decode_summary(row: dict[str, Any], batch: int, times: list[float]) -> floa
     return batch / median
 
 
+# --- the README speed table: precisions x compile x sampling, interleaved; llama.cpp alongside ------
+
+# name -> (weight dtype, quantization)
+PRECISIONS: dict[str, tuple[torch.dtype, str | None]] = {
+    "bf16": (torch.bfloat16, None), "fp16": (torch.float16, None), "int8": (torch.bfloat16, "int8")}
+TOP_P = dict(temperature=0.6, top_p=0.9)  # the library's defaults
+
+
+def _pick(sampled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Next token [b, 1] from step logits [b, 1, vocab]: argmax, or top-p sampling."""
+    if sampled:
+        return lambda logits: sample_next_token(logits[:, -1], **TOP_P)[:, None]
+    return lambda logits: logits[:, -1].argmax(-1, keepdim=True)
+
+
+def decode_run(model: Transformer, step: Callable, prompt: torch.Tensor, n_tokens: int, sampled: bool,
+               device: torch.device) -> tuple[list[float], list[int]]:
+    """Seconds of each of ``n_tokens`` steps after ``prompt`` (2 untimed warm-up steps), each
+    including the choice of the next token; and the tokens."""
+    pick = _pick(sampled)
+    token = pick(model.forward(prompt, 0, last_only=True))
+    pos, tokens = prompt.shape[1], [int(token[0, 0])]
+    for _ in range(2):
+        token = pick(step(token, pos))
+        pos += 1
+        tokens.append(int(token[0, 0]))
+    times = []
+    for _ in range(n_tokens):
+        _sync(device)
+        start = time.perf_counter()
+        token = pick(step(token, pos))
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        tokens.append(int(token[0, 0]))
+        pos += 1
+    return times, tokens
+
+
+def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile_modes: list[bool],
+                decode_tokens: int, decode_context: int, repeats: int, compare: str | None,
+                device: torch.device) -> dict[str, Any]:
+    """Batch-1 decode tok/s for every (precision, compile, greedy/top-p) on the same random weights,
+    runs interleaved round by round (a burst from another process hits one run, not one
+    configuration), each cell = median step of its best run; % of the read-bandwidth roofline;
+    llama.cpp on the same weights (GGUF BF16 / F16 / Q8_0) with ``compare="llamacpp"``."""
+    bandwidth = measure_bandwidth(device)
+    print("# read bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()), flush=True)
+    max_seq_len = decode_context + decode_tokens + 16
+    models, cells = {}, {}
+    for name in precisions:
+        dtype, quantize = PRECISIONS[name]
+        model = build_model(shape, None, n_layers, device, dtype, 1, max_seq_len)
+        if quantize:
+            from llama3.quantize import quantize_int8
+
+            quantize_int8(model)
+        models[name] = model
+        mean_kv = decode_context + 2 + decode_tokens // 2
+        w_bytes, kv_bytes = decode_bytes_per_step(model, model.params, 1, mean_kv, dtype)
+        for compiled in compile_modes:
+            step = _decode_step(model, device, compiled)
+            for sampled in (False, True):
+                cells[(name, compiled, sampled)] = dict(step=step, runs=[], tokens=None,
+                                                        bytes=w_bytes + kv_bytes)
+    prompt = _prompt(1, decode_context, models[precisions[0]].params.vocab_size, device)
+    for key, cell in cells.items():  # warm-up round (compiles), also the greedy tokens to compare
+        torch.manual_seed(0)
+        _, cell["tokens"] = decode_run(models[key[0]], cell["step"], prompt, 6, key[2], device)
+    for r in range(repeats):
+        for key, cell in cells.items():
+            torch.manual_seed(r)
+            times, _ = decode_run(models[key[0]], cell["step"], prompt, decode_tokens, key[2], device)
+            cell["runs"].append(times)
+            print(f"  round {r} {key}: {1 / statistics.median(times):.2f} tok/s", flush=True)
+    rows = []
+    for (name, compiled, sampled), cell in cells.items():
+        tok_s = 1 / min(statistics.median(t) for t in cell["runs"])
+        rows.append(dict(precision=name, compile=compiled, sampling="top-p 0.9" if sampled else "greedy",
+                         tok_s=tok_s, read_gb_per_token=cell["bytes"] / 1e9,
+                         pct_read_bw=100 * tok_s * cell["bytes"] / 1e9 / bandwidth["read"],
+                         greedy_tokens=None if sampled else cell["tokens"]))
+    for (name, compiled, sampled), cell in cells.items():
+        if not sampled and cell["tokens"] != cells[(name, compile_modes[0], False)]["tokens"]:
+            print(f"# NOTE: {name} compile={compiled} greedy tokens differ from compile={compile_modes[0]}")
+    del cells
+    llamacpp = {}
+    if compare == "llamacpp":
+        for name in precisions:
+            llamacpp[name] = run_llamacpp(models[name], name, prompt, decode_tokens, repeats)
+            ours = next(r for r in rows if r["precision"] == name and r["sampling"] == "greedy")
+            agree = llamacpp[name]["tokens"][:8] == ours["greedy_tokens"][:8]
+            llamacpp[name]["tokens_agree"] = agree
+            print(f"  llama.cpp {llamacpp[name]['gguf_type']}: {llamacpp[name]['tok_s']:.2f} tok/s, first 8 "
+                  f"greedy tokens {'agree' if agree else 'DIFFER'}", flush=True)
+    elif compare:
+        raise ValueError(f"unknown compare={compare!r} for --table (llamacpp is the one we have)")
+    for probe, value in measure_bandwidth(device).items():  # others only ever lower a reading
+        bandwidth[probe] = max(bandwidth[probe], value)
+    for row in rows:
+        row["pct_read_bw"] = 100 * row["tok_s"] * row["read_gb_per_token"] / bandwidth["read"]
+    return dict(bandwidth_gb_s=bandwidth, rows=rows, llamacpp=llamacpp)
+
+
+def print_speed_table(result: dict[str, Any], machine: dict[str, Any], shape_name: str) -> None:
+    """The README table (markdown)."""
+    bw = result["bandwidth_gb_s"]["read"]
+    print(f"\n{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, {shape_name}, "
+          "batch 1; "
+          f"read bandwidth {bw:.1f} GB/s; load average {machine['load_avg_at_start']:.1f} -> "
+          f"{os.getloadavg()[0]:.1f}\n")
+    has_cpp = bool(result["llamacpp"])
+    head = "| precision | compile | greedy tok/s | top-p 0.9 tok/s | % of read bandwidth (greedy) |"
+    sep = "|---|---|---|---|---|"
+    if has_cpp:
+        head += " llama.cpp greedy tok/s | ratio |"
+        sep += "---|---|"
+    print(head)
+    print(sep)
+    for row in result["rows"]:
+        if row["sampling"] != "greedy":
+            continue
+        sampled = next(r for r in result["rows"] if r["precision"] == row["precision"]
+                       and r["compile"] == row["compile"] and r["sampling"] != "greedy")
+        line = (f"| {row['precision']} | {'yes' if row['compile'] else 'no'} | {row['tok_s']:.1f} | "
+                f"{sampled['tok_s']:.1f} | {row['pct_read_bw']:.0f} % |")
+        if has_cpp:
+            cpp = result["llamacpp"][row["precision"]]
+            line += f" {cpp['tok_s']:.1f} ({cpp['gguf_type']}) | {row['tok_s'] / cpp['tok_s']:.2f}× |"
+        print(line)
+
+
+def write_gguf(model: Transformer, path: str, gguf_type: str) -> None:
+    """``model``'s weights as a GGUF file for llama.cpp (BF16, F16 or Q8_0 matrices; F32 norms).
+
+    Meta's layout is llama.cpp's (adjacent-pair RoPE), so no permutation; Llama 3.1 RoPE scaling
+    goes in as llama.cpp's per-frequency divisors (``rope_freqs.weight``); the vocabulary is
+    llama.cpp's "none" (ids in, logits out, no tokenizer needed)."""
+    import gguf
+    import numpy as np
+
+    from llama3.model import rope_frequencies
+
+    args = model.params
+    qtype = {"BF16": gguf.GGMLQuantizationType.BF16, "F16": gguf.GGMLQuantizationType.F16,
+             "Q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.ffn_hidden_dim)
+    w.add_rope_dimension_count(args.head_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_vocab_size(args.vocab_size)
+    w.add_tokenizer_model("none")
+    w.add_file_type({"BF16": gguf.LlamaFileType.MOSTLY_BF16, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
+
+    def matrix(name: str, t: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        t = t.float() if scale is None else t.float() * scale.float()[:, None]
+        w.add_tensor(name, gguf.quants.quantize(t.numpy(), qtype), raw_dtype=qtype)
+
+    def vector(name: str, t: torch.Tensor) -> None:
+        w.add_tensor(name, t.float().numpy().astype(np.float32))
+
+    if args.use_scaled_rope:
+        plain = ModelArgs(**{**args.__dict__, "use_scaled_rope": False})
+        vector("rope_freqs.weight", rope_frequencies(plain) / rope_frequencies(args))
+    sd = model.state_dict()
+    matrix("token_embd.weight", sd["tok_embeddings.weight"])
+    vector("output_norm.weight", sd["norm.weight"])
+    if not args.tie_word_embeddings:
+        matrix("output.weight", sd["output.weight"], sd.get("output.scale"))
+    names = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+             "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+             "feed_forward.w3": "ffn_up"}
+    for i in range(args.n_layers):
+        vector(f"blk.{i}.attn_norm.weight", sd[f"layers.{i}.attention_norm.weight"])
+        vector(f"blk.{i}.ffn_norm.weight", sd[f"layers.{i}.ffn_norm.weight"])
+        for ours, theirs in names.items():
+            prefix = f"layers.{i}.{ours}"
+            matrix(f"blk.{i}.{theirs}.weight", sd[f"{prefix}.weight"], sd.get(f"{prefix}.scale"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def run_llamacpp(model: Transformer, precision: str, prompt: torch.Tensor, decode_tokens: int,
+                 repeats: int) -> dict[str, Any]:
+    """llama.cpp (llama-cpp-python) greedy decode on ``model``'s weights: tok/s (median step of the
+    best of ``repeats`` runs, after 2 warm-up steps, as ours) and its first greedy tokens."""
+    import tempfile
+
+    import numpy as np
+    from llama_cpp import Llama as LlamaCpp
+
+    gguf_type = {"bf16": "BF16", "fp16": "F16", "int8": "Q8_0"}[precision]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"model-{gguf_type}.gguf")
+        write_gguf(model, path, gguf_type)
+        llm = LlamaCpp(model_path=path, n_ctx=model.params.max_seq_len, n_batch=512,
+                       n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
+                       verbose=False)
+        ids = prompt[0].tolist()
+        best, tokens = None, []
+        for _ in range(repeats):
+            llm.reset()
+            llm.eval(ids)
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out, times = [token], []
+            for i in range(decode_tokens + 2):
+                start = time.perf_counter()
+                llm.eval([token])
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                if i >= 2:
+                    times.append(time.perf_counter() - start)
+                out.append(token)
+            tokens = out
+            median = statistics.median(times)
+            best = median if best is None else min(best, median)
+        del llm
+    return dict(gguf_type=gguf_type, tok_s=1 / best, tokens=tokens)
+
+
 # --- the run --------------------------------------------------------------------------------------
 
 
@@ -302,7 +545,8 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
          dtype: str | None = None, device: str | None = None, compile: bool = False,
          quantize: str | None = None, batch_sizes: Any = None, prompt_lens: Any = None,
          decode_tokens: int | None = None, decode_context: int | None = None, repeats: int = 2,
-         compare: str | None = None, threads: int | None = None, out: str | None = None) -> dict:
+         compare: str | None = None, threads: int | None = None, out: str | None = None,
+         max_seq_lens: Any = None, table: bool = False, precisions: str = "bf16,fp16,int8") -> dict:
     """Run the benchmark; print a table; write JSON to ``out`` if given. Returns the results.
 
     Args:
@@ -321,6 +565,13 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
         compare: "hf" to run transformers' LlamaForCausalLM on the same weights too.
         threads: torch CPU threads (default: torch's choice, one per core).
         out: path of the JSON results file.
+        max_seq_lens: e.g. "2048,32768": batch-1 decode tok/s after the ``decode_context`` prompt
+            with the model built for each of these context sizes, side by side (the cost of a step
+            should follow the filled cache, not max_seq_len).
+        table: the README speed table instead: batch-1 decode for each of ``precisions``, with and
+            without compile, greedy and top-p 0.9, % of the read bandwidth; with
+            ``compare="llamacpp"`` llama.cpp on the same weights too.
+        precisions: for ``table``: any of bf16, fp16, int8 (int8 weights, bf16 activations).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -341,6 +592,18 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
     else:
         machine["cpu"] = _cpu_name()
     print(f"# {machine}", flush=True)
+
+    if table:
+        name = shape + (f" ({n_layers} layers)" if n_layers else "")
+        result = speed_table(shape, n_layers, [p.strip() for p in str(precisions).split(",")],
+                             [False, True], decode_tokens, decode_context, max(repeats, 3), compare, dev)
+        result.update(machine=machine, shape=name, decode_tokens=decode_tokens,
+                      decode_context=decode_context, argv=sys.argv[1:])
+        print_speed_table(result, machine, name)
+        if out:
+            with open(out, "w") as f:
+                json.dump(result, f, indent=2)
+        return result
 
     bandwidth = measure_bandwidth(dev, gib=1.0 if on_cpu else 4.0)
     print("# memory bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()), flush=True)
@@ -387,13 +650,32 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
     elif compare:
         raise ValueError(f"unknown compare={compare!r} (hf is the one we have)")
 
+    seq_lens = _as_ints(max_seq_lens, ())
+    by_seq_len: dict[int, float] = {}
+    for msl in seq_lens:  # decode at a short position in models built for different context sizes
+        model = build_model(shape, ckpt_dir, n_layers, dev, dt, 1, msl)
+        if quantize == "int8":
+            from llama3.quantize import quantize_int8
+
+            quantize_int8(model)
+        step = _decode_step(model, dev, compile)
+        prompt = _prompt(1, decode_context, args.vocab_size, dev)
+        runs = [ours_decode(model, step, prompt, decode_tokens, dev) for _ in range(repeats)]
+        by_seq_len[msl] = 1 / min(statistics.median(t) for t in runs)
+        print(f"  llama3 decode b1 at position ~{decode_context}, max_seq_len {msl}: "
+              f"{by_seq_len[msl]:.2f} tok/s", flush=True)
+        del model, step
+        gc.collect()
+    if by_seq_len:
+        ours["decode_b1_by_max_seq_len"] = by_seq_len
+
     # Other processes only ever lower a bandwidth reading: measure again at the end, keep the best.
     for probe, value in measure_bandwidth(dev, gib=1.0 if on_cpu else 4.0).items():
         bandwidth[probe] = max(bandwidth[probe], value)
     print("# memory bandwidth GB/s, best of start and end: "
           + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()), flush=True)
     for batch in batch_sizes:
-        roofline = batch * bandwidth["best"] * 1e9 / ours[f"decode_b{batch}_bytes_per_step"]
+        roofline = batch * bandwidth["read"] * 1e9 / ours[f"decode_b{batch}_bytes_per_step"]
         ours[f"decode_b{batch}_roofline_tok_s"] = roofline
         ours[f"decode_b{batch}_pct_roofline"] = 100 * ours[f"decode_b{batch}_tok_s"] / roofline
 
@@ -422,8 +704,16 @@ def _cpu_name() -> str:
 
 
 def _decode_step(model: Transformer, device: torch.device, compile: bool) -> Callable:
-    """One decoding step ``(token [b, 1], pos) -> logits [b, 1, vocab]``: eager ``forward``, or
-    the fixed-shape ``forward_static`` under torch.compile (CUDA graphs on GPU)."""
+    """One decoding step ``(token [b, 1], pos) -> logits [b, 1, vocab]``: the library's
+    ``make_decode_step`` (eager ``forward``, or the fixed-shape ``forward_static`` under
+    torch.compile, CUDA graphs on GPU)."""
+    if make_decode_step is not None:
+        return make_decode_step(model, compile)
+    return _local_decode_step(model, device, compile)
+
+
+def _local_decode_step(model: Transformer, device: torch.device, compile: bool) -> Callable:
+    """Fallback until make_decode_step is merged (TODO(lead): delete)."""
     if not compile:
         return lambda token, pos: model.forward(token, pos, last_only=True)
     mode = "reduce-overhead" if device.type == "cuda" else None
@@ -431,8 +721,7 @@ def _decode_step(model: Transformer, device: torch.device, compile: bool) -> Cal
 
     def step(token: torch.Tensor, pos: int) -> torch.Tensor:
         if device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        # A fresh tensor each step: CUDA graphs replay with the value copied into their input.
+            torch.compiler.cudagraph_mark_step_begin()
         return compiled(token, torch.tensor([pos], device=device))
 
     return step
@@ -445,9 +734,13 @@ def _run_ours(model: Transformer, step: Callable, args: ModelArgs, dev: torch.de
     ours_prefill(model, _prompt(1, 8, args.vocab_size, dev))  # warm-up (kernel selection, allocator)
     for length in prompt_lens:
         prompt = _prompt(1, length, args.vocab_size, dev)
-        seconds = _best_time(lambda p=prompt: ours_prefill(model, p), dev, repeats)
+        record: dict[str, float] = {}
+        with peak_memory(dev, record):
+            seconds = _best_time(lambda p=prompt: ours_prefill(model, p), dev, repeats)
         row[f"prefill_{length}_tok_s"] = length / seconds
-        print(f"  llama3 prefill {length}: {length / seconds:.1f} tok/s", flush=True)
+        row[f"prefill_{length}_peak_mem_gb"] = record["peak_mem_gb"]
+        print(f"  llama3 prefill {length}: {length / seconds:.1f} tok/s, peak memory "
+              f"{record['peak_mem_gb']:.2f} GB", flush=True)
     for batch in batch_sizes:
         prompt = _prompt(batch, decode_context, args.vocab_size, dev)
         # Best of `repeats` runs, by median step time: another process's burst spoils one run.
@@ -484,7 +777,7 @@ def _print_table(results: dict[str, Any]) -> None:
     machine = results["machine"]
     where = machine.get("gpu") or f"{machine['cpu']} ({machine['threads']} threads)"
     print(f"\n{where}, {results['shape']}, {results['dtype']}, bandwidth "
-          f"{results['bandwidth_gb_s']['best']:.1f} GB/s, load avg {machine['load_avg_at_start']:.2f}"
+          f"{results['bandwidth_gb_s']['read']:.1f} GB/s, load avg {machine['load_avg_at_start']:.2f}"
           f" -> {results['load_avg_at_end']:.2f}")
     cols = ([f"prefill_{n}_tok_s" for n in results["prompt_lens"]]
             + [f"decode_b{b}_tok_s" for b in results["batch_sizes"]])
