@@ -391,10 +391,14 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
         for name in precisions:
             llamacpp[name] = run_llamacpp(models[name], name, prompt, decode_tokens, repeats)
             ours = next(r for r in rows if r["precision"] == name and r["sampling"] == "greedy")
-            agree = llamacpp[name]["tokens"][:8] == ours["greedy_tokens"][:8]
-            llamacpp[name]["tokens_agree"] = agree
-            print(f"  llama.cpp {llamacpp[name]['gguf_type']}: {llamacpp[name]['tok_s']:.2f} tok/s, first 8 "
-                  f"greedy tokens {'agree' if agree else 'DIFFER'}", flush=True)
+            # Random weights have near-tied logits: a rounding difference can flip a greedy choice
+            # (and everything after it), so the logits are the real check.
+            same = sum(a == b for a, b in zip(llamacpp[name]["tokens"][:8], ours["greedy_tokens"][:8],
+                                               strict=False))
+            llamacpp[name]["first_8_tokens_equal"] = same
+            print(f"  llama.cpp {llamacpp[name]['gguf_type']}: {llamacpp[name]['tok_s']:.2f} tok/s; prompt "
+                  f"logits max |diff| {llamacpp[name]['logit_diff_in_std']:.3f} std; first 8 greedy "
+                  f"tokens: {same}/8 equal", flush=True)
     elif compare:
         raise ValueError(f"unknown compare={compare!r} for --table (llamacpp is the one we have)")
     for probe, value in measure_bandwidth(device).items():  # others only ever lower a reading
@@ -508,6 +512,10 @@ def run_llamacpp(model: Transformer, precision: str, prompt: torch.Tensor, decod
                        n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
                        verbose=False)
         ids = prompt[0].tolist()
+        llm.eval(ids)  # the same weights give the same logits, to the precision's rounding
+        theirs = torch.tensor(np.asarray(llm.scores[llm.n_tokens - 1]), dtype=torch.float32)
+        ours = model.forward(prompt, 0, last_only=True)[0, -1].float()
+        logit_diff = float((ours - theirs).abs().max() / ours.std())
         best, tokens = None, []
         for _ in range(repeats):
             llm.reset()
@@ -525,7 +533,7 @@ def run_llamacpp(model: Transformer, precision: str, prompt: torch.Tensor, decod
             median = statistics.median(times)
             best = median if best is None else min(best, median)
         del llm
-    return dict(gguf_type=gguf_type, tok_s=1 / best, tokens=tokens)
+    return dict(gguf_type=gguf_type, tok_s=1 / best, tokens=tokens, logit_diff_in_std=logit_diff)
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -546,7 +554,7 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
          quantize: str | None = None, batch_sizes: Any = None, prompt_lens: Any = None,
          decode_tokens: int | None = None, decode_context: int | None = None, repeats: int = 2,
          compare: str | None = None, threads: int | None = None, out: str | None = None,
-         max_seq_lens: Any = None, table: bool = False, precisions: str = "bf16,fp16,int8") -> dict:
+         max_seq_lens: Any = None, table: bool = False, precisions: Any = "bf16,fp16,int8") -> dict:
     """Run the benchmark; print a table; write JSON to ``out`` if given. Returns the results.
 
     Args:
@@ -595,7 +603,8 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
 
     if table:
         name = shape + (f" ({n_layers} layers)" if n_layers else "")
-        result = speed_table(shape, n_layers, [p.strip() for p in str(precisions).split(",")],
+        names = precisions.split(",") if isinstance(precisions, str) else list(precisions)  # fire: a tuple
+        result = speed_table(shape, n_layers, [str(p).strip() for p in names],
                              [False, True], decode_tokens, decode_context, max(repeats, 3), compare, dev)
         result.update(machine=machine, shape=name, decode_tokens=decode_tokens,
                       decode_context=decode_context, argv=sys.argv[1:])

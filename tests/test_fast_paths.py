@@ -156,6 +156,41 @@ def test_int8_model_decodes_like_the_float_model(dtype, device):
     assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
 
 
+# --- CPU half-precision decode (torch.mv for one row) -------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_single_row_cpu_linear_is_the_product_to_half_precision(dtype):
+    """One bf16/fp16 row on the CPU goes through torch.mv (float32 accumulation); rows in a batch
+    through F.linear. Both equal the float64 product to the dtype's rounding of the result."""
+    from llama3.distributed import _linear
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 2048, generator=g).to(dtype)
+    x = torch.randn(3, 2048, generator=g).to(dtype)
+    want = x.double() @ weight.double().T
+    one = _linear(x[:1, None], weight)  # [1, 1, in]: the decode shape
+    batch = _linear(x, weight)
+    assert one.shape == (1, 1, 300) and one.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    for got, ref in ((one[0], want[:1]), (batch, want)):
+        assert ((got.double() - ref).abs() <= eps * ref.abs() + 1e-3).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_cached_decode_gives_the_recomputed_tokens(dtype):
+    """Decoding with the KV cache (single-row linears: torch.mv) picks the greedy tokens that
+    recomputing the whole sequence at every step (F.linear over all rows, no cache reuse) picks."""
+    model = make_model(dtype=dtype)
+    tokens = prompt(batch=1)
+    got, _ = greedy(model, tokens, eager_step(model))
+    seq = tokens
+    for _ in range(STEPS):
+        nxt = model.forward(seq, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(got, seq[:, tokens.shape[1]:])
+
+
 # --- top-p sampling without a full sort ----------------------------------------------------------
 
 
