@@ -66,8 +66,8 @@ class _Nucleus:
 def _nucleus(row: torch.Tensor, p: float) -> _Nucleus | None:
     """The kept set of one row of probabilities, or None where only the full sort can tell."""
     key = row.view(torch.int32) >> 16  # non-negative floats: bucket order = value order
-    n_buckets = int(key.max()) + 1
-    mass = torch.bincount(key, weights=row.double(), minlength=n_buckets)
+    mass = torch.bincount(key, weights=row.double())  # buckets up to the largest key (1.0: 0x3F80)
+    n_buckets = mass.numel()
     mass_from = mass.flip(0).cumsum(0).flip(0)  # mass_from[b]: mass in buckets >= b
     cut = int((mass_from > p).sum()) - 1
     if cut < 0:  # the whole row sums to <= p (not a distribution): leave it to the reference
