@@ -4,6 +4,13 @@ optionally, Hugging Face transformers on the same weights, in the same process.
     python scripts/benchmark.py --shape llama-3.2-1b --dtype bf16 --compare hf
     python scripts/benchmark.py --shape llama-3-8b --device cuda --quantize int8 --compile
     python scripts/benchmark.py --ckpt_dir ~/.llama/checkpoints/Llama3.2-1B --out results.json
+    python scripts/benchmark.py --shape llama-3.2-1b --n_layers 4 --table --threads 2 --compare llamacpp
+    python scripts/benchmark.py --shape tiny --prompt_lens 512,8192,32768 --max_seq_lens 2048,32768
+
+``--table`` is the README's CPU speed table: batch-1 decode in bf16, fp16 and int8, each with and
+without torch.compile, greedy and top-p 0.9, as % of the read bandwidth, the configurations run
+interleaved round by round; ``--compare llamacpp`` adds llama.cpp (llama-cpp-python) on the same
+weights written as GGUF (BF16 / F16 / Q8_0), timed in the same run (``pip install -e .[bench]``).
 
 What is measured (all greedy, batch of identical-length random prompts):
 
@@ -13,10 +20,10 @@ What is measured (all greedy, batch of identical-length random prompts):
   step time of the best of ``--repeats`` runs (the JSON also has the mean), counting every
   sequence of the batch;
 * roofline: decoding one step must read every weight once plus the KV cache written so far, so
-  tokens/s <= batch · bandwidth / bytes_per_step. The bandwidth is measured in the same run, at
-  its start and its end (the best of a copy, a sum and a float32 matrix-vector product over
-  1 GiB, 4 GiB on GPU, each the best of 5); the highest reading is used, since other processes
-  on a shared machine can only lower it;
+  tokens/s <= batch · bandwidth / bytes_per_step. The read bandwidth is measured in the same run,
+  at its start and its end, by a float32 sum over 1 GiB (4 GiB on GPU; the best of 5): a reduction
+  reads the buffer once and writes nothing, as decoding reads weights; the higher reading is used, since other
+  processes on a shared machine can only lower it (copy and GEMV probes are reported too);
 * peak memory: the process's peak resident set (VmHWM, reset before each model) on CPU,
   ``torch.cuda.max_memory_allocated`` on CUDA.
 
@@ -511,28 +518,33 @@ def run_llamacpp(model: Transformer, precision: str, prompt: torch.Tensor, decod
         llm = LlamaCpp(model_path=path, n_ctx=model.params.max_seq_len, n_batch=512,
                        n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
                        verbose=False)
+        vocab = model.params.vocab_size
+
+        def last_logits() -> np.ndarray:  # the last evaluated position's (no copy of all rows)
+            return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
         ids = prompt[0].tolist()
         llm.eval(ids)  # the same weights give the same logits, to the precision's rounding
-        theirs = torch.tensor(np.asarray(llm.scores[llm.n_tokens - 1]), dtype=torch.float32)
+        theirs = torch.tensor(last_logits(), dtype=torch.float32)
         ours = model.forward(prompt, 0, last_only=True)[0, -1].float()
         logit_diff = float((ours - theirs).abs().max() / ours.std())
         best, tokens = None, []
         for _ in range(repeats):
             llm.reset()
             llm.eval(ids)
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
             out, times = [token], []
             for i in range(decode_tokens + 2):
                 start = time.perf_counter()
                 llm.eval([token])
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                token = int(np.argmax(last_logits()))
                 if i >= 2:
                     times.append(time.perf_counter() - start)
                 out.append(token)
             tokens = out
             median = statistics.median(times)
             best = median if best is None else min(best, median)
-        del llm
+        llm.close()
     return dict(gguf_type=gguf_type, tok_s=1 / best, tokens=tokens, logit_diff_in_std=logit_diff)
 
 
