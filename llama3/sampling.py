@@ -16,8 +16,8 @@ bucket is kept, everything below dropped.
 
 Exactness. Each decision is the reference's up to the rounding of the cumulative sums (the
 reference rounds each partial sum to float32, ~6e-8 near 1). A row whose last kept or first dropped
-token has a preceding mass within ``_MARGIN`` of ``p``, where that rounding could decide either
-way, goes through the reference's full sort instead, so the kept set and its renormalised
+token has a preceding mass within ``_MARGIN`` of ``p`` (2e-7 on the CPU), where that rounding
+could decide either way, goes through the reference's full sort instead, so the kept set and its renormalised
 probabilities are the reference's in every case. One thing the reference leaves unspecified: the
 order of *equal* probabilities in its (unstable) sort, which decides which members of a tied group
 straddling the cut are kept. Here ties are kept lowest token id first (what a stable sort gives);
@@ -38,8 +38,12 @@ import torch
 
 __all__ = ["sample_next_token", "sample_top_p", "top_p_mask"]
 
-# A cut this close to p (in probability mass) is settled by the reference's own sort.
-_MARGIN = 1e-6
+# A cut this close to p (in probability mass) is settled by the reference's own sort. On the CPU
+# the reference's cumulative sum is accumulated in float64 and rounded to float32 (half an ulp,
+# 3e-8 near 1), the subtraction and p's own float32 rounding add as much again: 9e-8 in all, and
+# ours (float64 throughout) is off by far less. Elsewhere (CUDA's float32 scan) allow more.
+_MARGIN = {"cpu": 2e-7}
+_MARGIN_ELSEWHERE = 1e-5
 # Below this vocabulary size a full sort is as cheap as anything else.
 _SORT_BELOW = 4096
 
@@ -79,11 +83,12 @@ def _nucleus(row: torch.Tensor, p: float) -> _Nucleus | None:
     cumulative = above + torch.cumsum(values.double(), 0)
     before = cumulative - values.double()
     n_keep = int((before <= p).sum())  # >= 1: the first has `above` <= p before it
+    margin = _MARGIN.get(row.device.type, _MARGIN_ELSEWHERE)
     last_before = float(before[n_keep - 1])
-    if last_before > 0 and p - last_before < _MARGIN:
+    if last_before > 0 and p - last_before < margin:
         return None
     dropped_before = float(cumulative[n_keep - 1])
-    if (n_keep < ids.numel() or cut > 0) and dropped_before - p < _MARGIN:
+    if (n_keep < ids.numel() or cut > 0) and dropped_before - p < margin:
         return None
     return _Nucleus(key, mass, cut, ids[:n_keep], values[:n_keep])
 
@@ -92,7 +97,7 @@ def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
     """Which tokens top-p keeps: a bool mask shaped like ``probs`` [batch, vocab] (non-negative,
     rows summing to ~1). Meta's rule; see the module docstring for how and how exactly."""
     probs = probs.float()
-    if p >= 1.0 - _MARGIN or probs.shape[-1] < _SORT_BELOW:
+    if p >= 1.0 - _MARGIN_ELSEWHERE or probs.shape[-1] < _SORT_BELOW:
         return _reference_mask(probs, p)
     mask = torch.empty_like(probs, dtype=torch.bool)
     for i, row in enumerate(probs):
@@ -131,7 +136,7 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     the module docstring).
     """
     probs = probs.float()
-    if p >= 1.0 - _MARGIN or probs.shape[-1] < _SORT_BELOW:
+    if p >= 1.0 - _MARGIN_ELSEWHERE or probs.shape[-1] < _SORT_BELOW:
         return torch.multinomial(torch.where(_reference_mask(probs, p), probs, 0.0), num_samples=1)
     out = torch.empty(probs.shape[0], 1, dtype=torch.long, device=probs.device)
     for i, row in enumerate(probs):

@@ -271,6 +271,11 @@ def test_top_p_with_ties_at_the_cut():
     logits = (torch.randn(6, 128256, generator=g) * 2).round()
     for p in (0.3, 0.8, 0.9):
         assert_same_nucleus(torch.softmax(logits, dim=-1), p)
+    # What a bf16 model hands over: logits with a few thousand distinct values, flat enough that
+    # each token carries ~1e-5 of the mass, so the cut often lands within a few float32 ulps of p.
+    flat = torch.randn(64, 8192, generator=g).bfloat16().float()
+    for p in (0.5, 0.9):
+        assert_same_nucleus(torch.softmax(flat / 0.6, dim=-1), p)
     exact = torch.full((1, 8192), 0.125 / 8190)
     exact[0, :3] = torch.tensor([0.5, 0.25, 0.125])
     assert_same_nucleus(exact, 0.75)  # third token: 0.75 before it <= p, kept
