@@ -12,11 +12,13 @@ order of the values, each bucket spanning under 1% of its values. One pass build
 every bucket (float64); the bucket where the cumulative mass from the top crosses ``p`` holds the
 cut; only its tokens (a few hundred for a real model's 128K logits) are sorted, and the reference
 rule is applied to them with the mass of all higher buckets before them. Everything above that
-bucket is kept, everything below dropped.
+bucket is kept, everything below dropped. This is the CPU path; on a GPU (where sorting is cheap
+and the bucket search would wait on the host) and for small vocabularies the reference's sort is
+used as it is.
 
 Exactness. Each decision is the reference's up to the rounding of the cumulative sums (the
 reference rounds each partial sum to float32, ~6e-8 near 1). A row whose last kept or first dropped
-token has a preceding mass within ``_MARGIN`` of ``p`` (2e-7 on the CPU), where that rounding
+token has a preceding mass within ``_MARGIN`` of ``p`` (2e-7), where that rounding
 could decide either way, goes through the reference's full sort instead, so the kept set and its renormalised
 probabilities are the reference's in every case. One thing the reference leaves unspecified: the
 order of *equal* probabilities in its (unstable) sort, which decides which members of a tied group
@@ -41,9 +43,8 @@ __all__ = ["sample_next_token", "sample_top_p", "top_p_mask"]
 # A cut this close to p (in probability mass) is settled by the reference's own sort. On the CPU
 # the reference's cumulative sum is accumulated in float64 and rounded to float32 (half an ulp,
 # 3e-8 near 1), the subtraction and p's own float32 rounding add as much again: 9e-8 in all, and
-# ours (float64 throughout) is off by far less. Elsewhere (CUDA's float32 scan) allow more.
-_MARGIN = {"cpu": 2e-7}
-_MARGIN_ELSEWHERE = 1e-5
+# ours (float64 throughout) is off by far less.
+_MARGIN = 2e-7
 # Below this vocabulary size a full sort is as cheap as anything else.
 _SORT_BELOW = 4096
 
@@ -53,6 +54,13 @@ def _reference_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, mass_before <= p)
+
+
+def _sort_is_best(probs: torch.Tensor, p: float) -> bool:
+    """The reference's full sort: off the CPU (a GPU sorts 128K values in microseconds, and the
+    bucket search would synchronise with the host several times per row), for small
+    vocabularies, and for p so close to 1 that only float32 dust at the very end is dropped."""
+    return probs.device.type != "cpu" or probs.shape[-1] < _SORT_BELOW or p >= 1.0 - 1e-5
 
 
 @dataclass
@@ -83,7 +91,7 @@ def _nucleus(row: torch.Tensor, p: float) -> _Nucleus | None:
     cumulative = above + torch.cumsum(values.double(), 0)
     before = cumulative - values.double()
     n_keep = int((before <= p).sum())  # >= 1: the first has `above` <= p before it
-    margin = _MARGIN.get(row.device.type, _MARGIN_ELSEWHERE)
+    margin = _MARGIN
     last_before = float(before[n_keep - 1])
     if last_before > 0 and p - last_before < margin:
         return None
@@ -97,7 +105,7 @@ def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
     """Which tokens top-p keeps: a bool mask shaped like ``probs`` [batch, vocab] (non-negative,
     rows summing to ~1). Meta's rule; see the module docstring for how and how exactly."""
     probs = probs.float()
-    if p >= 1.0 - _MARGIN_ELSEWHERE or probs.shape[-1] < _SORT_BELOW:
+    if _sort_is_best(probs, p):
         return _reference_mask(probs, p)
     mask = torch.empty_like(probs, dtype=torch.bool)
     for i, row in enumerate(probs):
@@ -136,7 +144,7 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     the module docstring).
     """
     probs = probs.float()
-    if p >= 1.0 - _MARGIN_ELSEWHERE or probs.shape[-1] < _SORT_BELOW:
+    if _sort_is_best(probs, p):
         return torch.multinomial(torch.where(_reference_mask(probs, p), probs, 0.0), num_samples=1)
     out = torch.empty(probs.shape[0], 1, dtype=torch.long, device=probs.device)
     for i, row in enumerate(probs):
