@@ -197,10 +197,18 @@ def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
 # --- fairscale layers that can be built on the meta device -------------------------------------
 
 
+# Dtypes whose single-row CPU product goes through torch.mv (see _linear).
+_CPU_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ. A single bfloat16 row on the CPU goes through torch.mv: its GEMV kernel streams W at
-    memory speed, while the matmul path (oneDNN, without AVX512-BF16) reaches about half of it."""
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]:
+    """x Wᵀ. One bfloat16 or float16 row on the CPU (batch-1 decoding) goes through torch.mv:
+    its GEMV kernel converts W to float32 on the fly, accumulates in float32 and streams W at
+    memory speed on any x86 CPU, while the matmul path for these dtypes (oneDNN, which without
+    AVX512-BF16/AVX512-FP16 or AMX falls back to slow reference kernels) reaches half of that for
+    bfloat16 and a third for float16. Under torch.compile the same call is the one inductor
+    sees. Everything else (prefill, batches, float32, CUDA) is F.linear."""
+    if x.device.type == "cpu" and x.dtype in _CPU_GEMV_DTYPES and x.numel() == x.shape[-1]:
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight)
 

@@ -4,6 +4,13 @@ optionally, Hugging Face transformers on the same weights, in the same process.
     python scripts/benchmark.py --shape llama-3.2-1b --dtype bf16 --compare hf
     python scripts/benchmark.py --shape llama-3-8b --device cuda --quantize int8 --compile
     python scripts/benchmark.py --ckpt_dir ~/.llama/checkpoints/Llama3.2-1B --out results.json
+    python scripts/benchmark.py --shape llama-3.2-1b --n_layers 4 --table --threads 2 --compare llamacpp
+    python scripts/benchmark.py --shape tiny --prompt_lens 512,8192,32768 --max_seq_lens 2048,32768
+
+``--table`` is the README's CPU speed table: batch-1 decode in bf16, fp16 and int8, each with and
+without torch.compile, greedy and top-p 0.9, as % of the read bandwidth, the configurations run
+interleaved round by round; ``--compare llamacpp`` adds llama.cpp (llama-cpp-python) on the same
+weights written as GGUF (BF16 / F16 / Q8_0), timed in the same run (``pip install -e .[bench]``).
 
 What is measured (all greedy, batch of identical-length random prompts):
 
@@ -13,10 +20,10 @@ What is measured (all greedy, batch of identical-length random prompts):
   step time of the best of ``--repeats`` runs (the JSON also has the mean), counting every
   sequence of the batch;
 * roofline: decoding one step must read every weight once plus the KV cache written so far, so
-  tokens/s <= batch · bandwidth / bytes_per_step. The bandwidth is measured in the same run, at
-  its start and its end (the best of a copy, a sum and a float32 matrix-vector product over
-  1 GiB, 4 GiB on GPU, each the best of 5); the highest reading is used, since other processes
-  on a shared machine can only lower it;
+  tokens/s <= batch · bandwidth / bytes_per_step. The read bandwidth is measured in the same run,
+  at its start and its end, by a float32 sum over 1 GiB (4 GiB on GPU; the best of 5): a reduction
+  reads the buffer once and writes nothing, as decoding reads weights; the higher reading is used, since other
+  processes on a shared machine can only lower it (copy and GEMV probes are reported too);
 * peak memory: the process's peak resident set (VmHWM, reset before each model) on CPU,
   ``torch.cuda.max_memory_allocated`` on CUDA.
 
@@ -34,6 +41,7 @@ tokens after 512. Pass ``--prompt_lens 512,2048`` etc. to override.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -44,28 +52,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import fire
 import torch
 
-from llama3.checkpoint import meta_to_hf_state_dict
+from llama3.checkpoint import meta_to_hf_state_dict, model_args_to_hf_config
+from llama3.cli import fire_strict
 from llama3.distributed import select_device, select_dtype
+from llama3.generation import make_decode_step
 from llama3.model import ModelArgs, Transformer
-
-# params.json of Meta's releases. "tiny" is for trying the script out.
-SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=4096, multiple_of=64),
-    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
-                         multiple_of=256, ffn_dim_multiplier=1.5, rope_theta=500000.0,
-                         use_scaled_rope=True, rope_scale_factor=32.0, tie_word_embeddings=True),
-    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256,
-                         multiple_of=256, ffn_dim_multiplier=1.0, rope_theta=500000.0,
-                         use_scaled_rope=True, rope_scale_factor=32.0, tie_word_embeddings=True),
-    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
-                       multiple_of=1024, ffn_dim_multiplier=1.3, rope_theta=500000.0),
-    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256,
-                        multiple_of=4096, ffn_dim_multiplier=1.3, rope_theta=500000.0),
-}
-
+from llama3.presets import PRESETS
+from llama3.sampling import sample_next_token
 
 # --- measuring -----------------------------------------------------------------------------------
 
@@ -90,18 +85,20 @@ def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> flo
 
 
 def measure_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
-    """Memory bandwidth in GB/s (1e9 bytes/s) by three streaming kernels over ``gib`` GiB."""
+    """Memory bandwidth in GB/s (1e9 bytes/s) over a ``gib`` GiB buffer (far larger than any cache).
+
+    ``read`` is the one decoding is held to: a float32 sum, which reads the buffer once and writes
+    nothing (decode reads weights, it does not copy them). ``copy`` (read + write) and
+    ``gemv_fp32`` (torch.mv over the buffer as a matrix) are reported alongside."""
     n = int(gib * 2**30) // 4
     a = torch.ones(n, device=device)
     b = torch.empty_like(a)
     probes = {
+        "read": (lambda: a.sum(), a.nbytes),
         "copy": (lambda: b.copy_(a), 2 * a.nbytes),  # reads a, writes b
-        "sum": (lambda: a.sum(), a.nbytes),
         "gemv_fp32": (lambda: torch.mv(a.view(-1, 4096), b[:4096]), a.nbytes),
     }
-    result = {name: nbytes / _best_time(fn, device, repeats) / 1e9 for name, (fn, nbytes) in probes.items()}
-    result["best"] = max(result.values())
-    return result
+    return {name: nbytes / _best_time(fn, device, repeats) / 1e9 for name, (fn, nbytes) in probes.items()}
 
 
 @contextlib.contextmanager
@@ -168,7 +165,7 @@ def build_model(shape: str | None, ckpt_dir: str | None, n_layers: int | None, d
         model = load_model(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                            device=device, dtype=dtype)
         return model.eval()
-    params = dict(SHAPES[shape])
+    params = dict(PRESETS[shape])
     if n_layers:
         params["n_layers"] = n_layers
     args = ModelArgs(**params, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
@@ -188,19 +185,11 @@ def build_hf_model(model: Transformer, device: torch.device, dtype: torch.dtype)
     import transformers
 
     args = model.params
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.use_scaled_rope:
-        rope.update(rope_type="llama3", factor=args.rope_scale_factor,
-                    low_freq_factor=args.rope_low_freq_factor, high_freq_factor=args.rope_high_freq_factor,
-                    original_max_position_embeddings=args.rope_original_max_seq_len)
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-        num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
-        max_position_embeddings=max(args.max_seq_len, 131072), rope_parameters=rope,
-        rope_scaling=rope, tie_word_embeddings=args.tie_word_embeddings,
-        attn_implementation="sdpa", bos_token_id=None, eos_token_id=None, pad_token_id=0,
-    )
+    # Our own config writer; no token ids (generation must not stop early), positions for any length.
+    config = transformers.LlamaConfig(**{
+        **model_args_to_hf_config(args, dtype), "bos_token_id": None, "eos_token_id": None, "pad_token_id": 0,
+        "max_position_embeddings": max(args.max_seq_len, 131072), "attn_implementation": "sdpa",
+    })
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -285,6 +274,246 @@ def _decode_summary(row: dict[str, Any], batch: int, times: list[float]) -> floa
     return batch / median
 
 
+# --- the README speed table: precisions x compile x sampling, interleaved; llama.cpp alongside ------
+
+# name -> (weight dtype, quantization)
+PRECISIONS: dict[str, tuple[torch.dtype, str | None]] = {
+    "bf16": (torch.bfloat16, None), "fp16": (torch.float16, None), "int8": (torch.bfloat16, "int8")}
+TOP_P = dict(temperature=0.6, top_p=0.9)  # the library's defaults
+
+
+def _pick(sampled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Next token [b, 1] from step logits [b, 1, vocab]: argmax, or top-p sampling."""
+    if sampled:
+        return lambda logits: sample_next_token(logits[:, -1], **TOP_P)[:, None]
+    return lambda logits: logits[:, -1].argmax(-1, keepdim=True)
+
+
+def decode_run(model: Transformer, step: Callable, prompt: torch.Tensor, n_tokens: int, sampled: bool,
+               device: torch.device) -> tuple[list[float], list[int]]:
+    """Seconds of each of ``n_tokens`` steps after ``prompt`` (2 untimed warm-up steps), each
+    including the choice of the next token; and the tokens."""
+    pick = _pick(sampled)
+    token = pick(model.forward(prompt, 0, last_only=True))
+    pos, tokens = prompt.shape[1], [int(token[0, 0])]
+    for _ in range(2):
+        token = pick(step(token, pos))
+        pos += 1
+        tokens.append(int(token[0, 0]))
+    times = []
+    for _ in range(n_tokens):
+        _sync(device)
+        start = time.perf_counter()
+        token = pick(step(token, pos))
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        tokens.append(int(token[0, 0]))
+        pos += 1
+    return times, tokens
+
+
+def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile_modes: list[bool],
+                decode_tokens: int, decode_context: int, repeats: int, compare: str | None,
+                device: torch.device) -> dict[str, Any]:
+    """Batch-1 decode tok/s for every (precision, compile, greedy/top-p) on the same random weights,
+    runs interleaved round by round (a burst from another process hits one run, not one
+    configuration), each cell = median step of its best run; % of the read-bandwidth roofline;
+    llama.cpp on the same weights (GGUF BF16 / F16 / Q8_0) with ``compare="llamacpp"``."""
+    bandwidth = measure_bandwidth(device)
+    print("# read bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()), flush=True)
+    max_seq_len = decode_context + decode_tokens + 16
+    models, cells = {}, {}
+    for name in precisions:
+        dtype, quantize = PRECISIONS[name]
+        model = build_model(shape, None, n_layers, device, dtype, 1, max_seq_len)
+        if quantize:
+            from llama3.quantize import quantize_int8
+
+            quantize_int8(model)
+        models[name] = model
+        mean_kv = decode_context + 2 + decode_tokens // 2
+        w_bytes, kv_bytes = decode_bytes_per_step(model, model.params, 1, mean_kv, dtype)
+        for compiled in compile_modes:
+            step = make_decode_step(model, compiled)
+            for sampled in (False, True):
+                cells[(name, compiled, sampled)] = dict(step=step, runs=[], tokens=None,
+                                                        bytes=w_bytes + kv_bytes)
+    prompt = _prompt(1, decode_context, models[precisions[0]].params.vocab_size, device)
+    for key, cell in cells.items():  # warm-up round (compiles), also the greedy tokens to compare
+        torch.manual_seed(0)
+        _, cell["tokens"] = decode_run(models[key[0]], cell["step"], prompt, 6, key[2], device)
+    for r in range(repeats):
+        for key, cell in cells.items():
+            torch.manual_seed(r)
+            times, _ = decode_run(models[key[0]], cell["step"], prompt, decode_tokens, key[2], device)
+            cell["runs"].append(times)
+            print(f"  round {r} {key}: {1 / statistics.median(times):.2f} tok/s", flush=True)
+    rows = []
+    for (name, compiled, sampled), cell in cells.items():
+        tok_s = 1 / min(statistics.median(t) for t in cell["runs"])
+        rows.append(dict(precision=name, compile=compiled, sampling="top-p 0.9" if sampled else "greedy",
+                         tok_s=tok_s, read_gb_per_token=cell["bytes"] / 1e9,
+                         pct_read_bw=100 * tok_s * cell["bytes"] / 1e9 / bandwidth["read"],
+                         greedy_tokens=None if sampled else cell["tokens"]))
+    for (name, compiled, sampled), cell in cells.items():
+        if not sampled and cell["tokens"] != cells[(name, compile_modes[0], False)]["tokens"]:
+            print(f"# NOTE: {name} compile={compiled} greedy tokens differ from compile={compile_modes[0]}")
+    del cells
+    llamacpp = {}
+    if compare == "llamacpp":
+        for name in precisions:
+            llamacpp[name] = run_llamacpp(models[name], name, prompt, decode_tokens, repeats)
+            ours = next(r for r in rows if r["precision"] == name and r["sampling"] == "greedy")
+            # Random weights have near-tied logits: a rounding difference can flip a greedy choice
+            # (and everything after it), so the logits are the real check.
+            same = sum(a == b for a, b in zip(llamacpp[name]["tokens"][:8], ours["greedy_tokens"][:8],
+                                               strict=False))
+            llamacpp[name]["first_8_tokens_equal"] = same
+            print(f"  llama.cpp {llamacpp[name]['gguf_type']}: {llamacpp[name]['tok_s']:.2f} tok/s; prompt "
+                  f"logits max |diff| {llamacpp[name]['logit_diff_in_std']:.3f} std; first 8 greedy "
+                  f"tokens: {same}/8 equal", flush=True)
+    elif compare:
+        raise ValueError(f"unknown compare={compare!r} for --table (llamacpp is the one we have)")
+    for probe, value in measure_bandwidth(device).items():  # others only ever lower a reading
+        bandwidth[probe] = max(bandwidth[probe], value)
+    for row in rows:
+        row["pct_read_bw"] = 100 * row["tok_s"] * row["read_gb_per_token"] / bandwidth["read"]
+    return dict(bandwidth_gb_s=bandwidth, rows=rows, llamacpp=llamacpp)
+
+
+def print_speed_table(result: dict[str, Any], machine: dict[str, Any], shape_name: str) -> None:
+    """The README table (markdown)."""
+    bw = result["bandwidth_gb_s"]["read"]
+    print(f"\n{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, {shape_name}, "
+          "batch 1; "
+          f"read bandwidth {bw:.1f} GB/s; load average {machine['load_avg_at_start']:.1f} -> "
+          f"{os.getloadavg()[0]:.1f}\n")
+    has_cpp = bool(result["llamacpp"])
+    head = "| precision | compile | greedy tok/s | top-p 0.9 tok/s | % of read bandwidth (greedy) |"
+    sep = "|---|---|---|---|---|"
+    if has_cpp:
+        head += " llama.cpp greedy tok/s | ratio |"
+        sep += "---|---|"
+    print(head)
+    print(sep)
+    for row in result["rows"]:
+        if row["sampling"] != "greedy":
+            continue
+        sampled = next(r for r in result["rows"] if r["precision"] == row["precision"]
+                       and r["compile"] == row["compile"] and r["sampling"] != "greedy")
+        line = (f"| {row['precision']} | {'yes' if row['compile'] else 'no'} | {row['tok_s']:.1f} | "
+                f"{sampled['tok_s']:.1f} | {row['pct_read_bw']:.0f} % |")
+        if has_cpp:
+            cpp = result["llamacpp"][row["precision"]]
+            line += f" {cpp['tok_s']:.1f} ({cpp['gguf_type']}) | {row['tok_s'] / cpp['tok_s']:.2f}× |"
+        print(line)
+
+
+def write_gguf(model: Transformer, path: str, gguf_type: str) -> None:
+    """``model``'s weights as a GGUF file for llama.cpp (BF16, F16 or Q8_0 matrices; F32 norms).
+
+    Meta's layout is llama.cpp's (adjacent-pair RoPE), so no permutation; Llama 3.1 RoPE scaling
+    goes in as llama.cpp's per-frequency divisors (``rope_freqs.weight``); the vocabulary is
+    llama.cpp's "none" (ids in, logits out, no tokenizer needed)."""
+    import gguf
+    import numpy as np
+
+    from llama3.model import rope_frequencies
+
+    args = model.params
+    qtype = {"BF16": gguf.GGMLQuantizationType.BF16, "F16": gguf.GGMLQuantizationType.F16,
+             "Q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.ffn_hidden_dim)
+    w.add_rope_dimension_count(args.head_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_vocab_size(args.vocab_size)
+    w.add_tokenizer_model("none")
+    w.add_file_type({"BF16": gguf.LlamaFileType.MOSTLY_BF16, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
+
+    def matrix(name: str, t: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        t = t.float() if scale is None else t.float() * scale.float()[:, None]
+        w.add_tensor(name, gguf.quants.quantize(t.numpy(), qtype), raw_dtype=qtype)
+
+    def vector(name: str, t: torch.Tensor) -> None:
+        w.add_tensor(name, t.float().numpy().astype(np.float32))
+
+    if args.use_scaled_rope:
+        plain = ModelArgs(**{**args.__dict__, "use_scaled_rope": False})
+        vector("rope_freqs.weight", rope_frequencies(plain) / rope_frequencies(args))
+    sd = model.state_dict()
+    matrix("token_embd.weight", sd["tok_embeddings.weight"])
+    vector("output_norm.weight", sd["norm.weight"])
+    if not args.tie_word_embeddings:
+        matrix("output.weight", sd["output.weight"], sd.get("output.scale"))
+    names = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+             "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+             "feed_forward.w3": "ffn_up"}
+    for i in range(args.n_layers):
+        vector(f"blk.{i}.attn_norm.weight", sd[f"layers.{i}.attention_norm.weight"])
+        vector(f"blk.{i}.ffn_norm.weight", sd[f"layers.{i}.ffn_norm.weight"])
+        for ours, theirs in names.items():
+            prefix = f"layers.{i}.{ours}"
+            matrix(f"blk.{i}.{theirs}.weight", sd[f"{prefix}.weight"], sd.get(f"{prefix}.scale"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def run_llamacpp(model: Transformer, precision: str, prompt: torch.Tensor, decode_tokens: int,
+                 repeats: int) -> dict[str, Any]:
+    """llama.cpp (llama-cpp-python) greedy decode on ``model``'s weights: tok/s (median step of the
+    best of ``repeats`` runs, after 2 warm-up steps, as ours) and its first greedy tokens."""
+    import tempfile
+
+    import numpy as np
+    from llama_cpp import Llama as LlamaCpp
+
+    gguf_type = {"bf16": "BF16", "fp16": "F16", "int8": "Q8_0"}[precision]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"model-{gguf_type}.gguf")
+        write_gguf(model, path, gguf_type)
+        llm = LlamaCpp(model_path=path, n_ctx=model.params.max_seq_len, n_batch=512,
+                       n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
+                       verbose=False)
+        vocab = model.params.vocab_size
+
+        def last_logits() -> np.ndarray:  # the last evaluated position's (no copy of all rows)
+            return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
+        ids = prompt[0].tolist()
+        llm.eval(ids)  # the same weights give the same logits, to the precision's rounding
+        theirs = torch.tensor(last_logits(), dtype=torch.float32)
+        ours = model.forward(prompt, 0, last_only=True)[0, -1].float()
+        logit_diff = float((ours - theirs).abs().max() / ours.std())
+        best, tokens = None, []
+        for _ in range(repeats):
+            llm.reset()
+            llm.eval(ids)
+            token = int(np.argmax(last_logits()))
+            out, times = [token], []
+            for i in range(decode_tokens + 2):
+                start = time.perf_counter()
+                llm.eval([token])
+                token = int(np.argmax(last_logits()))
+                if i >= 2:
+                    times.append(time.perf_counter() - start)
+                out.append(token)
+            tokens = out
+            median = statistics.median(times)
+            best = median if best is None else min(best, median)
+        llm.close()
+    return dict(gguf_type=gguf_type, tok_s=1 / best, tokens=tokens, logit_diff_in_std=logit_diff)
+
+
 # --- the run --------------------------------------------------------------------------------------
 
 
@@ -302,7 +531,8 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
          dtype: str | None = None, device: str | None = None, compile: bool = False,
          quantize: str | None = None, batch_sizes: Any = None, prompt_lens: Any = None,
          decode_tokens: int | None = None, decode_context: int | None = None, repeats: int = 2,
-         compare: str | None = None, threads: int | None = None, out: str | None = None) -> dict:
+         compare: str | None = None, threads: int | None = None, out: str | None = None,
+         max_seq_lens: Any = None, table: bool = False, precisions: Any = "bf16,fp16,int8") -> dict:
     """Run the benchmark; print a table; write JSON to ``out`` if given. Returns the results.
 
     Args:
@@ -321,6 +551,13 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
         compare: "hf" to run transformers' LlamaForCausalLM on the same weights too.
         threads: torch CPU threads (default: torch's choice, one per core).
         out: path of the JSON results file.
+        max_seq_lens: e.g. "2048,32768": batch-1 decode tok/s after the ``decode_context`` prompt
+            with the model built for each of these context sizes, side by side (the cost of a step
+            should follow the filled cache, not max_seq_len).
+        table: the README speed table instead: batch-1 decode for each of ``precisions``, with and
+            without compile, greedy and top-p 0.9, % of the read bandwidth; with
+            ``compare="llamacpp"`` llama.cpp on the same weights too.
+        precisions: for ``table``: any of bf16, fp16, int8 (int8 weights, bf16 activations).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -342,6 +579,19 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
         machine["cpu"] = _cpu_name()
     print(f"# {machine}", flush=True)
 
+    if table:
+        name = shape + (f" ({n_layers} layers)" if n_layers else "")
+        names = precisions.split(",") if isinstance(precisions, str) else list(precisions)  # fire: a tuple
+        result = speed_table(shape, n_layers, [str(p).strip() for p in names],
+                             [False, True], decode_tokens, decode_context, max(repeats, 3), compare, dev)
+        result.update(machine=machine, shape=name, decode_tokens=decode_tokens,
+                      decode_context=decode_context, argv=sys.argv[1:])
+        print_speed_table(result, machine, name)
+        if out:
+            with open(out, "w") as f:
+                json.dump(result, f, indent=2)
+        return result
+
     bandwidth = measure_bandwidth(dev, gib=1.0 if on_cpu else 4.0)
     print("# memory bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()), flush=True)
 
@@ -357,7 +607,7 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
             quantize_int8(model)
         elif quantize:
             raise ValueError(f"unknown quantize={quantize!r} (int8 is the one we have)")
-        step = _decode_step(model, dev, compile)
+        step = make_decode_step(model, compile)
         ours = _run_ours(model, step, args, dev, dt, prompt_lens, batch_sizes, decode_tokens,
                          decode_context, repeats)
     ours.update(impl="llama3", mode=mode, peak_mem_gb=record["peak_mem_gb"])
@@ -387,13 +637,32 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
     elif compare:
         raise ValueError(f"unknown compare={compare!r} (hf is the one we have)")
 
+    seq_lens = _as_ints(max_seq_lens, ())
+    by_seq_len: dict[int, float] = {}
+    for msl in seq_lens:  # decode at a short position in models built for different context sizes
+        model = build_model(shape, ckpt_dir, n_layers, dev, dt, 1, msl)
+        if quantize == "int8":
+            from llama3.quantize import quantize_int8
+
+            quantize_int8(model)
+        step = make_decode_step(model, compile)
+        prompt = _prompt(1, decode_context, args.vocab_size, dev)
+        runs = [ours_decode(model, step, prompt, decode_tokens, dev) for _ in range(repeats)]
+        by_seq_len[msl] = 1 / min(statistics.median(t) for t in runs)
+        print(f"  llama3 decode b1 at position ~{decode_context}, max_seq_len {msl}: "
+              f"{by_seq_len[msl]:.2f} tok/s", flush=True)
+        del model, step
+        gc.collect()
+    if by_seq_len:
+        ours["decode_b1_by_max_seq_len"] = by_seq_len
+
     # Other processes only ever lower a bandwidth reading: measure again at the end, keep the best.
     for probe, value in measure_bandwidth(dev, gib=1.0 if on_cpu else 4.0).items():
         bandwidth[probe] = max(bandwidth[probe], value)
     print("# memory bandwidth GB/s, best of start and end: "
           + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()), flush=True)
     for batch in batch_sizes:
-        roofline = batch * bandwidth["best"] * 1e9 / ours[f"decode_b{batch}_bytes_per_step"]
+        roofline = batch * bandwidth["read"] * 1e9 / ours[f"decode_b{batch}_bytes_per_step"]
         ours[f"decode_b{batch}_roofline_tok_s"] = roofline
         ours[f"decode_b{batch}_pct_roofline"] = 100 * ours[f"decode_b{batch}_tok_s"] / roofline
 
@@ -421,23 +690,6 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def _decode_step(model: Transformer, device: torch.device, compile: bool) -> Callable:
-    """One decoding step ``(token [b, 1], pos) -> logits [b, 1, vocab]``: eager ``forward``, or
-    the fixed-shape ``forward_static`` under torch.compile (CUDA graphs on GPU)."""
-    if not compile:
-        return lambda token, pos: model.forward(token, pos, last_only=True)
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    compiled = torch.compile(model.forward_static, mode=mode, fullgraph=False)
-
-    def step(token: torch.Tensor, pos: int) -> torch.Tensor:
-        if device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        # A fresh tensor each step: CUDA graphs replay with the value copied into their input.
-        return compiled(token, torch.tensor([pos], device=device))
-
-    return step
-
-
 def _run_ours(model: Transformer, step: Callable, args: ModelArgs, dev: torch.device, dt: torch.dtype,
               prompt_lens: list[int], batch_sizes: list[int], decode_tokens: int, decode_context: int,
               repeats: int) -> dict[str, Any]:
@@ -445,9 +697,13 @@ def _run_ours(model: Transformer, step: Callable, args: ModelArgs, dev: torch.de
     ours_prefill(model, _prompt(1, 8, args.vocab_size, dev))  # warm-up (kernel selection, allocator)
     for length in prompt_lens:
         prompt = _prompt(1, length, args.vocab_size, dev)
-        seconds = _best_time(lambda p=prompt: ours_prefill(model, p), dev, repeats)
+        record: dict[str, float] = {}
+        with peak_memory(dev, record):
+            seconds = _best_time(lambda p=prompt: ours_prefill(model, p), dev, repeats)
         row[f"prefill_{length}_tok_s"] = length / seconds
-        print(f"  llama3 prefill {length}: {length / seconds:.1f} tok/s", flush=True)
+        row[f"prefill_{length}_peak_mem_gb"] = record["peak_mem_gb"]
+        print(f"  llama3 prefill {length}: {length / seconds:.1f} tok/s, peak memory "
+              f"{record['peak_mem_gb']:.2f} GB", flush=True)
     for batch in batch_sizes:
         prompt = _prompt(batch, decode_context, args.vocab_size, dev)
         # Best of `repeats` runs, by median step time: another process's burst spoils one run.
@@ -484,7 +740,7 @@ def _print_table(results: dict[str, Any]) -> None:
     machine = results["machine"]
     where = machine.get("gpu") or f"{machine['cpu']} ({machine['threads']} threads)"
     print(f"\n{where}, {results['shape']}, {results['dtype']}, bandwidth "
-          f"{results['bandwidth_gb_s']['best']:.1f} GB/s, load avg {machine['load_avg_at_start']:.2f}"
+          f"{results['bandwidth_gb_s']['read']:.1f} GB/s, load avg {machine['load_avg_at_start']:.2f}"
           f" -> {results['load_avg_at_end']:.2f}")
     cols = ([f"prefill_{n}_tok_s" for n in results["prompt_lens"]]
             + [f"decode_b{b}_tok_s" for b in results["batch_sizes"]])
@@ -505,12 +761,11 @@ def _print_table(results: dict[str, Any]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
 
 
-def cli(**kwargs: Any) -> None:
+@functools.wraps(main)
+def cli(*args: Any, **kwargs: Any) -> None:
     """Command line: ``main`` without echoing its result dict."""
-    main(**kwargs)
+    main(*args, **kwargs)
 
-
-cli.__doc__ = main.__doc__
 
 if __name__ == "__main__":
-    fire.Fire(main if "--help" in sys.argv or "-h" in sys.argv else cli)
+    raise SystemExit(fire_strict(cli))

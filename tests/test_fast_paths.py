@@ -4,6 +4,8 @@ measured by scripts/benchmark.py, not here."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -146,3 +148,154 @@ def test_int8_model_decodes_like_the_float_model(dtype, device):
     clear = (top2[..., 0] - top2[..., 1]) > 2 * INT8_MAX_REL * want.abs().max()
     assert clear.sum() >= 5  # the check is not vacuous
     assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+# --- CPU half-precision decode (torch.mv for one row) -------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_single_row_cpu_linear_is_the_product_to_half_precision(dtype):
+    """One bf16/fp16 row on the CPU goes through torch.mv (float32 accumulation); rows in a batch
+    through F.linear. Both equal the float64 product to the dtype's rounding of the result."""
+    from llama3.distributed import _linear
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 2048, generator=g).to(dtype)
+    x = torch.randn(3, 2048, generator=g).to(dtype)
+    want = x.double() @ weight.double().T
+    one = _linear(x[:1, None], weight)  # [1, 1, in]: the decode shape
+    batch = _linear(x, weight)
+    assert one.shape == (1, 1, 300) and one.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    for got, ref in ((one[0], want[:1]), (batch, want)):
+        assert ((got.double() - ref).abs() <= eps * ref.abs() + 1e-3).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_cached_decode_gives_the_recomputed_tokens(dtype):
+    """Decoding with the KV cache (single-row linears: torch.mv) picks the greedy tokens that
+    recomputing the whole sequence at every step (F.linear over all rows, no cache reuse) picks."""
+    model = make_model(dtype=dtype)
+    tokens = prompt(batch=1)
+    got, _ = greedy(model, tokens, eager_step(model))
+    seq = tokens
+    for _ in range(STEPS):
+        nxt = model.forward(seq, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(got, seq[:, tokens.shape[1]:])
+
+
+# --- top-p sampling without a full sort ----------------------------------------------------------
+
+
+def _meta_sample_top_p():
+    """``sample_top_p`` from the llama-models wheel's llama3/generation.py, compiled on its own:
+    importing that module pulls in its multimodal code (torchvision), which the tests do not need."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("pip install --no-deps llama-models (Meta's reference, the test oracle)")
+    source = Path(spec.submodule_search_locations[0], "llama3", "generation.py")
+    tree = ast.parse(source.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "sample_top_p")
+    namespace = {"torch": torch}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(source), "exec"), namespace)
+    return namespace["sample_top_p"]
+
+
+def meta_nucleus(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """The renormalised top-p distribution [batch, vocab] of Meta's own ``sample_top_p`` (the
+    llama-models wheel): its ``torch.multinomial`` is swapped for a stub that hands every sorted
+    position to its final ``gather``, so the function returns its whole sorted order and the
+    distribution it would have drawn from is captured."""
+    captured = {}
+
+    def stub(weights, num_samples):
+        captured["weights"] = weights.clone()
+        return torch.arange(weights.shape[-1]).expand(weights.shape[0], -1)
+
+    original = torch.multinomial
+    torch.multinomial = stub
+    try:
+        order = _meta_sample_top_p()(probs.clone(), p)
+    finally:
+        torch.multinomial = original
+    return torch.zeros_like(probs).scatter_(-1, order, captured["weights"])
+
+
+def our_nucleus(probs: torch.Tensor, p: float) -> torch.Tensor:
+    from llama3.sampling import top_p_mask
+
+    kept = torch.where(top_p_mask(probs, p), probs, 0.0)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def assert_same_nucleus(probs: torch.Tensor, p: float) -> None:
+    """Same kept tokens, same renormalised probabilities (to float32 rounding of the sum). Meta's
+    sort is unstable, so which members of a group of *equal* probabilities at the cut it keeps is
+    unspecified: there only the count and the values must agree (ours keeps the lowest ids)."""
+    want, got = meta_nucleus(probs, p), our_nucleus(probs, p)
+    for w, g, row in zip(want, got, probs, strict=True):
+        smallest_kept = row[g > 0].min()
+        untied = row != smallest_kept
+        assert torch.equal(w[untied] > 0, g[untied] > 0)
+        torch.testing.assert_close(g, w, rtol=2e-6, atol=0) if torch.equal(w > 0, g > 0) else (
+            torch.testing.assert_close(g.sort().values, w.sort().values, rtol=2e-6, atol=0))
+        tied_kept = torch.nonzero((row == smallest_kept) & (g > 0)).flatten()
+        tied_all = torch.nonzero(row == smallest_kept).flatten()
+        assert torch.equal(tied_kept, tied_all[: tied_kept.numel()])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 0.95, 0.999, 1.0])
+def test_top_p_keeps_exactly_metas_nucleus(p):
+    g = torch.Generator().manual_seed(int(p * 1000))
+    # From nearly flat to very peaked logits, at the real vocabulary size and a small one.
+    for vocab, rows in ((128256, 4), (5000, 16)):
+        scales = torch.logspace(-2, 1.3, rows)[:, None]
+        logits = torch.randn(rows, vocab, generator=g) * scales
+        assert_same_nucleus(torch.softmax(logits / 0.6, dim=-1), p)
+
+
+def test_top_p_with_ties_at_the_cut():
+    g = torch.Generator().manual_seed(5)
+    # Logits on a coarse grid: thousands of exactly equal probabilities, so the cut falls inside
+    # a tied group; and a row whose mass is exactly p after its first two tokens (0.5 + 0.25).
+    logits = (torch.randn(6, 128256, generator=g) * 2).round()
+    for p in (0.3, 0.8, 0.9):
+        assert_same_nucleus(torch.softmax(logits, dim=-1), p)
+    # What a bf16 model hands over: logits with a few thousand distinct values, flat enough that
+    # each token carries ~1e-5 of the mass, so the cut often lands within a few float32 ulps of p.
+    flat = torch.randn(64, 8192, generator=g).bfloat16().float()
+    for p in (0.5, 0.9):
+        assert_same_nucleus(torch.softmax(flat / 0.6, dim=-1), p)
+    exact = torch.full((1, 8192), 0.125 / 8190)
+    exact[0, :3] = torch.tensor([0.5, 0.25, 0.125])
+    assert_same_nucleus(exact, 0.75)  # third token: 0.75 before it <= p, kept
+    assert_same_nucleus(exact, 0.7499999)
+
+
+def test_top_p_draws_are_seeded_and_follow_the_nucleus():
+    from llama3.sampling import sample_top_p, top_p_mask
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 128256, generator=g) * torch.tensor([[1.0], [6.0]])
+    probs = torch.softmax(logits, dim=-1)
+    torch.manual_seed(11)
+    first = torch.cat([sample_top_p(probs, 0.9) for _ in range(50)], dim=1)
+    torch.manual_seed(11)
+    again = torch.cat([sample_top_p(probs, 0.9) for _ in range(50)], dim=1)
+    assert torch.equal(first, again)
+    assert top_p_mask(probs, 0.9).gather(1, first).all()
+    # Frequencies on the peaked row (a nucleus of a handful of tokens) match the renormalised
+    # probabilities: 3000 draws, each count within 5 standard deviations.
+    row = probs[1:]
+    want = our_nucleus(row, 0.9)[0]
+    torch.testing.assert_close(want, meta_nucleus(row, 0.9)[0], rtol=2e-6, atol=0)
+    n = 3000
+    drawn = torch.cat([sample_top_p(row, 0.9) for _ in range(n)]).flatten()
+    counts = torch.bincount(drawn, minlength=row.shape[-1]).double()
+    expected = want.double() * n
+    assert counts[want == 0].sum() == 0
+    assert ((counts - expected).abs() <= 5 * expected.sqrt() + 1).all()
