@@ -184,6 +184,9 @@ class Llama:
             quantize_int8(model)
         # Seeded after loading, so whatever the loader drew does not shift the sampling stream.
         torch.manual_seed(seed)
+        if target.type == "cuda" and not compile:
+            logger.info("Decoding eagerly (the readable default); on CUDA, compile=True (--compile) is "
+                        "the fast path: the decode step replayed as CUDA graphs")
         return Llama(model, tokenizer, compile=compile)
 
     # ------------------------------------------------------------------------------ generation
@@ -281,10 +284,14 @@ class Llama:
 
     def _stream_batch(self, batch: Batch, sampling: SamplingParams) -> Iterator[list[str]]:
         decoders = [StreamDecoder(self.tokenizer) for _ in batch.prompt_lens]
-        steps = decode(self.model, self.decode_step, batch, sampling, self.tokenizer.stop_tokens)
+        interval = self.stop_check_interval
+        steps = decode(self.model, self.decode_step, batch, sampling, self.tokenizer.stop_tokens,
+                       check_every=interval)
         me = object()
         first = True
-        while True:
+        lo = hi = -1  # positions decoded but not yet read back from the device: lo..hi
+        finished = False
+        while not finished:
             with self._lock:
                 if first:
                     self._cache_owner, first = me, False
@@ -297,16 +304,28 @@ class Llama:
                         "one Llama per concurrent conversation")
                 cur_pos = next(steps, None)
                 if cur_pos is None:
+                    finished = True
+                else:
+                    lo, hi = (cur_pos if lo < 0 else lo), cur_pos
+                    if hi - lo + 1 < interval:
+                        continue  # an accelerator reads tokens back every few steps, not every step
+                if lo < 0:
                     return
-                column, ends = torch.stack([batch.tokens[:, cur_pos], batch.end]).tolist()
+                # One read back per `interval` steps: the new columns and each row's end.
+                rows = batch.tokens[:, lo : hi + 1].tolist()
+                ends = batch.end.tolist()
             deltas = []
-            for i, (token, end) in enumerate(zip(column, ends, strict=True)):
-                # Output positions of row i: prompt_len .. end - 1. After its last one, flush (a
+            for i, (row, end) in enumerate(zip(rows, ends, strict=True)):
+                # Output positions of row i: prompt_len .. end - 1; after the last one, flush (a
                 # finished row keeps flushing "", which is harmless).
-                text = decoders[i].push(token) if batch.prompt_lens[i] <= cur_pos < end else ""
-                if cur_pos + 1 >= end:
-                    text += decoders[i].flush()
+                text = ""
+                for pos, token in enumerate(row, start=lo):
+                    if batch.prompt_lens[i] <= pos < end:
+                        text += decoders[i].push(token)
+                    if pos + 1 >= end:
+                        text += decoders[i].flush()
                 deltas.append(text)
+            lo = hi = -1
             if any(deltas):
                 yield deltas
 

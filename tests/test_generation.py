@@ -399,6 +399,21 @@ def test_stream_batch_deltas_concatenate_to_the_completions(llama):
         "generation"]
 
 
+def test_stream_reading_back_every_few_steps_gives_the_same_text(llama):
+    # On an accelerator the stream reads tokens back every few steps (no host sync per token);
+    # the text must not depend on how often it reads.
+    texts = ["Once upon a time", "1, 2, 3,", "Bonjour"]
+    full = [r["generation"] for r in llama.text_completion(texts, temperature=0, max_gen_len=10)]
+    every_step = list(llama.stream_text_completion(texts, temperature=0, max_gen_len=10))
+    llama.stop_check_interval = 3
+    try:
+        steps = list(llama.stream_text_completion(texts, temperature=0, max_gen_len=10))
+    finally:
+        llama.stop_check_interval = 1
+    assert ["".join(row) for row in zip(*steps, strict=True)] == full
+    assert len(steps) <= len(every_step) // 3 + 1  # positions read back three at a time
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 
