@@ -182,6 +182,25 @@ def check_sampling(temperature: Any, top_p: Any) -> tuple[float, float]:
     return temperature, top_p
 
 
+def build_llama(ckpt_dir: str, tokenizer_path: str | None, *, temperature: Any, top_p: Any,
+                prefill_chunk: int | None = None, **build_args: Any) -> tuple[Any, float, float]:
+    """What an example script does before generating: check the sampling values and the checkpoint
+    path (before minutes of loading), turn on progress logging, and ``Llama.build`` the model.
+
+    ``build_args`` go to :meth:`~llama3.generation.Llama.build`; ``prefill_chunk=None`` keeps the
+    library's default. Returns ``(llama, temperature, top_p)`` with the sampling values as floats.
+    """
+    temperature, top_p = check_sampling(temperature, top_p)
+    ckpt = require_dir(ckpt_dir)
+    from .generation import Llama
+    from .progress import configure_logging
+
+    configure_logging(True)  # loading progress on stderr (rank 0)
+    if prefill_chunk is not None:
+        build_args["prefill_chunk"] = prefill_chunk
+    return Llama.build(ckpt, tokenizer_path, **build_args), temperature, top_p
+
+
 # --- fire -------------------------------------------------------------------------------------
 
 _FIRE_FLAGS = {"help"}

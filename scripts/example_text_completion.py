@@ -8,11 +8,8 @@ Every rank runs the model; only rank 0 prints.
 
 from __future__ import annotations
 
-import os
-
-from llama3.cli import check_sampling, fire_strict, require_dir
-from llama3.generation import Llama
-from llama3.progress import configure_logging
+from llama3.cli import build_llama, fire_strict
+from llama3.progress import is_rank_zero
 
 PROMPTS = [
     # Plain continuation
@@ -70,17 +67,15 @@ def main(
         quantize: "int8" for int8 weight-only linear layers.
         prefill_chunk: process prompts in chunks of this many tokens (default: the library's).
     """
-    temperature, top_p = check_sampling(temperature, top_p)
-    require_dir(ckpt_dir)
-    configure_logging(True)  # loading progress on stderr (rank 0)
-    options = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size, seed,
-                            device=device, dtype=dtype, rope_scale_factor=rope_scale_factor,
-                            compile=compile, quantize=quantize, **options)
+    generator, temperature, top_p = build_llama(
+        ckpt_dir, tokenizer_path, temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size, model_parallel_size=model_parallel_size, seed=seed, device=device,
+        dtype=dtype, rope_scale_factor=rope_scale_factor, compile=compile, quantize=quantize,
+        prefill_chunk=prefill_chunk)
     prompts = PROMPTS[:max_batch_size]
     results = generator.text_completion(prompts, temperature=temperature, top_p=top_p,
                                         max_gen_len=max_gen_len)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_rank_zero():
         return
     for prompt, result in zip(prompts, results, strict=True):
         print(prompt)

@@ -13,14 +13,9 @@ checkpoint runs too; it just will not call the tool. Every rank runs the model; 
 
 from __future__ import annotations
 
-import inspect
 import json
-import os
-import sys
 from datetime import date
 from typing import Any
-
-import fire
 
 from llama3.chat_format import (
     TOOL_PROMPT_FORMATS,
@@ -34,7 +29,8 @@ from llama3.chat_format import (
     json_tools_prompt,
     python_list_tools_prompt,
 )
-from llama3.generation import Llama
+from llama3.cli import UsageError, build_llama, fire_strict
+from llama3.progress import is_rank_zero
 from llama3.tool_session import as_assistant_message
 
 GET_WEATHER = ToolDefinition(
@@ -100,11 +96,13 @@ def main(
 ) -> None:
     """Ask ``question`` with the get_weather tool available and print every step."""
     if tool_format not in TOOL_PROMPT_FORMATS:
-        fail(f"--tool_format must be one of {', '.join(TOOL_PROMPT_FORMATS)}, got {tool_format!r}")
-    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, model_parallel_size, seed,
-                            device=device, dtype=dtype, rope_scale_factor=rope_scale_factor,
-                            compile=compile, quantize=quantize)
-    show = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
+        raise UsageError(f"--tool_format must be one of {', '.join(TOOL_PROMPT_FORMATS)}, "
+                         f"got {tool_format!r}")
+    generator, temperature, top_p = build_llama(
+        ckpt_dir, tokenizer_path, temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
+        max_batch_size=1, model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype,
+        rope_scale_factor=rope_scale_factor, compile=compile, quantize=quantize)
+    show = print if is_rank_zero() else (lambda *a, **k: None)
     dialog = build_dialog(question, tool_format)
     for message in dialog:
         show(f"--- {message['role']}\n{message['content']}\n")
@@ -125,23 +123,5 @@ def main(
     show(f"--- stopped after {max_tool_rounds} rounds of tool calls")
 
 
-def fail(message: str) -> None:
-    """A user error: one line on stderr, exit status 2."""
-    print(f"example_tool_calling.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def reject_unknown_flags(fn: Any, argv: list[str]) -> None:
-    """Exit 2 on a flag ``fn`` does not take (fire would run first and complain only afterwards)."""
-    names = set(inspect.signature(fn).parameters)
-    names |= {n.replace("_", "-") for n in names} | {"no" + n for n in names} | {"help"}
-    for arg in argv:
-        if arg == "--":
-            break
-        if arg.startswith("--") and arg[2:].split("=", 1)[0] not in names:
-            fail(f"unknown flag {arg.split('=', 1)[0]}; run with --help for the flags")
-
-
 if __name__ == "__main__":
-    reject_unknown_flags(main, sys.argv[1:])
-    fire.Fire(main)
+    raise SystemExit(fire_strict(main))
