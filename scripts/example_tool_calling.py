@@ -94,7 +94,26 @@ def main(
     compile: bool = False,
     quantize: str | None = None,
 ) -> None:
-    """Ask ``question`` with the get_weather tool available and print every step."""
+    """Ask ``question`` with the get_weather tool available and print every step.
+
+    Args:
+        ckpt_dir: checkpoint directory of a Llama 3.1+ instruct model (Meta or Hugging Face format).
+        tokenizer_path: Meta's tokenizer.model (default: found beside the checkpoint).
+        question: the user's question.
+        tool_format: how the tool is described and called: json, function_tag or python_list (3.2).
+        temperature: sampling temperature; 0 is greedy decoding.
+        top_p: nucleus (top-p) sampling threshold, in (0, 1].
+        max_seq_len: context length (prompt + answers) to allocate the KV cache for.
+        max_gen_len: the most new tokens per reply.
+        max_tool_rounds: tool calls answered before giving up on a final answer.
+        model_parallel_size: ranks to split the model across (default: every torchrun process).
+        seed: random seed, the same on every rank.
+        device: cuda, mps or cpu (default: the best available).
+        dtype: bfloat16, float16 or float32 (default: the device's preferred one).
+        rope_scale_factor: override the Llama 3.1+ RoPE scaling factor (32 for Llama 3.2).
+        compile: decode with torch.compile.
+        quantize: "int8" for int8 weight-only linear layers.
+    """
     if tool_format not in TOOL_PROMPT_FORMATS:
         raise UsageError(f"--tool_format must be one of {', '.join(TOOL_PROMPT_FORMATS)}, "
                          f"got {tool_format!r}")
