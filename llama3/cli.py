@@ -100,13 +100,10 @@ def add_subparsers(parser: argparse.ArgumentParser, **kwargs: Any) -> Any:
 def _user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [UsageError, FileNotFoundError, NotADirectoryError,
                                         IsADirectoryError, PermissionError, ValueError]
-    try:
-        from .checkpoint import CheckpointError
-    except ImportError:  # pragma: no cover - the package always has it
-        pass
-    else:
-        types.append(CheckpointError)
-    return tuple(types)
+    from .checkpoint import CheckpointError
+    from .distributed import ModelParallelError
+
+    return (*types, CheckpointError, ModelParallelError)
 
 
 def _one_line(exc: BaseException) -> str:

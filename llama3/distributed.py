@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -50,6 +51,35 @@ def _under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
+def _launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun (torch.distributed.run) for its workers
+
+
+def _join_process_group(backend: str) -> None:
+    """Join the job described by WORLD_SIZE / RANK / MASTER_ADDR / MASTER_PORT.
+
+    Under torchrun the other ranks exist, and PyTorch's default timeouts apply. Without torchrun
+    the variables may be leftovers of an earlier job in this shell: then the rendezvous waits at
+    most ``LLAMA3_RENDEZVOUS_TIMEOUT`` seconds (default 60) and fails with a message naming them,
+    instead of waiting for ranks that never come.
+    """
+    if _launched_by_torchrun():
+        dist.init_process_group(backend)
+        return
+    seconds = float(os.environ.get("LLAMA3_RENDEZVOUS_TIMEOUT", "60"))
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=seconds))
+    except (RuntimeError, ValueError) as exc:  # a store timeout, a refused connection, a bad port
+        found = ", ".join(f"{name}={os.environ[name]}" for name in
+                          ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT") if name in os.environ)
+        raise ModelParallelError(
+            f"this process was not started by torchrun, but {found} say it is one rank of a "
+            f"{os.environ['WORLD_SIZE']}-process job, and the other ranks did not join within {seconds:g} s "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). For a single process, "
+            "unset WORLD_SIZE, RANK and MASTER_ADDR (leftovers of an earlier job?); for several, launch "
+            "with torchrun --nproc_per_node N") from None
+
+
 def init_model_parallel(model_parallel_size: int | None = None, *, backend: str | None = None) -> int:
     """Make sure ``torch.distributed`` and fairscale's model-parallel groups exist.
 
@@ -62,12 +92,12 @@ def init_model_parallel(model_parallel_size: int | None = None, *, backend: str 
     Returns the model-parallel world size.
     """
     if not dist.is_initialized():
-        if _under_torchrun():
+        if _under_torchrun() and (_launched_by_torchrun() or os.environ["WORLD_SIZE"] != "1"):
             if backend is None:
                 backend = "nccl" if torch.cuda.is_available() else "gloo"
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend)
+            _join_process_group(backend)
         else:
             # Single process: a HashStore needs no address, port or environment variables.
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

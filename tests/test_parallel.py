@@ -196,3 +196,31 @@ def test_int8_model_parallel_logits_stay_close_to_the_float_model(setup, results
         assert got[key].shape == want[key].shape
         assert error.abs().max() <= 0.05 * want[key].abs().max()
         assert error.norm() <= 0.04 * want[key].norm()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_reliability_leftover_torchrun_variables_fail_fast(rank):
+    # WORLD_SIZE/RANK/MASTER_ADDR left in the shell by an earlier job, no torchrun: a plain process
+    # must not wait forever for ranks that never come; it fails in bounded time naming the variables.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")}
+    env.update(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               LLAMA3_RENDEZVOUS_TIMEOUT="2", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    code = "from llama3.distributed import init_model_parallel; init_model_parallel()"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "ModelParallelError" in proc.stderr and "WORLD_SIZE=2" in proc.stderr and "torchrun" in proc.stderr
+
+
+def test_reliability_leftover_single_rank_variables_need_no_rendezvous():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")}
+    env.update(WORLD_SIZE="1", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    code = "from llama3.distributed import init_model_parallel; print(init_model_parallel())"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr
