@@ -532,7 +532,8 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
          quantize: str | None = None, batch_sizes: Any = None, prompt_lens: Any = None,
          decode_tokens: int | None = None, decode_context: int | None = None, repeats: int = 2,
          compare: str | None = None, threads: int | None = None, out: str | None = None,
-         max_seq_lens: Any = None, table: bool = False, precisions: Any = "bf16,fp16,int8") -> dict:
+         max_seq_lens: Any = None, table: bool = False, precisions: Any = "bf16,fp16,int8",
+         bandwidth_gib: float | None = None) -> dict:
     """Run the benchmark; print a table; write JSON to ``out`` if given. Returns the results.
 
     Args:
@@ -558,12 +559,15 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
             without compile, greedy and top-p 0.9, % of the read bandwidth; with
             ``compare="llamacpp"`` llama.cpp on the same weights too.
         precisions: for ``table``: any of bf16, fp16, int8 (int8 weights, bf16 activations).
+        bandwidth_gib: size of the bandwidth probes' buffer (default 1 GiB on CPU, 4 on GPU; it must
+            exceed the caches: smaller only for quick dry runs).
     """
     if threads:
         torch.set_num_threads(threads)
     dev = select_device(device)
     dt = select_dtype(dev, dtype)
     on_cpu = dev.type == "cpu"
+    probe_gib = bandwidth_gib or (1.0 if on_cpu else 4.0)
     batch_sizes = _as_ints(batch_sizes, (1, 8))
     prompt_lens = _as_ints(prompt_lens, (128,) if on_cpu else (512, 2048))
     decode_tokens = decode_tokens or (16 if on_cpu else 128)
@@ -592,7 +596,7 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
                 json.dump(result, f, indent=2)
         return result
 
-    bandwidth = measure_bandwidth(dev, gib=1.0 if on_cpu else 4.0)
+    bandwidth = measure_bandwidth(dev, gib=probe_gib)
     print("# memory bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()), flush=True)
 
     mode = "+".join(m for m in ("eager" if not compile else "compile", quantize) if m)
@@ -657,7 +661,7 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
         ours["decode_b1_by_max_seq_len"] = by_seq_len
 
     # Other processes only ever lower a bandwidth reading: measure again at the end, keep the best.
-    for probe, value in measure_bandwidth(dev, gib=1.0 if on_cpu else 4.0).items():
+    for probe, value in measure_bandwidth(dev, gib=probe_gib).items():
         bandwidth[probe] = max(bandwidth[probe], value)
     print("# memory bandwidth GB/s, best of start and end: "
           + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()), flush=True)
