@@ -15,7 +15,7 @@ from typing import NoReturn
 import pytest
 import torch
 
-from llama3.model import Transformer
+from llama3.model import ModelArgs, Transformer
 from llama3.presets import PRESETS, preset_args, write_random_checkpoint
 
 # ----------------------------------------------------------------------------------
@@ -93,19 +93,26 @@ def meta_tokenizer(llama3_tokenizer_path: Path):
 # ----------------------------------------------------------------------------------
 
 
-def tiny_model(preset: str = "test-chat", *, seed: int = 0, std: float = 0.1, norm_gains: bool = False,
-               dtype: torch.dtype = torch.float32, device: str = "cpu", **overrides) -> Transformer:
-    """A Transformer of preset ``preset`` (with ModelArgs ``overrides``) and random weights: torch
-    seeded with ``seed``, matrices ~ N(0, std²) — larger than the default init, so greedy choices
-    have clear margins — and norm gains 1, or ~ U(0.5, 1.5) with ``norm_gains``. In eval mode."""
+def random_model(args: ModelArgs, *, seed: int = 0, std: float = 0.1,
+                 norm_gains: bool = False) -> Transformer:
+    """A Transformer for ``args`` with random weights: torch seeded with ``seed``, matrices ~ N(0, std²)
+    — larger than the default init, so greedy choices have clear margins and every position's
+    attention pattern matters — and norm gains 1, or ~ U(0.5, 1.5) with ``norm_gains``."""
     torch.manual_seed(seed)
-    model = Transformer(preset_args(preset, **overrides))
+    model = Transformer(args)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
                 p.normal_(0.0, std)
             elif norm_gains:
                 p.uniform_(0.5, 1.5)
+    return model
+
+
+def tiny_model(preset: str = "test-chat", *, seed: int = 0, std: float = 0.1, norm_gains: bool = False,
+               dtype: torch.dtype = torch.float32, device: str = "cpu", **overrides) -> Transformer:
+    """:func:`random_model` of preset ``preset`` (with ModelArgs ``overrides``), in eval mode."""
+    model = random_model(preset_args(preset, **overrides), seed=seed, std=std, norm_gains=norm_gains)
     return model.to(device=device, dtype=dtype).eval()
 
 

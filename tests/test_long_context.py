@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import random_model
 
 import llama3.memory as memory
 import llama3.model as model_module
@@ -31,16 +32,9 @@ CONFIGS = {
 
 
 def make_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**{**BASE, **overrides}))
-    with torch.no_grad():
-        # Larger than the default init so that every position's attention pattern matters.
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.08)
-    return model
+    # Larger than the default init so that eps, norm gains, head grouping and every position's
+    # attention pattern all move the logits.
+    return random_model(ModelArgs(**{**BASE, **overrides}), seed=seed, std=0.08, norm_gains=True)
 
 
 def random_tokens(bsz: int, seqlen: int, vocab: int = BASE["vocab_size"], seed: int = 1) -> torch.Tensor:

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import random_model
 
 from llama3 import ModelArgs, Transformer
 from llama3.distributed import init_model_parallel
@@ -36,16 +37,9 @@ SEQ = 300
 
 
 def make_model(overrides: dict, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**{**BASE, **overrides}))
-    with torch.no_grad():
-        # Larger than the default init so that eps, norm gains and head grouping all move logits.
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.08)
-    return model
+    # Larger than the default init so that eps, norm gains, head grouping and every position's
+    # attention pattern all move the logits.
+    return random_model(ModelArgs(**{**BASE, **overrides}), seed=seed, std=0.08, norm_gains=True)
 
 
 def meta_transformer(**kwargs) -> torch.nn.Module:
