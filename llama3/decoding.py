@@ -44,6 +44,7 @@ __all__ = ["Batch", "DecodeStep", "NonFiniteLogitsError", "SamplingParams", "dec
 
 logger = logging.getLogger(__name__)
 
+
 class NonFiniteLogitsError(RuntimeError):
     """The model produced NaN or infinite logits."""
 
@@ -110,6 +111,7 @@ def make_decode_step(model: torch.nn.Module, compile: bool, *, static: bool | No
 
         return eager_step
     return _StaticStep(model, compile)
+
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device ``model`` runs on (its token embedding's)."""

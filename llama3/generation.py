@@ -311,11 +311,10 @@ class Llama:
                         continue  # an accelerator reads tokens back every few steps, not every step
                 if lo < 0:
                     return
-                # One read back per `interval` steps: the new columns and each row's end.
-                rows = batch.tokens[:, lo : hi + 1].tolist()
-                ends = batch.end.tolist()
+                # One read back per `interval` steps: the new columns and each row's end, together.
+                rows = torch.cat([batch.tokens[:, lo : hi + 1], batch.end[:, None]], dim=1).tolist()
             deltas = []
-            for i, (row, end) in enumerate(zip(rows, ends, strict=True)):
+            for i, (*row, end) in enumerate(rows):
                 # Output positions of row i: prompt_len .. end - 1; after the last one, flush (a
                 # finished row keeps flushing "", which is harmless).
                 text = ""

@@ -91,12 +91,11 @@ def _nucleus(row: torch.Tensor, p: float) -> _Nucleus | None:
     cumulative = above + torch.cumsum(values.double(), 0)
     before = cumulative - values.double()
     n_keep = int((before <= p).sum())  # >= 1: the first has `above` <= p before it
-    margin = _MARGIN
     last_before = float(before[n_keep - 1])
-    if last_before > 0 and p - last_before < margin:
+    if last_before > 0 and p - last_before < _MARGIN:
         return None
     dropped_before = float(cumulative[n_keep - 1])
-    if (n_keep < ids.numel() or cut > 0) and dropped_before - p < margin:
+    if (n_keep < ids.numel() or cut > 0) and dropped_before - p < _MARGIN:
         return None
     return _Nucleus(key, mass, cut, ids[:n_keep], values[:n_keep])
 
