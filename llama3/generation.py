@@ -28,6 +28,7 @@ from typing import Any, TypedDict, overload
 import torch
 
 from .chat_format import ChatFormat, Dialog, Message, validate_dialog
+from .cpu_linear import fbgemm_is_the_fast_path, pack_linear_layers
 from .decoding import (
     Batch,
     DecodeStep,
@@ -123,6 +124,7 @@ class Llama:
         quantize: str | None = None,
         prefill_chunk: int = 2048,
         verbose: bool = True,
+        fbgemm: bool | None = None,
     ) -> Llama:
         """Load a checkpoint (Meta or Hugging Face format) and its tokenizer.
 
@@ -147,12 +149,18 @@ class Llama:
             prefill_chunk: prompts are processed this many tokens at a time (bounds the memory of
                 long prompts).
             verbose: log progress (loading, cache size, compile warm-up, long generations) to stderr.
+            fbgemm: hold the linear layers' weights packed for FBGEMM's float16 kernels
+                (``llama3.cpu_linear``). ``None`` (default): when that is the fast path, i.e. a
+                bfloat16/float16 model (not quantized, not a tiny test shape) on an x86 CPU without
+                bfloat16 matrix units; ``False``: keep torch's kernels.
 
         Raises:
             NotEnoughMemoryError: weights + KV cache exceed the device's free memory.
             ValueError: a bad argument, or a tokenizer whose vocabulary is not the model's.
         """
         configure_logging(verbose)
+        if fbgemm and quantize is not None:
+            raise ValueError("fbgemm=True packs bfloat16/float16 weights; it does not combine with quantize")
         if quantize is not None and quantize not in _QUANTIZE_MODES:
             raise ValueError(f"unknown quantize={quantize!r}; choose one of {', '.join(_QUANTIZE_MODES)} "
                              "or None")
@@ -182,6 +190,9 @@ class Llama:
             from .quantize import quantize_int8  # imported only when asked for
 
             quantize_int8(model)
+        elif fbgemm or (fbgemm is None and fbgemm_is_the_fast_path(target, select_dtype(target, dtype),
+                                                                    args.dim)):
+            pack_linear_layers(model)
         # Seeded after loading, so whatever the loader drew does not shift the sampling stream.
         torch.manual_seed(seed)
         if target.type == "cuda" and not compile:

@@ -9,7 +9,9 @@ optionally, Hugging Face transformers on the same weights, in the same process.
 
 ``--table`` is the README's CPU speed table: batch-1 decode in bf16, fp16 and int8, each with and
 without torch.compile, greedy and top-p 0.9, as % of the read bandwidth, the configurations run
-interleaved round by round; ``--compare llamacpp`` adds llama.cpp (llama-cpp-python) on the same
+interleaved round by round (``--precisions bf16,bf16-torch,...`` adds rows with torch's kernels
+instead of the FBGEMM-packed ones ``Llama.build`` picks on x86 CPUs without bfloat16 matrix units);
+``--compare llamacpp`` adds llama.cpp (llama-cpp-python) on the same
 weights written as GGUF (BF16 / F16 / Q8_0), timed in the same run (``pip install -e .[bench]``).
 
 What is measured (all greedy, batch of identical-length random prompts):
@@ -136,8 +138,9 @@ def decode_bytes_per_step(model: torch.nn.Module, args: ModelArgs, batch: int, k
     """(weight bytes, KV-cache bytes) one decoding step must read: every parameter and buffer of
     the linear layers and norms (int8 weights and their scales after quantization; the token
     embedding only for the ``batch`` rows looked up, unless it is the output projection too) and
-    keys and values of ``kv_len`` positions."""
-    weight_bytes = 0
+    keys and values of ``kv_len`` positions. Layers packed for FBGEMM count their weight's bytes (a
+    float16 pack is the size of the bfloat16 weight it replaced)."""
+    weight_bytes = sum(m.weight_nbytes for m in model.modules() if hasattr(m, "packs"))
     seen: set[int] = set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if id(t) in seen or "kv_cache" in name:
@@ -276,9 +279,31 @@ def _decode_summary(row: dict[str, Any], batch: int, times: list[float]) -> floa
 
 # --- the README speed table: precisions x compile x sampling, interleaved; llama.cpp alongside ------
 
-# name -> (weight dtype, quantization)
-PRECISIONS: dict[str, tuple[torch.dtype, str | None]] = {
-    "bf16": (torch.bfloat16, None), "fp16": (torch.float16, None), "int8": (torch.bfloat16, "int8")}
+# name -> (weight dtype, quantization, fbgemm): fbgemm None = the library's choice (llama3.cpu_linear:
+# FBGEMM-packed float16 on x86 CPUs without bfloat16 matrix units), False = torch's kernels only.
+PRECISIONS: dict[str, tuple[torch.dtype, str | None, bool | None]] = {
+    "bf16": (torch.bfloat16, None, None), "fp16": (torch.float16, None, None),
+    "int8": (torch.bfloat16, "int8", None),
+    "bf16-torch": (torch.bfloat16, None, False), "fp16-torch": (torch.float16, None, False)}
+
+
+def prepare(model: Transformer, quantize: str | None, fbgemm: bool | None) -> str:
+    """Quantize (``"int8"``) or pack the linear layers of ``model`` for FBGEMM as ``Llama.build``
+    would; returns the kernels the linear layers use, for the tables."""
+    from llama3.cpu_linear import fbgemm_is_the_fast_path, pack_linear_layers
+
+    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+    if quantize == "int8":
+        from llama3.quantize import quantize_int8
+
+        quantize_int8(model)
+        return "int8"
+    if quantize:
+        raise ValueError(f"unknown quantize={quantize!r} (int8 is the one we have)")
+    if fbgemm or (fbgemm is None and fbgemm_is_the_fast_path(device, dtype, model.params.dim)):
+        pack_linear_layers(model)
+        return "fbgemm"
+    return "torch"
 TOP_P = dict(temperature=0.6, top_p=0.9)  # the library's defaults
 
 
@@ -322,14 +347,11 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
     bandwidth = measure_bandwidth(device)
     print("# read bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()), flush=True)
     max_seq_len = decode_context + decode_tokens + 16
-    models, cells = {}, {}
+    models, cells, kernels = {}, {}, {}
     for name in precisions:
-        dtype, quantize = PRECISIONS[name]
+        dtype, quantize, fbgemm = PRECISIONS[name]
         model = build_model(shape, None, n_layers, device, dtype, 1, max_seq_len)
-        if quantize:
-            from llama3.quantize import quantize_int8
-
-            quantize_int8(model)
+        kernels[name] = prepare(model, quantize, fbgemm)
         models[name] = model
         mean_kv = decode_context + 2 + decode_tokens // 2
         w_bytes, kv_bytes = decode_bytes_per_step(model, model.params, 1, mean_kv, dtype)
@@ -362,7 +384,13 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
     llamacpp = {}
     if compare == "llamacpp":
         for name in precisions:
-            llamacpp[name] = run_llamacpp(models[name], name, prompt, decode_tokens, repeats)
+            dtype, quantize, _ = PRECISIONS[name]
+            # GGUF is written from the float weights: packing dropped them, so rebuild the same ones.
+            plain = build_model(shape, None, n_layers, device, dtype, 1, max_seq_len)
+            if quantize:
+                prepare(plain, quantize, False)
+            llamacpp[name] = run_llamacpp(plain, name.removesuffix("-torch"), prompt, decode_tokens, repeats)
+            del plain
             ours = next(r for r in rows if r["precision"] == name and r["sampling"] == "greedy")
             # Random weights have near-tied logits: a rounding difference can flip a greedy choice
             # (and everything after it), so the logits are the real check.
@@ -378,7 +406,12 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
         bandwidth[probe] = max(bandwidth[probe], value)
     for row in rows:
         row["pct_read_bw"] = 100 * row["tok_s"] * row["read_gb_per_token"] / bandwidth["read"]
+    for row in rows:
+        row["kernels"] = kernels[row["precision"]]
     return dict(bandwidth_gb_s=bandwidth, rows=rows, llamacpp=llamacpp)
+
+
+KERNEL_NAMES = {"fbgemm": "FBGEMM fp16", "torch": "torch", "int8": "torch int8"}
 
 
 def print_speed_table(result: dict[str, Any], machine: dict[str, Any], shape_name: str) -> None:
@@ -389,8 +422,9 @@ def print_speed_table(result: dict[str, Any], machine: dict[str, Any], shape_nam
           f"read bandwidth {bw:.1f} GB/s; load average {machine['load_avg_at_start']:.1f} -> "
           f"{os.getloadavg()[0]:.1f}\n")
     has_cpp = bool(result["llamacpp"])
-    head = "| precision | compile | greedy tok/s | top-p 0.9 tok/s | % of read bandwidth (greedy) |"
-    sep = "|---|---|---|---|---|"
+    head = ("| precision | linear kernels | compile | greedy tok/s | top-p 0.9 tok/s | % of read bandwidth "
+            "(greedy) |")
+    sep = "|---|---|---|---|---|---|"
     if has_cpp:
         head += " llama.cpp greedy tok/s | ratio |"
         sep += "---|---|"
@@ -401,7 +435,8 @@ def print_speed_table(result: dict[str, Any], machine: dict[str, Any], shape_nam
             continue
         sampled = next(r for r in result["rows"] if r["precision"] == row["precision"]
                        and r["compile"] == row["compile"] and r["sampling"] != "greedy")
-        line = (f"| {row['precision']} | {'yes' if row['compile'] else 'no'} | {row['tok_s']:.1f} | "
+        line = (f"| {row['precision'].removesuffix('-torch')} | {KERNEL_NAMES[row['kernels']]} | "
+                f"{'yes' if row['compile'] else 'no'} | {row['tok_s']:.1f} | "
                 f"{sampled['tok_s']:.1f} | {row['pct_read_bw']:.0f} % |")
         if has_cpp:
             cpp = result["llamacpp"][row["precision"]]
@@ -533,7 +568,7 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
          decode_tokens: int | None = None, decode_context: int | None = None, repeats: int = 2,
          compare: str | None = None, threads: int | None = None, out: str | None = None,
          max_seq_lens: Any = None, table: bool = False, precisions: Any = "bf16,fp16,int8",
-         bandwidth_gib: float | None = None) -> dict:
+         bandwidth_gib: float | None = None, fbgemm: bool | None = None) -> dict:
     """Run the benchmark; print a table; write JSON to ``out`` if given. Returns the results.
 
     Args:
@@ -544,6 +579,8 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
         device: cpu / cuda / ... (default: llama3's choice).
         compile: decode with torch.compile(model.forward_static) (CUDA: mode="reduce-overhead").
         quantize: "int8" for int8 weight-only linear layers.
+        fbgemm: pack bfloat16/float16 linear layers for FBGEMM (llama3.cpu_linear); default: as
+            ``Llama.build`` does (on x86 CPUs without bfloat16 matrix units); False: torch's kernels.
         batch_sizes: decode batch sizes, e.g. "1,8" (default 1,8).
         prompt_lens: prefill prompt lengths (default CPU 128; CUDA 512,2048).
         decode_tokens: timed decode steps (default CPU 16, CUDA 128).
@@ -558,7 +595,8 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
         table: the README speed table instead: batch-1 decode for each of ``precisions``, with and
             without compile, greedy and top-p 0.9, % of the read bandwidth; with
             ``compare="llamacpp"`` llama.cpp on the same weights too.
-        precisions: for ``table``: any of bf16, fp16, int8 (int8 weights, bf16 activations).
+        precisions: for ``table``: any of bf16, fp16, int8 (int8 weights, bf16 activations), and
+            bf16-torch, fp16-torch (torch's kernels, not FBGEMM's, for comparison).
         bandwidth_gib: size of the bandwidth probes' buffer (default 1 GiB on CPU, 4 on GPU; it must
             exceed the caches: smaller only for quick dry runs).
     """
@@ -605,16 +643,12 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
     with peak_memory(dev, record):
         model = build_model(shape, ckpt_dir, n_layers, dev, dt, max_batch, max_seq_len)
         args = model.params
-        if quantize == "int8":
-            from llama3.quantize import quantize_int8
-
-            quantize_int8(model)
-        elif quantize:
-            raise ValueError(f"unknown quantize={quantize!r} (int8 is the one we have)")
+        kernels = prepare(model, quantize, fbgemm)
         step = make_decode_step(model, compile)
         ours = _run_ours(model, step, args, dev, dt, prompt_lens, batch_sizes, decode_tokens,
                          decode_context, repeats)
-    ours.update(impl="llama3", mode=mode, peak_mem_gb=record["peak_mem_gb"])
+    ours.update(impl="llama3", mode=mode, linear_kernels=KERNEL_NAMES[kernels],
+                peak_mem_gb=record["peak_mem_gb"])
     rows.append(ours)
     del model, step
     gc.collect()
@@ -645,10 +679,7 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
     by_seq_len: dict[int, float] = {}
     for msl in seq_lens:  # decode at a short position in models built for different context sizes
         model = build_model(shape, ckpt_dir, n_layers, dev, dt, 1, msl)
-        if quantize == "int8":
-            from llama3.quantize import quantize_int8
-
-            quantize_int8(model)
+        prepare(model, quantize, fbgemm)
         step = make_decode_step(model, compile)
         prompt = _prompt(1, decode_context, args.vocab_size, dev)
         runs = [ours_decode(model, step, prompt, decode_tokens, dev) for _ in range(repeats)]
@@ -754,7 +785,8 @@ def _print_table(results: dict[str, Any]) -> None:
     for row in results["rows"]:
         pct = [f"{row[f'decode_b{b}_pct_roofline']:.0f}%" if f"decode_b{b}_pct_roofline" in row else "-"
                for b in results["batch_sizes"]]
-        lines.append([row["impl"], row["mode"]] + [f"{row.get(c, float('nan')):.2f}" for c in cols]
+        mode = row["mode"] + (f" ({row['linear_kernels']})" if "linear_kernels" in row else "")
+        lines.append([row["impl"], mode] + [f"{row.get(c, float('nan')):.2f}" for c in cols]
                      + pct + [f"{row['peak_mem_gb']:.1f}"])
         if "vs_transformers" in row:
             lines.append(["  ratio", "vs transformers"] + [

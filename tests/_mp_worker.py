@@ -10,6 +10,7 @@ job's result is per rank. Kinds:
   every millisecond) above what it was before, and the bytes of its own slice (every rank);
 * ``logits``: load it; save the logits of a prompt and of one decoding step (rank 0);
 * ``int8``: the same after ``quantize_int8`` (each rank quantizes its slice);
+* ``fbgemm``: the same in float16 after ``pack_linear_layers`` (each rank packs its slice);
 * ``compile``: load it; greedy-decode with eager ``forward`` and with
   ``torch.compile(model.forward_static)``; save both token sequences and the graph breaks and
   graphs dynamo counted (rank 0; breaks summed over ranks). The backend is
@@ -132,7 +133,17 @@ def int8_logits(job: dict, tokens: torch.Tensor) -> dict:
     return logits_of(model, tokens)
 
 
-KINDS = {"memory": memory, "logits": logits, "compile": compiled, "int8": int8_logits}
+def fbgemm_logits(job: dict, tokens: torch.Tensor) -> dict:
+    from llama3.cpu_linear import pack_linear_layers
+
+    model = load_model(job["ckpt"], max_seq_len=tokens.shape[1] + 4, max_batch_size=tokens.shape[0],
+                       device="cpu", dtype="float16", verbose=False)
+    packed = pack_linear_layers(model)  # each rank packs its own slice
+    return {**logits_of(model, tokens), "packed": packed}
+
+
+KINDS = {"memory": memory, "logits": logits, "compile": compiled, "int8": int8_logits,
+         "fbgemm": fbgemm_logits}
 
 
 def main(jobs_path: str) -> None:

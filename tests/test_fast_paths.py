@@ -71,6 +71,42 @@ def test_compiled_decode_gives_the_eager_tokens(device):
     assert (got_logits - want_logits).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_cpu_decode_in_reduced_precision_gives_the_eager_tokens(dtype):
+    """Batch-1 bfloat16/float16 decoding on the CPU computes each linear layer as a GEMV: eagerly
+    with torch.mv, compiled as inductor's fused multiply-and-sum over a float32 input row. Both
+    accumulate in float32, so the compiled step decodes eager's greedy tokens, logits equal up to
+    the rounding of the activations to ``dtype``."""
+    torch._dynamo.reset()
+    model = make_model(dtype=dtype)
+    tokens = prompt(batch=1)  # one row: the GEMV paths
+    want, want_logits = greedy(model, tokens, eager_step(model))
+
+    got, got_logits = greedy(model, tokens, make_decode_step(model, compile=True))
+    assert torch.equal(got, want)
+    step = torch.finfo(dtype).eps * want_logits.abs().max().item()  # one unit of the dtype's rounding
+    assert (got_logits - want_logits).abs().max().item() <= 4 * step
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_cpu_gemv_accumulates_in_float32(dtype):
+    """The compiled single-row product equals x Wᵀ computed in float64 to within the final rounding
+    to ``dtype`` (plus float32 summation error): no intermediate rounding to ``dtype``. Rows of
+    4096 and 8192 inputs, the shapes of the 8B model's projections."""
+    from llama3.distributed import _linear
+
+    gemv = torch.compile(_linear, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for n_in in (4096, 8192):
+        x = torch.randn(1, 1, n_in, generator=g).to(dtype)
+        weight = (torch.randn(96, n_in, generator=g) / n_in**0.5).to(dtype)
+        exact = (x.double() @ weight.double().T)
+        for got in (gemv(x, weight), _linear(x, weight)):  # compiled, eager (torch.mv)
+            assert got.dtype == dtype and got.shape == (1, 1, 96)
+            ulp = torch.finfo(dtype).eps * exact.abs()
+            assert ((got.double() - exact).abs() <= ulp + 1e-5).all()
+
+
 # --- int8 weight-only quantization -------------------------------------------------------------------
 
 
