@@ -38,8 +38,8 @@ from .distributed import (
     model_parallel_world_size,
 )
 
-__all__ = ["PackedColumnParallelLinear", "PackedRowParallelLinear", "fbgemm_is_the_fast_path",
-           "pack_linear_layers"]
+__all__ = ["PackedColumnParallelLinear", "PackedRowParallelLinear", "fbgemm_available",
+           "fbgemm_is_the_fast_path", "pack_linear_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ _FP16_MAX = torch.finfo(torch.float16).max
 _ROWS_PER_PACK = 16384
 
 
-def _fbgemm_available() -> bool:
+def fbgemm_available() -> bool:
+    """Whether this torch build has FBGEMM's float16 GEMM (x86 builds do; ARM ones do not)."""
     return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
         torch.ops.quantized, "linear_prepack_fp16")
 
@@ -71,7 +72,7 @@ def fbgemm_is_the_fast_path(device: torch.device | str, dtype: torch.dtype, dim:
     ``device``: bfloat16 or float16, on a CPU whose torch has FBGEMM and which lacks bfloat16
     matrix units, and not a tiny test shape (every released Llama 3 model qualifies)."""
     return (torch.device(device).type == "cpu" and dtype in _PACKED_DTYPES and dim >= MIN_DIM
-            and _fbgemm_available() and not _cpu_has_bf16_matrix_units())
+            and fbgemm_available() and not _cpu_has_bf16_matrix_units())
 
 
 @torch.compiler.disable  # the packed weight is an opaque object torch.compile cannot trace
@@ -89,15 +90,16 @@ def _pack(weight: torch.Tensor) -> list:
 
 
 class _Packed:
-    """What the packed layers share: the packs, the local output width, the dtype of the weight."""
+    """What the packed layers share: the packs, this rank's output width, and the bytes of the
+    weight the packs replaced (what a decoding step reads, for benchmarks' rooflines)."""
 
     packs: list
     local_out: int
+    weight_nbytes: int
 
     def _take(self, layer: nn.Module, local_out: int) -> None:
         self.packs = _pack(layer.weight)
         self.local_out = local_out
-        self.weight_dtype = layer.weight.dtype
         self.weight_nbytes = layer.weight.numel() * layer.weight.element_size()
         # Fixed at packing time: a plain int keeps torch.compile from tracing process-group calls.
         self.world_size = model_parallel_world_size()
@@ -151,7 +153,7 @@ def pack_linear_layers(model: nn.Module) -> int:
     A layer with a weight outside float16's range (|w| > 65504) is left as it is (logged). Raises
     ``RuntimeError`` if this torch has no FBGEMM (see :func:`fbgemm_is_the_fast_path`).
     """
-    if not _fbgemm_available():
+    if not fbgemm_available():
         raise RuntimeError("this torch build has no FBGEMM (x86 builds do): keep torch's kernels")
     start = time.perf_counter()
     names = [name for name, module in model.named_modules()

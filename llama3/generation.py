@@ -28,7 +28,7 @@ from typing import Any, TypedDict, overload
 import torch
 
 from .chat_format import ChatFormat, Dialog, Message, validate_dialog
-from .cpu_linear import fbgemm_is_the_fast_path, pack_linear_layers
+from .cpu_linear import fbgemm_available, fbgemm_is_the_fast_path, pack_linear_layers
 from .decoding import (
     Batch,
     DecodeStep,
@@ -161,6 +161,8 @@ class Llama:
         configure_logging(verbose)
         if fbgemm and quantize is not None:
             raise ValueError("fbgemm=True packs bfloat16/float16 weights; it does not combine with quantize")
+        if fbgemm and not fbgemm_available():
+            raise ValueError("fbgemm=True, but this torch build has no FBGEMM (x86 builds of torch do)")
         if quantize is not None and quantize not in _QUANTIZE_MODES:
             raise ValueError(f"unknown quantize={quantize!r}; choose one of {', '.join(_QUANTIZE_MODES)} "
                              "or None")
@@ -180,7 +182,14 @@ class Llama:
         _check_vocabulary(tokenizer.n_words, args.vocab_size, tokenizer_path=tokenizer_file)
         target = select_device(device)
         world = model_parallel_size or int(os.environ.get("WORLD_SIZE", "1"))
-        _check_fits(args, select_dtype(target, dtype), target, world)
+        run_dtype = select_dtype(target, dtype)
+        if fbgemm and (target.type != "cpu" or run_dtype not in (torch.bfloat16, torch.float16)):
+            raise ValueError(f"fbgemm=True packs bfloat16/float16 models on the CPU; this one is {run_dtype} "
+                             f"on {target}")
+        if fbgemm is None:
+            fbgemm = quantize is None and fbgemm_is_the_fast_path(target, run_dtype, args.dim)
+        # A packed output projection is a copy: a tied embedding keeps its own table for lookups.
+        _check_fits(args, run_dtype, target, world, own_output=fbgemm)
 
         model = load_model(info, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                            dtype=dtype, model_parallel_size=model_parallel_size,
@@ -190,8 +199,7 @@ class Llama:
             from .quantize import quantize_int8  # imported only when asked for
 
             quantize_int8(model)
-        elif fbgemm or (fbgemm is None and fbgemm_is_the_fast_path(target, select_dtype(target, dtype),
-                                                                    args.dim)):
+        elif fbgemm:
             pack_linear_layers(model)
         # Seeded after loading, so whatever the loader drew does not shift the sampling stream.
         torch.manual_seed(seed)
@@ -473,16 +481,18 @@ def _check_vocabulary(n_words: int | None, vocab_size: int, tokenizer_path: Any 
 # --- fitting the model on the device ----------------------------------------------------------
 
 
-def _weight_bytes(args: Any, dtype: torch.dtype) -> int:
-    """Bytes of the model's weights in ``dtype``, all ranks together."""
+def _weight_bytes(args: Any, dtype: torch.dtype, own_output: bool = False) -> int:
+    """Bytes of the model's weights in ``dtype``, all ranks together; ``own_output``: the output
+    projection is held apart from the embedding even when the checkpoint ties them."""
     kv_dim = args.n_kv_heads * args.head_dim
     per_layer = (2 * args.dim * args.dim + 2 * args.dim * kv_dim  # wq, wo; wk, wv
                  + 3 * args.dim * args.ffn_hidden_dim + 2 * args.dim)  # w1, w2, w3; two norms
-    embeddings = args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
+    embeddings = args.vocab_size * args.dim * (1 if args.tie_word_embeddings and not own_output else 2)
     return (embeddings + args.n_layers * per_layer + args.dim) * torch.empty(0, dtype=dtype).element_size()
 
 
-def _check_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size: int) -> None:
+def _check_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size: int,
+                own_output: bool = False) -> None:
     """Log the KV cache about to be allocated; raise NotEnoughMemoryError if weights + cache cannot
     fit (each GPU holds one rank's share; the ranks of a CPU job share the machine's RAM)."""
     cache = kv_cache_bytes(args, dtype, world_size)
@@ -491,5 +501,6 @@ def _check_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size:
                 f"head_dim {args.head_dim} x {torch.empty(0, dtype=dtype).element_size()} bytes x 2 for "
                 f"keys and values{f' / {world_size} ranks' if world_size > 1 else ''})")
     ranks_here = world_size if device.type == "cpu" else 1
-    check_fits_device(_weight_bytes(args, dtype) // world_size * ranks_here, cache * ranks_here, device)
+    weights = _weight_bytes(args, dtype, own_output) // world_size * ranks_here
+    check_fits_device(weights, cache * ranks_here, device)
 

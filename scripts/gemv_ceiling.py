@@ -6,7 +6,8 @@ with all threads:
 
 * ``read``: a float32 sum over a buffer of the same size (the benchmark's read-bandwidth probe);
 * ``torch.mv``: the eager kernel llama3 uses for one bfloat16 row;
-* ``inductor``: the compiled multiply-and-sum llama3 uses under ``torch.compile``;
+* ``inductor``: the compiled multiply-and-sum llama3 uses under ``torch.compile`` with torch's kernels;
+* ``FBGEMM fp16``: the packed float16 GEMM llama3 uses by default on such CPUs (``llama3.cpu_linear``);
 * ``hand AVX2``: a hand-written C++ kernel (4 float32 accumulators, bf16 -> fp32 by shifting,
   FMA), built here with ``torch.utils.cpp_extension`` (needs g++; x86 with AVX2 + FMA only).
   It is *not* part of llama3, which stays pure PyTorch: it is the yardstick for what the
@@ -81,7 +82,8 @@ def _rate(fn: Callable[[], object], nbytes: int, rounds: int = 7) -> float:
 
 def main() -> None:
     hand = load_inline("llama3_gemv_ceiling", cpp_sources=_KERNEL, functions=["gemv_bf16"],
-                       extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
+                       extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                       verbose=False)
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(ROWS, COLS, generator=g).to(torch.bfloat16) for _ in range(MATRICES)]
     x = torch.randn(COLS, generator=g)
@@ -92,10 +94,14 @@ def main() -> None:
     buffer = torch.ones(nbytes // 4)
     x_bf16 = x.to(torch.bfloat16)
     fused = torch.compile(lambda row, w: (row * w.float()).sum(-1))
+    packs = [torch.ops.quantized.linear_prepack_fp16(w, None) for w in weights]
+    x_row = x[None]
     probes = {
         "read (float32 sum)": lambda: buffer.sum(),
         "torch.mv (eager)": lambda: [torch.mv(w, x_bf16) for w in weights],
         "inductor (compiled)": lambda: [fused(x, w) for w in weights],
+        "FBGEMM fp16 (llama3's default)": lambda: [torch.ops.quantized.linear_dynamic_fp16(x_row, p)
+                                                   for p in packs],
         "hand AVX2 (yardstick)": lambda: [hand.gemv_bf16(x, w) for w in weights],
     }
     all_threads = torch.get_num_threads()

@@ -19,7 +19,7 @@ from llama3.cpu_linear import (
     pack_linear_layers,
 )
 from llama3.distributed import ColumnParallelLinear, RowParallelLinear
-from llama3.generation import make_decode_step
+from llama3.generation import Llama, make_decode_step
 from llama3.presets import PRESETS
 
 pytestmark = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
@@ -139,7 +139,34 @@ def test_bf16_matrix_units_are_read_from_torchs_cpu_probes(amx, avx512_bf16):
 
 def test_without_fbgemm_packing_says_so():
     model = make_model(torch.bfloat16)
-    with mock.patch("llama3.cpu_linear._fbgemm_available", return_value=False):
+    with mock.patch("llama3.cpu_linear.fbgemm_available", return_value=False):
         assert not fbgemm_is_the_fast_path("cpu", torch.bfloat16)
         with pytest.raises(RuntimeError, match="no FBGEMM"):
             pack_linear_layers(model)
+
+
+def test_build_packs_on_request_and_generates_what_torchs_kernels_do(generation_checkpoint,
+                                                                     llama3_tokenizer_path):
+    """``Llama.build(fbgemm=True)`` packs every linear layer of a float16 model; greedy generation
+    gives the unpacked model's text. (The automatic choice leaves tiny test shapes unpacked.)"""
+    def build(**kw) -> Llama:
+        return Llama.build(generation_checkpoint, llama3_tokenizer_path, 64, 1, device="cpu",
+                           dtype="float16", verbose=False, **kw)
+
+    plain, packed, auto = build(fbgemm=False), build(fbgemm=True), build()
+    linear = (ColumnParallelLinear, RowParallelLinear)
+    layers = [type(m) for m in packed.model.modules() if isinstance(m, linear)]
+    assert layers and set(layers) <= {PackedColumnParallelLinear, PackedRowParallelLinear}
+    assert not any(isinstance(m, (PackedColumnParallelLinear, PackedRowParallelLinear))
+                   for m in [*plain.model.modules(), *auto.model.modules()])
+    prompt = ["The capital of France is"]
+    want = plain.text_completion(prompt, temperature=0, max_gen_len=12)
+    assert packed.text_completion(prompt, temperature=0, max_gen_len=12) == want
+    with pytest.raises(ValueError, match="quantize"):
+        build(fbgemm=True, quantize="int8")
+    with pytest.raises(ValueError, match="float32"):
+        Llama.build(generation_checkpoint, llama3_tokenizer_path, 64, 1, device="cpu", dtype="float32",
+                    fbgemm=True, verbose=False)
+    with mock.patch("llama3.generation.fbgemm_available", return_value=False), \
+            pytest.raises(ValueError, match="no FBGEMM"):
+        build(fbgemm=True)
