@@ -39,7 +39,7 @@ from .distributed import (
 )
 
 __all__ = ["PackedColumnParallelLinear", "PackedRowParallelLinear", "fbgemm_available",
-           "fbgemm_is_the_fast_path", "pack_linear_layers"]
+           "fbgemm_is_the_fast_path", "pack_linear_layers", "wants_packing"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,20 @@ def fbgemm_is_the_fast_path(device: torch.device | str, dtype: torch.dtype, dim:
     matrix units, and not a tiny test shape (every released Llama 3 model qualifies)."""
     return (torch.device(device).type == "cpu" and dtype in _PACKED_DTYPES and dim >= MIN_DIM
             and fbgemm_available() and not _cpu_has_bf16_matrix_units())
+
+
+def wants_packing(fbgemm: bool | None, device: torch.device | str, dtype: torch.dtype, dim: int) -> bool:
+    """The ``fbgemm`` choice of ``Llama.build``: as asked (``True``/``False``), else (``None``)
+    whether packing is the fast path (:func:`fbgemm_is_the_fast_path`). Raises ``ValueError`` for
+    ``True`` where packing cannot apply (not a bfloat16/float16 model on the CPU, no FBGEMM)."""
+    if fbgemm is None:
+        return fbgemm_is_the_fast_path(device, dtype, dim)
+    if fbgemm and (torch.device(device).type != "cpu" or dtype not in _PACKED_DTYPES):
+        raise ValueError(f"fbgemm=True packs bfloat16/float16 models on the CPU; this one is {dtype} "
+                         f"on {device}")
+    if fbgemm and not fbgemm_available():
+        raise ValueError("fbgemm=True, but this torch build has no FBGEMM (x86 builds of torch do)")
+    return fbgemm
 
 
 @torch.compiler.disable  # the packed weight is an opaque object torch.compile cannot trace

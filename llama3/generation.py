@@ -28,7 +28,7 @@ from typing import Any, TypedDict, overload
 import torch
 
 from .chat_format import ChatFormat, Dialog, Message, validate_dialog
-from .cpu_linear import fbgemm_available, fbgemm_is_the_fast_path, pack_linear_layers
+from .cpu_linear import pack_linear_layers, wants_packing
 from .decoding import (
     Batch,
     DecodeStep,
@@ -161,8 +161,6 @@ class Llama:
         configure_logging(verbose)
         if fbgemm and quantize is not None:
             raise ValueError("fbgemm=True packs bfloat16/float16 weights; it does not combine with quantize")
-        if fbgemm and not fbgemm_available():
-            raise ValueError("fbgemm=True, but this torch build has no FBGEMM (x86 builds of torch do)")
         if quantize is not None and quantize not in _QUANTIZE_MODES:
             raise ValueError(f"unknown quantize={quantize!r}; choose one of {', '.join(_QUANTIZE_MODES)} "
                              "or None")
@@ -183,11 +181,7 @@ class Llama:
         target = select_device(device)
         world = model_parallel_size or int(os.environ.get("WORLD_SIZE", "1"))
         run_dtype = select_dtype(target, dtype)
-        if fbgemm and (target.type != "cpu" or run_dtype not in (torch.bfloat16, torch.float16)):
-            raise ValueError(f"fbgemm=True packs bfloat16/float16 models on the CPU; this one is {run_dtype} "
-                             f"on {target}")
-        if fbgemm is None:
-            fbgemm = quantize is None and fbgemm_is_the_fast_path(target, run_dtype, args.dim)
+        fbgemm = quantize is None and wants_packing(fbgemm, target, run_dtype, args.dim)
         # A packed output projection is a copy: a tied embedding keeps its own table for lookups.
         _check_fits(args, run_dtype, target, world, own_output=fbgemm)
 

@@ -290,7 +290,7 @@ PRECISIONS: dict[str, tuple[torch.dtype, str | None, bool | None]] = {
 def prepare(model: Transformer, quantize: str | None, fbgemm: bool | None) -> str:
     """Quantize (``"int8"``) or pack the linear layers of ``model`` for FBGEMM as ``Llama.build``
     would; returns the kernels the linear layers use, for the tables."""
-    from llama3.cpu_linear import fbgemm_is_the_fast_path, pack_linear_layers
+    from llama3.cpu_linear import pack_linear_layers, wants_packing
 
     device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
     if quantize == "int8":
@@ -300,10 +300,12 @@ def prepare(model: Transformer, quantize: str | None, fbgemm: bool | None) -> st
         return "int8"
     if quantize:
         raise ValueError(f"unknown quantize={quantize!r} (int8 is the one we have)")
-    if fbgemm or (fbgemm is None and fbgemm_is_the_fast_path(device, dtype, model.params.dim)):
+    if wants_packing(fbgemm, device, dtype, model.params.dim):
         pack_linear_layers(model)
         return "fbgemm"
     return "torch"
+
+
 TOP_P = dict(temperature=0.6, top_p=0.9)  # the library's defaults
 
 
@@ -376,7 +378,7 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
         rows.append(dict(precision=name, compile=compiled, sampling="top-p 0.9" if sampled else "greedy",
                          tok_s=tok_s, read_gb_per_token=cell["bytes"] / 1e9,
                          pct_read_bw=100 * tok_s * cell["bytes"] / 1e9 / bandwidth["read"],
-                         greedy_tokens=None if sampled else cell["tokens"]))
+                         greedy_tokens=None if sampled else cell["tokens"], kernels=kernels[name]))
     for (name, compiled, sampled), cell in cells.items():
         if not sampled and cell["tokens"] != cells[(name, compile_modes[0], False)]["tokens"]:
             print(f"# NOTE: {name} compile={compiled} greedy tokens differ from compile={compile_modes[0]}")
@@ -384,11 +386,9 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
     llamacpp = {}
     if compare == "llamacpp":
         for name in precisions:
-            dtype, quantize, _ = PRECISIONS[name]
-            # GGUF is written from the float weights: packing dropped them, so rebuild the same ones.
-            plain = build_model(shape, None, n_layers, device, dtype, 1, max_seq_len)
-            if quantize:
-                prepare(plain, quantize, False)
+            plain = models[name]
+            if kernels[name] == "fbgemm":  # GGUF is written from float weights, which packing dropped
+                plain = build_model(shape, None, n_layers, device, PRECISIONS[name][0], 1, max_seq_len)
             llamacpp[name] = run_llamacpp(plain, name.removesuffix("-torch"), prompt, decode_tokens, repeats)
             del plain
             ours = next(r for r in rows if r["precision"] == name and r["sampling"] == "greedy")
@@ -406,8 +406,6 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
         bandwidth[probe] = max(bandwidth[probe], value)
     for row in rows:
         row["pct_read_bw"] = 100 * row["tok_s"] * row["read_gb_per_token"] / bandwidth["read"]
-    for row in rows:
-        row["kernels"] = kernels[row["precision"]]
     return dict(bandwidth_gb_s=bandwidth, rows=rows, llamacpp=llamacpp)
 
 

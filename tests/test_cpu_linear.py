@@ -167,6 +167,6 @@ def test_build_packs_on_request_and_generates_what_torchs_kernels_do(generation_
     with pytest.raises(ValueError, match="float32"):
         Llama.build(generation_checkpoint, llama3_tokenizer_path, 64, 1, device="cpu", dtype="float32",
                     fbgemm=True, verbose=False)
-    with mock.patch("llama3.generation.fbgemm_available", return_value=False), \
+    with mock.patch("llama3.cpu_linear.fbgemm_available", return_value=False), \
             pytest.raises(ValueError, match="no FBGEMM"):
         build(fbgemm=True)
