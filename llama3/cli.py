@@ -25,12 +25,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .errors import LlamaError
+
 __all__ = ["UsageError", "make_parser", "run_main", "check_sampling", "require_dir", "fire_strict"]
 
 EXIT_USAGE = 2
 
 
-class UsageError(Exception):
+class UsageError(LlamaError):
     """A mistake in how a program was called: reported as one line, exit status 2."""
 
 

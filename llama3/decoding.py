@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from .errors import LlamaError
 from .progress import Progress
 from .sampling import sample_next_token
 
@@ -45,7 +46,7 @@ __all__ = ["Batch", "DecodeStep", "NonFiniteLogitsError", "SamplingParams", "dec
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLogitsError(RuntimeError):
+class NonFiniteLogitsError(LlamaError, RuntimeError):
     """The model produced NaN or infinite logits."""
 
 

@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from fairscale.nn.model_parallel import layers as fs_layers
 
+from .errors import LlamaError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 
-class ModelParallelError(RuntimeError):
+class ModelParallelError(LlamaError, RuntimeError):
     """The requested model-parallel layout cannot be set up in this process group."""
 
 

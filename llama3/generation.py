@@ -39,6 +39,7 @@ from .decoding import (
     model_device,
     prepare_batch,
 )
+from .errors import LlamaError
 from .memory import NotEnoughMemoryError, check_fits_device
 from .model import kv_cache_bytes
 from .progress import Progress, configure_logging
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 _QUANTIZE_MODES = ("int8",)
 
 
-class ConcurrentUseError(RuntimeError):
+class ConcurrentUseError(LlamaError, RuntimeError):
     """A stream was overtaken: another call used the ``Llama``'s KV cache since its last step."""
 
 

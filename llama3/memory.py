@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import LlamaError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["NotEnoughMemoryError", "available_bytes", "check_fits_device"]
@@ -21,7 +23,7 @@ GIB = 1024**3
 MEMINFO = Path("/proc/meminfo")
 
 
-class NotEnoughMemoryError(RuntimeError):
+class NotEnoughMemoryError(LlamaError, RuntimeError):
     """Weights plus KV cache would not fit in the device's free memory."""
 
 

@@ -33,6 +33,8 @@ from typing import Any, Literal
 
 import tiktoken
 
+from .errors import LlamaError
+
 __all__ = [
     "LLAMA3_NUM_BASE_TOKENS",
     "TOKENIZER_HELP",
@@ -110,11 +112,11 @@ _MIN_SPLIT_RUN = 100_000
 _HSPACE_CLASS = "\t\x0b\x0c \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(LlamaError, ValueError):
     """The tokenizer file exists but is not a usable tiktoken BPE file (or is cut short)."""
 
 
-class TokenizerNotFoundError(FileNotFoundError):
+class TokenizerNotFoundError(LlamaError, FileNotFoundError):
     """No tokenizer.model where one was expected."""
 
 

@@ -3,6 +3,8 @@ file, the tensor or key, and the numbers involved, and saying what to do."""
 
 from __future__ import annotations
 
+from ..errors import LlamaError
+
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -22,7 +24,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(Exception):
+class CheckpointError(LlamaError):
     """Base class of every problem with a checkpoint directory or file."""
 
 
