@@ -38,12 +38,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from .cli import UsageError, check_sampling, make_parser, require_dir, run_main
+from .tool_session import ToolMode, tool_options_from_flags
 
 if TYPE_CHECKING:
     from .generation import Llama
     from .tokenizer import Message
 
-__all__ = ["ChatSession", "TerminalInput", "make_read_line", "main"]
+__all__ = ["ChatSession", "TerminalInput", "ToolChatSession", "make_read_line", "main"]
 
 HELP = ('commands: """ (start/end a multi-line message), /file PATH (send a file), '
         "/reset (forget the conversation), /exit or /quit (leave), /help")
@@ -266,6 +267,10 @@ class ChatSession:
             parts.append(line)
 
 
+class ToolChatSession(ToolMode, ChatSession):
+    """A :class:`ChatSession` whose model may call tools (see :class:`llama3.tool_session.ToolMode`)."""
+
+
 def _history_file() -> Path:
     if os.environ.get("LLAMA3_CHAT_HISTORY"):
         return Path(os.environ["LLAMA3_CHAT_HISTORY"]).expanduser()
@@ -430,7 +435,6 @@ def _chat(argv: list[str] | None) -> int:
         raise UsageError(f"--prefill-chunk must be a positive number of tokens, got {args.prefill_chunk}")
     session_class, tool_options = ChatSession, {}
     if args.tools or args.builtin_tools:
-        from .tool_session import ToolChatSession, tool_options_from_flags
         try:
             session_class, tool_options = ToolChatSession, tool_options_from_flags(args)
         except ValueError as exc:

@@ -18,14 +18,13 @@ their names are re-exported here.
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypedDict, get_args
+from typing import Any, Literal, Protocol, TypedDict, get_args
 
 try:
     from typing import NotRequired
 except ImportError:  # Python 3.10
     from typing_extensions import NotRequired
 
-from .tokenizer import Tokenizer
 from .tools import (
     BRAVE_SEARCH,
     BUILTIN_TOOLS,
@@ -57,6 +56,7 @@ __all__ = [
     "TOOL_PROMPT_FORMATS",
     "WOLFRAM_ALPHA",
     "ChatFormat",
+    "ChatTokenizer",
     "Dialog",
     "Message",
     "Role",
@@ -151,6 +151,23 @@ def _same_calls(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) 
 # ------------------------------------------------------------------------ chat format
 
 
+class ChatTokenizer(Protocol):
+    """What :class:`ChatFormat` needs of a tokenizer. :class:`llama3.tokenizer.Tokenizer` is one
+    (and so is Meta's reference tokenizer); the chat format depends on this, not on tokenizer.py,
+    so the tokenizer module can re-export the chat format as Meta's package does."""
+
+    special_tokens: dict[str, int]
+    bos_id: int
+    eos_id: int
+    eot_id: int
+    eom_id: int
+    python_tag_id: int
+
+    def encode(self, s: str, *, bos: bool, eos: bool) -> list[int]: ...
+
+    def decode(self, t: Sequence[int]) -> str: ...
+
+
 class ChatFormat:
     """Llama 3 chat prompt format.
 
@@ -167,7 +184,7 @@ class ChatFormat:
     ``<|eom_id|>`` instead of ``<|eot_id|>`` when ``stop_reason`` is ``"end_of_message"``.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: ChatTokenizer) -> None:
         self.tokenizer = tokenizer
         special = tokenizer.special_tokens
         self._headers = {

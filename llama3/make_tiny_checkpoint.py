@@ -10,7 +10,7 @@ tests and benchmarks without real weights (``python -m llama3.make_tiny_checkpoi
 The default preset keeps the real 128,256-token vocabulary, so the real tokenizer works with it; a
 ``tokenizer.model`` is copied in (``--tokenizer PATH``, else the one in an installed llama-models
 wheel). An existing non-empty OUT_DIR is refused unless ``--overwrite``. The work is done by
-:func:`llama3.presets.write_random_checkpoint`.
+:func:`llama3.checkpoint.write_random_checkpoint`.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _make(argv: list[str] | None) -> int:
         raise UsageError(f"{args.out_dir} is not empty; choose a new directory or pass --overwrite")
     from .distributed import select_dtype
     from .model import ModelArgs
-    from .presets import write_random_checkpoint
+    from .checkpoint import write_random_checkpoint
     from .progress import configure_logging
     from .tokenizer import llama_models_tokenizer
 

@@ -16,7 +16,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from .chat import ChatSession
 from .chat_format import (
     BUILTIN_TOOLS,
     CODE_INTERPRETER,
@@ -31,7 +30,7 @@ from .chat_format import (
 )
 
 __all__ = [
-    "ToolChatSession",
+    "ToolMode",
     "as_assistant_message",
     "load_tool_definitions",
     "parse_builtin_tools",
@@ -89,7 +88,7 @@ def parse_builtin_tools(names: str | Sequence[str] | None) -> list[str]:
 
 
 def tool_options_from_flags(args: Any) -> dict[str, Any]:
-    """:class:`ToolChatSession` keyword arguments from ``llama3-chat``'s ``--tools``,
+    """:class:`~llama3.chat.ToolChatSession` keyword arguments from ``llama3-chat``'s ``--tools``,
     ``--builtin-tools`` and ``--tool-format`` (checked before any model is loaded).
 
     Raises:
@@ -133,8 +132,10 @@ def _show_call(call: dict[str, Any]) -> str:
     return f"{call['tool_name']}({json.dumps(call['arguments'], ensure_ascii=False)})"
 
 
-class ToolChatSession(ChatSession):
-    """A :class:`~llama3.chat.ChatSession` whose model may call tools; the user supplies results.
+class ToolMode:
+    """Tool mode of a chat session: the model may call tools; the user supplies results. A mixin
+    over :class:`~llama3.chat.ChatSession` (which it extends through ``super()``); the chat program
+    composes the two as :class:`~llama3.chat.ToolChatSession`, so this module never imports it.
 
     Args:
         generator: the model and tokenizer.

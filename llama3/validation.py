@@ -67,7 +67,8 @@ def finite_float(value: Any, name: str, *, positive: bool = False, minimum: floa
         except (TypeError, ValueError):
             pass
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise InvalidArgumentError(f"{name} must be a finite number, got {value!r}")
+        wanted = "a finite number > 0" if positive else "a finite number"
+        raise InvalidArgumentError(f"{name} must be {wanted}, got {value!r}")
     if positive and value <= 0:
         raise InvalidArgumentError(f"{name} must be a finite number > 0, got {value!r}")
     if minimum is not None and value < minimum:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
+from helpers import tiny_model
 
 from llama3.chat import ChatSession, main
 from llama3.generation import Llama

@@ -38,8 +38,9 @@ from llama3.checkpoint import (
     save_hf_checkpoint,
     save_meta_checkpoint,
     unpermute_rotate_half,
+    write_random_checkpoint,
 )
-from llama3.presets import PRESETS, preset_args, write_random_checkpoint
+from llama3.presets import PRESETS, preset_args
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = PRESETS["test-gqa"]  # GQA 8/2, vocabulary 256, FFN multiplier 1.3, RoPE scaling factor 32

@@ -10,7 +10,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from llama3.cpu_linear import (
     PackedColumnParallelLinear,

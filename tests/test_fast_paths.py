@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from llama3 import Transformer
 from llama3.distributed import ColumnParallelLinear, RowParallelLinear

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model as shared_tiny_model
+from helpers import tiny_model as shared_tiny_model
 from torch import nn
 
 from llama3 import ModelArgs, Transformer, generation, memory

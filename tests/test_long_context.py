@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import random_model
+from helpers import random_model
 
 import llama3.memory as memory
 import llama3.model as model_module

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import random_model
+from helpers import random_model
 
 from llama3 import ModelArgs, Transformer
 from llama3.distributed import init_model_parallel

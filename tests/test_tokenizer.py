@@ -17,6 +17,7 @@ import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import llama3.bpe as bpe
 import llama3.tokenizer as tokmod
 from llama3.tokenizer import StreamDecoder, Tokenizer, TokenizerFileError
 
@@ -226,7 +227,7 @@ def test_1m_mixed_text_same_as_tiktoken_whole(llama3_tokenizer: Tokenizer) -> No
         + " " * 100_000
     )
     assert len(text) > 1_000_000
-    assert any(single for *_, single in tokmod._plan_ordinary(text, tokmod._MIN_SPLIT_RUN))
+    assert any(single for *_, single in bpe.plan_ordinary(text, bpe.MIN_SPLIT_RUN))
     assert llama3_tokenizer.encode(text, bos=False, eos=False) == llama3_tokenizer.model.encode_ordinary(text)
 
 
@@ -280,7 +281,8 @@ def test_split_exhaustively_on_short_strings(llama3_tokenizer: Tokenizer) -> Non
     for n in range(1, 5):
         for chars in itertools.product(alphabet, repeat=n):
             text = "".join(chars)
-            assert tok._encode_ordinary_split(text, min_run=1) == tok.model.encode_ordinary(text), repr(text)
+            ids = bpe.encode_ordinary_split(tok.model, text, min_run=1)
+            assert ids == tok.model.encode_ordinary(text), repr(text)
 
 
 @pytest.mark.parametrize("c", list(WS_CHARS + NON_WS_LOOKALIKES))
@@ -297,7 +299,8 @@ def test_split_whitespace_class_matches_tiktoken(llama3_tokenizer: Tokenizer, c:
     ]
     for template in templates:
         text = template.format(c)
-        assert tok._encode_ordinary_split(text, min_run=2) == tok.model.encode_ordinary(text), repr(text)
+        ids = bpe.encode_ordinary_split(tok.model, text, min_run=2)
+        assert ids == tok.model.encode_ordinary(text), repr(text)
 
 
 def test_whitespace_class_is_unicode_white_space() -> None:
@@ -305,7 +308,7 @@ def test_whitespace_class_is_unicode_white_space() -> None:
     # the splitter's class must be exactly that minus \r and \n.
     everything = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
     white_space = set(regex.findall(r"\s", everything))
-    ours = set(regex.findall(f"[{tokmod._HSPACE_CLASS}]", everything))
+    ours = set(regex.findall(f"[{bpe.HSPACE_CLASS}]", everything))
     assert ours == white_space - {"\r", "\n"}
 
 
@@ -326,8 +329,8 @@ _fragment = st.one_of(
 )
 def test_split_path_equals_tiktoken_whole(llama3_tokenizer: Tokenizer, text: str, min_run: int, allowed):
     tok = llama3_tokenizer
-    assert tok._encode_ordinary_split(text, min_run=min_run) == tok.model.encode_ordinary(text)
-    with mock.patch.object(tokmod, "_MIN_SPLIT_RUN", min_run):
+    assert bpe.encode_ordinary_split(tok.model, text, min_run=min_run) == tok.model.encode_ordinary(text)
+    with mock.patch.object(bpe, "MIN_SPLIT_RUN", min_run):
         ids = tok.encode(text, bos=False, eos=False, allowed_special=allowed)
     assert ids == tok.model.encode(text, allowed_special=allowed, disallowed_special=())
 
@@ -335,7 +338,7 @@ def test_split_path_equals_tiktoken_whole(llama3_tokenizer: Tokenizer, text: str
 def test_split_path_repairs_surrogates_like_tiktoken(llama3_tokenizer: Tokenizer) -> None:
     tok = llama3_tokenizer
     text = "a\ud83d\ude00   b\ud800    \udc00x<|eot_id|>   "
-    with mock.patch.object(tokmod, "_MIN_SPLIT_RUN", 2):
+    with mock.patch.object(bpe, "MIN_SPLIT_RUN", 2):
         for allowed in ("all", set()):
             ids = tok.encode(text, bos=False, eos=False, allowed_special=allowed)
             assert ids == tok.model.encode(text, allowed_special=allowed, disallowed_special=())
@@ -552,7 +555,7 @@ def test_reliability_tokenizer_discovery(tmp_path: Path) -> None:
         tokmod.require_tokenizer(tmp_path, tmp_path / "other.model")
 
 
-_T = tokmod._MIN_SPLIT_RUN
+_T = bpe.MIN_SPLIT_RUN
 # Run lengths just under and over the split threshold, and short ones between them.
 _RUN_LENGTHS = st.sampled_from([1, 2, 3, _T - 2, _T - 1, _T, _T + 1, _T + 2])
 _SEPARATORS = st.sampled_from(["x", "word", "\n", "\r\n", "!", "é", "7", "<|eot_id|>", "'s", "\u3000a"])
@@ -590,7 +593,7 @@ def test_reliability_planner_is_linear_in_run_count() -> None:
 
     text = ("a" + " \t" * (_T // 2) + "b" + "\u3000" * (_T - 1)) * 50
     start = time.perf_counter()
-    plan = list(tokmod._plan_ordinary(text, _T))
+    plan = list(bpe.plan_ordinary(text, _T))
     elapsed = time.perf_counter() - start
     singles = [(s, e) for s, e, single in plan if single]
     assert len(singles) == 50 and all(e - s == _T - 1 for s, e in singles)

@@ -640,7 +640,7 @@ class _Lines:
 def test_chat_tool_mode_scripted(llama3_tokenizer, tmp_path: Path, plain: bool) -> None:
     import io
 
-    from llama3.tool_session import ToolChatSession
+    from llama3.chat import ToolChatSession
 
     llama = ScriptedLlama(
         llama3_tokenizer,
@@ -692,7 +692,7 @@ def _contains(ids: list[int], part: list[int]) -> bool:
 def test_chat_tool_mode_never_runs_code_and_skip(llama3_tokenizer, tmp_path: Path) -> None:
     import io
 
-    from llama3.tool_session import ToolChatSession
+    from llama3.chat import ToolChatSession
 
     marker = tmp_path / "ran"
     code = f"open({str(marker)!r}, 'w').write('x')"

@@ -8,8 +8,9 @@ Two formats are understood, told apart once by :func:`inspect_checkpoint`, whose
   download's ``original/`` folder holds Meta's layout and is used when no safetensors exist.
 
 :mod:`.layout` does the shard arithmetic that lets M shards load on N ranks; :mod:`.hub` turns a
-Hugging Face Hub id into a local folder. Every problem raises a :class:`CheckpointError` subclass
-(:mod:`.errors`) whose message names the file, tensor or key and the numbers.
+Hugging Face Hub id into a local folder; :mod:`.random_weights` writes checkpoints of random
+weights. Every problem raises a :class:`CheckpointError` subclass (:mod:`.errors`) whose message
+names the file, tensor or key and the numbers.
 """
 
 from __future__ import annotations
@@ -23,16 +24,17 @@ from typing import Any
 import torch
 
 from ..distributed import init_model_parallel, model_parallel_rank, select_device, select_dtype
+from ..errors import InvalidArgumentError
 from ..model import ModelArgs, Transformer
 from ..progress import Progress, configure_logging
 
 # Tokenizer discovery lives in llama3.tokenizer; re-exported here for existing imports.
 from ..tokenizer import TokenizerNotFoundError, find_tokenizer, llama_models_tokenizer, require_tokenizer
+from ..validation import optional, positive_int
 from .base import (
     CheckpointInfo,
     atomic_directory,
     check_output_dir,
-    check_positive_int,
     exists_at_all,
     read_json,
     validate_overrides,
@@ -57,16 +59,18 @@ from .errors import (
 from .hf import (
     HF,
     hf_config_to_model_args,
+    hf_rope_scaling,
     meta_to_hf_state_dict,
     model_args_to_hf_config,
     permute_for_rotate_half,
     save_hf_checkpoint,
     unpermute_rotate_half,
-    write_hf_extras,
 )
+from .hf_tokenizer import write_hf_extras
 from .hub import resolve_checkpoint_dir
 from .layout import check_shard_layout, param_names, shard_shape
 from .meta import META, save_meta_checkpoint
+from .random_weights import random_state_dict, write_random_checkpoint
 
 __all__ = [
     "CheckpointError",
@@ -86,7 +90,6 @@ __all__ = [
     "UnsafePathError",
     "TokenizerNotFoundError",
     "CheckpointInfo",
-    "PRESETS",
     "inspect_checkpoint",
     "read_model_args",
     "resolve_checkpoint_dir",
@@ -106,20 +109,12 @@ __all__ = [
     "save_hf_checkpoint",
     "convert_checkpoint",
     "random_state_dict",
+    "write_random_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
 
 _READERS = (META, HF)
-
-
-def __getattr__(name: str) -> Any:
-    # The shape table and random weights moved to llama3.presets (imported lazily: it imports us).
-    if name in ("PRESETS", "random_state_dict"):
-        from .. import presets
-
-        return getattr(presets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def inspect_checkpoint(ckpt_dir: str | Path) -> CheckpointInfo:
@@ -146,9 +141,13 @@ def inspect_checkpoint(ckpt_dir: str | Path) -> CheckpointInfo:
         if info is None:  # unreachable: shards exist, so detect returns or raises
             raise RuntimeError(f"internal error: no Meta checkpoint detected in {original}")
         info.root = root
-        # A Hugging Face download's config.json is the authority on its RoPE scaling (3.2 says 32).
-        if exists_at_all(root / "config.json"):
-            info.extra["hf_config"] = read_json(root / "config.json")
+        # A Hugging Face download's config.json is the authority on its RoPE scaling (3.2 says 32):
+        # hand its values to the Meta reader (which knows nothing of the HF format).
+        config = root / "config.json"
+        if info.config.get("use_scaled_rope") is True and exists_at_all(config):
+            scaling = hf_rope_scaling(read_json(config), config)
+            if scaling is not None:
+                info.extra["rope_scaling"] = (scaling, f"from {config}")
         return info
 
     found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
@@ -175,7 +174,7 @@ def load_rank_state_dict(ckpt_dir: str | Path | CheckpointInfo, args: ModelArgs,
     by tensor. Only the shards this rank needs are read; progress (GB/s, ETA) is logged."""
     info = ckpt_dir if isinstance(ckpt_dir, CheckpointInfo) else inspect_checkpoint(ckpt_dir)
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        raise InvalidArgumentError(f"rank {rank} is outside 0..{world_size - 1}")
     check_shard_layout(info.num_shards, world_size, args)
     elements = sum(math.prod(shard_shape(n, args, rank, world_size)) for n in param_names(args)
                    if not (n == "output.weight" and args.tie_word_embeddings))
@@ -275,14 +274,14 @@ def _check_fits(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
 
 def _validate_convert_args(to: Any, num_shards: Any, dtype: Any, max_shard_bytes: Any) -> None:
     if to not in ("meta", "hf"):
-        raise ValueError(f"to must be 'meta' or 'hf', got {to!r}")
-    check_positive_int("num_shards", num_shards)
+        raise InvalidArgumentError(f"to must be 'meta' or 'hf', got {to!r}")
+    positive_int(num_shards, "num_shards")
     if to == "hf" and num_shards != 1:
-        raise ValueError(f"num_shards={num_shards} applies to the Meta format only (an HF checkpoint is "
-                         "one logical shard; use max_shard_bytes to split its files)")
+        raise InvalidArgumentError(f"num_shards={num_shards} applies to the Meta format only (an HF "
+                                   "checkpoint is one logical shard; use max_shard_bytes to split its files)")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
-    check_positive_int("max_shard_bytes", max_shard_bytes, optional=True)
+        raise InvalidArgumentError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    optional(positive_int, max_shard_bytes, "max_shard_bytes")
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, num_shards: int = 1,
@@ -304,7 +303,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, num_shards:
     info = inspect_checkpoint(src)
     root = info.root
     if dst.resolve() in (root.resolve(), info.path.resolve()):
-        raise ValueError(f"the output {dst} is the source checkpoint; choose another directory")
+        raise InvalidArgumentError(f"the output {dst} is the source checkpoint; choose another directory")
     args = read_model_args(info, rope_scale_factor=rope_scale_factor)
     check_shard_layout(1, num_shards, args)  # fail before minutes of reading
     sd = load_rank_state_dict(info, args, 0, 1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import stat
@@ -17,12 +16,13 @@ from typing import Any, Protocol
 
 import torch
 
+from ..errors import InvalidArgumentError
 from ..model import ModelArgs
+from ..validation import finite_float, positive_int, strict_bool
 from .errors import CheckpointError, CheckpointFormatError, ConfigValueError, NotARegularFileError
 
 __all__ = ["CheckpointInfo", "FormatReader", "regular_file", "read_json", "ConfigReader", "file_mode",
-           "build_args", "validate_overrides", "check_positive_int", "check_positive_float",
-           "atomic_directory", "check_output_dir"]
+           "build_args", "validate_overrides", "atomic_directory", "check_output_dir"]
 
 Convert = Callable[[torch.Tensor], torch.Tensor]
 
@@ -129,25 +129,31 @@ class ConfigReader:
         value = self._get(key, default, data)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not isinstance(value, int):  # numbers only: JSON has no other integer types
             raise self._bad(key, "a positive integer", value)
-        return value
+        try:
+            return positive_int(value, key)
+        except InvalidArgumentError:
+            raise self._bad(key, "a positive integer", value) from None
 
     def float(self, key: str, default: Any = ..., *, data: dict[str, Any] | None = None,
               positive: bool = True) -> float:
         """A finite number (> 0 when ``positive``); NaN and Infinity are refused."""
         value = self._get(key, default, data)
-        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
-                or (positive and value <= 0)):
+        if not isinstance(value, (int, float)):  # finite_float would also take "8" via float()
             raise self._bad(key, "a finite number > 0" if positive else "a finite number", value)
-        return float(value)
+        try:
+            return finite_float(value, key, positive=positive)
+        except InvalidArgumentError:
+            raise self._bad(key, "a finite number > 0" if positive else "a finite number", value) from None
 
     def bool(self, key: str, default: Any = ..., *, data: dict[str, Any] | None = None) -> bool:
         """A JSON true/false; the string "false" is refused (it would be truthy)."""
         value = self._get(key, default, data)
-        if not isinstance(value, bool):
-            raise self._bad(key, "true or false (a JSON boolean, not a string)", value)
-        return value
+        try:
+            return strict_bool(value, key)
+        except InvalidArgumentError:
+            raise self._bad(key, "true or false (a JSON boolean, not a string)", value) from None
 
     def _get(self, key: str, default: Any, data: dict[str, Any] | None) -> Any:
         source = self.data if data is None else data
@@ -174,29 +180,15 @@ def dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
-def check_positive_int(name: str, value: Any, *, optional: bool = False) -> None:
-    """Raise ``ValueError`` naming the argument unless ``value`` is an int >= 1 (or None if optional)."""
-    if optional and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
-
-
-def check_positive_float(name: str, value: Any) -> None:
-    """Raise ``ValueError`` naming the argument unless ``value`` is a finite number > 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
 def validate_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """The caller's overrides (``None`` dropped), checked as arguments: a bad value is the
     caller's mistake, not the checkpoint's."""
     clean = {k: v for k, v in overrides.items() if v is not None}
     for key in ("max_seq_len", "max_batch_size"):
         if key in clean:
-            check_positive_int(f"argument {key}", clean[key])
+            positive_int(clean[key], f"argument {key}")
     if "rope_scale_factor" in clean:
-        check_positive_float("argument rope_scale_factor", clean["rope_scale_factor"])
+        finite_float(clean["rope_scale_factor"], "argument rope_scale_factor", positive=True)
     return clean
 
 

@@ -3,7 +3,8 @@ in ``model.safetensors.index.json``), read tensor by tensor, slice by slice, wit
 
 Hugging Face stores wq/wk rows permuted for "rotate-half" RoPE (pairs i, i + head_dim/2), Meta
 rotates adjacent pairs (2i, 2i+1); :func:`permute_for_rotate_half` converts one into the other.
-Besides the weights, :func:`write_hf_extras` writes what ``AutoTokenizer`` and ``generate`` need.
+What ``AutoTokenizer`` and ``generate`` need besides the weights is written by
+:mod:`.hf_tokenizer`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from ..model import ModelArgs
+from ..tokenizer import special_token_ids
 from .base import (
     CheckpointInfo,
     ConfigReader,
@@ -42,20 +44,23 @@ __all__ = [
     "HF",
     "HF_INDEX",
     "hf_config_to_model_args",
+    "hf_rope_scaling",
     "model_args_to_hf_config",
     "permute_for_rotate_half",
     "unpermute_rotate_half",
     "meta_to_hf_state_dict",
     "to_hf_name",
     "save_hf_checkpoint",
-    "write_hf_extras",
-    "LLAMA3_CHAT_TEMPLATE",
+    "max_positions",
 ]
 
 logger = logging.getLogger(__name__)
 
 HF_INDEX = "model.safetensors.index.json"
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# Special-token ids of the Llama 3 vocabulary, from the tokenizer's one table.
+SPECIAL_IDS = special_token_ids()
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
 # Hugging Face name of each of our names (within a layer for the per-layer ones).
 _HF_LAYER_NAMES = {
@@ -129,6 +134,32 @@ def hf_config_to_model_args(config: dict[str, Any], **overrides: Any) -> ModelAr
     return HF.config_to_args(config, "config.json", overrides)
 
 
+def _rope_block(cfg: ConfigReader) -> dict[str, Any]:
+    # Newer transformers releases write "rope_parameters", older ones "rope_scaling".
+    rope = cfg.data.get("rope_parameters") or cfg.data.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise cfg._bad("rope_scaling", "an object", rope)
+    return rope
+
+
+def hf_rope_scaling(config: dict[str, Any], source: Path | str) -> dict[str, Any] | None:
+    """Llama 3.1 RoPE scaling of a config.json as ModelArgs values (``rope_scale_factor``,
+    ``rope_low_freq_factor``, ``rope_high_freq_factor``, ``rope_original_max_seq_len``), or None
+    when it asks for plain RoPE. Errors name ``source``."""
+    cfg = ConfigReader(config, source)
+    rope = _rope_block(cfg)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in ("default", None):
+        return None
+    if rope_type != "llama3":
+        raise CheckpointFormatError(f"{source}: RoPE type {rope_type!r} is not supported "
+                                    "(only 'default' and Llama 3.1's 'llama3')")
+    return dict(rope_scale_factor=cfg.float("factor", data=rope),
+                rope_low_freq_factor=cfg.float("low_freq_factor", data=rope),
+                rope_high_freq_factor=cfg.float("high_freq_factor", data=rope),
+                rope_original_max_seq_len=cfg.int("original_max_position_embeddings", data=rope))
+
+
 def model_args_to_hf_config(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     """A Hugging Face ``config.json`` for ``args`` (readable by transformers 4.45+ and 5.x)."""
     rope_scaling = None
@@ -144,15 +175,16 @@ def model_args_to_hf_config(args: ModelArgs, dtype: torch.dtype = torch.bfloat16
         "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta, "rope_scaling": rope_scaling,
-        "max_position_embeddings": _max_positions(args),
+        "max_position_embeddings": max_positions(args),
         "tie_word_embeddings": bool(args.tie_word_embeddings),
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+        "bos_token_id": SPECIAL_IDS[BOS], "eos_token_id": SPECIAL_IDS[EOS],
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 
-def _max_positions(args: ModelArgs) -> int:
+def max_positions(args: ModelArgs) -> int:
+    """``max_position_embeddings`` of a config.json: 131072 with Llama 3.1 RoPE scaling, else 8192."""
     return 131072 if args.use_scaled_rope else 8192
 
 
@@ -225,22 +257,12 @@ class HFFormat:
             raise CheckpointFormatError(f"{source} asks for attention/MLP biases; Llama 3 has none")
         params["multiple_of"], params["ffn_dim_multiplier"] = _ffn_rule_for(dim, intermediate)
 
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise cfg._bad("rope_scaling", "an object", rope)
+        rope = _rope_block(cfg)
         theta_source = rope if rope.get("rope_theta") is not None else None
         params["rope_theta"] = cfg.float("rope_theta", 500000.0, data=theta_source)
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type == "llama3":
-            params.update(
-                use_scaled_rope=True, rope_scale_factor=cfg.float("factor", data=rope),
-                rope_low_freq_factor=cfg.float("low_freq_factor", data=rope),
-                rope_high_freq_factor=cfg.float("high_freq_factor", data=rope),
-                rope_original_max_seq_len=cfg.int("original_max_position_embeddings", data=rope),
-            )
-        elif rope_type not in ("default", None):
-            raise CheckpointFormatError(f"{source}: RoPE type {rope_type!r} is not supported "
-                                        "(only 'default' and Llama 3.1's 'llama3')")
+        scaling = hf_rope_scaling(config, source)
+        if scaling is not None:
+            params.update(use_scaled_rope=True, **scaling)
         args = build_args(params, validate_overrides(overrides or {}), source)
         if args.ffn_hidden_dim != intermediate:  # the rule above should make this impossible
             raise CheckpointFormatError(f"cannot express intermediate_size={intermediate} with multiple_of="
@@ -360,82 +382,3 @@ def save_hf_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, out
     config = model_args_to_hf_config(args, first.dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return paths
-
-
-# --- Tokenizer and generation files for transformers -------------------------------------------
-
-BOS_ID, EOS_ID = 128000, 128001
-STOP_IDS = [128001, 128008, 128009]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
-
-# The Llama 3 chat format as a Jinja template (plain messages): <|begin_of_text|>, then per message
-# a header with the role, the stripped content and <|eot_id|>; an open assistant header on request.
-LLAMA3_CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{{- message['content'] | trim }}"
-    "{{- '<|eot_id|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-    "{%- endif %}"
-)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def write_hf_extras(out_dir: str | Path, args: ModelArgs, tokenizer_model: Path | None) -> list[str]:
-    """Write ``generation_config.json`` (eos = the stop tokens) and, from ``tokenizer_model``,
-    ``tokenizer.json``, ``tokenizer_config.json`` (with the Llama 3 chat template) and
-    ``special_tokens_map.json``, so ``AutoTokenizer`` + ``AutoModelForCausalLM`` load the folder.
-    Building ``tokenizer.json`` needs transformers; without it that one file is skipped with a
-    warning saying how to add it. Returns the names written."""
-    out = Path(out_dir)
-    written = ["generation_config.json"]
-    _write_json(out / "generation_config.json", {"bos_token_id": BOS_ID, "eos_token_id": STOP_IDS,
-                                                 "do_sample": True, "temperature": 0.6, "top_p": 0.9})
-    if tokenizer_model is None:
-        logger.warning("no tokenizer.model in the source: the Hugging Face folder has no tokenizer files "
-                       "(copy tokenizer.model in and convert again to get them)")
-        return written
-    from ..tokenizer import Tokenizer
-
-    try:
-        tok = Tokenizer(tokenizer_model)
-    except (OSError, ValueError) as e:
-        logger.warning("no tokenizer files for transformers written: %s", e)
-        return written
-    if tok.n_words != args.vocab_size:
-        logger.warning("tokenizer.model has %d tokens but the model %d; writing its files anyway",
-                       tok.n_words, args.vocab_size)
-    specials = {i: s for s, i in tok.special_tokens.items()}
-    _write_json(out / "special_tokens_map.json",
-                {"bos_token": specials[BOS_ID], "eos_token": specials[EOS_ID]})
-    _write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials[BOS_ID],
-        "eos_token": specials[EOS_ID], "clean_up_tokenization_spaces": False,
-        "model_input_names": ["input_ids", "attention_mask"], "model_max_length": _max_positions(args),
-        "chat_template": LLAMA3_CHAT_TEMPLATE,
-    })
-    written += ["special_tokens_map.json", "tokenizer_config.json"]
-    try:
-        from tokenizers import processors
-        from transformers.convert_slow_tokenizer import TikTokenConverter
-    except ImportError:
-        logger.warning("tokenizer.json not written: building it from tokenizer.model needs transformers "
-                       "(`pip install transformers`, then convert again); the other files are complete")
-        return written
-    from ..tokenizer import PAT_STR
-
-    converted = TikTokenConverter(vocab_file=str(tokenizer_model), pattern=PAT_STR,
-                                  extra_special_tokens=[specials[i] for i in sorted(specials)]).converted()
-    converted.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{specials[BOS_ID]} $A",
-                                      pair=f"{specials[BOS_ID]} $A {specials[BOS_ID]} $B",
-                                      special_tokens=[(specials[BOS_ID], BOS_ID)]),
-    ])
-    converted.save(str(out / "tokenizer.json"))
-    return [*written, "tokenizer.json"]

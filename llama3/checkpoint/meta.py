@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..model import ModelArgs
+from ..presets import PRESETS
 from .base import (
     CheckpointInfo,
     ConfigReader,
@@ -119,8 +120,6 @@ def _llama32_evidence(args: ModelArgs, tied: bool) -> str | None:
     """Why this looks like Llama 3.2 1B/3B (the only Llama 3.x text models with tied embeddings)."""
     if tied:
         return "tied input/output embeddings, which only Llama 3.2 1B/3B have"
-    from ..presets import PRESETS
-
     for name in ("llama-3.2-1b", "llama-3.2-3b"):
         p = PRESETS[name]
         if (args.dim, args.n_layers, args.n_heads, args.n_kv_heads) == (
@@ -177,7 +176,8 @@ class MetaFormat:
 
         The RoPE scaling factor, which params.json lacks, is: the caller's ``rope_scale_factor``;
         else our own params.json extension key; else the ``config.json`` of a Hugging Face
-        download this folder is the ``original/`` of; else 32 for Llama 3.2 1B/3B (recognised by
+        download this folder is the ``original/`` of (``info.extra["rope_scaling"]``, found by
+        ``inspect_checkpoint``); else 32 for Llama 3.2 1B/3B (recognised by
         tied embeddings or their shape); else Meta's 8.
         """
         source = info.path / "params.json"
@@ -197,16 +197,12 @@ class MetaFormat:
                 params[key] = cfg.bool(key)
         overrides = validate_overrides(overrides)
 
-        hf_config = info.extra.get("hf_config")
         note = None
-        if params.get("use_scaled_rope") and hf_config is not None:
-            # HF download: take the scaling constants from its config.json (Meta's files have none).
-            from .hf import HF
-
-            hf_args = HF.config_to_args(hf_config, info.path.parent / "config.json")
-            if hf_args.use_scaled_rope:
-                params.update({k: getattr(hf_args, k) for k in EXTRA_PARAMS})
-                note = f"from {info.path.parent / 'config.json'}"
+        if params.get("use_scaled_rope") and "rope_scaling" in info.extra:
+            # HF download: inspect_checkpoint found the scaling constants in its config.json
+            # (Meta's files have none).
+            scaling, note = info.extra["rope_scaling"]
+            params.update({k: scaling[k] for k in EXTRA_PARAMS})
         if "tie_word_embeddings" not in params:
             params["tie_word_embeddings"] = shard_is_tied(torch_load(info.files[0]))
         if params.get("use_scaled_rope") and note is None:

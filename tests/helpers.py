@@ -1,0 +1,103 @@
+"""What several test files share, as plain functions and constants (fixtures live in conftest.py).
+
+Import it as ``from helpers import tiny_model``: pytest puts ``tests/`` on ``sys.path``
+(``pythonpath`` in pyproject.toml), so this is an ordinary module, never ``conftest``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+import torch
+
+from llama3.model import ModelArgs, Transformer
+from llama3.presets import preset_args
+
+REPO = Path(__file__).resolve().parent.parent
+
+# ----------------------------------------------------------------------------------
+# Oracles. Meta's real tokenizer.model is never committed: it comes from Meta's `llama-models`
+# package (`pip install --no-deps llama-models`), which CI installs and which also provides Meta's
+# reference Tokenizer / ChatFormat used as oracles. Locally a missing oracle skips the test; in CI
+# (CI=true) it fails, so CI can never pass by skipping.
+# ----------------------------------------------------------------------------------
+
+LLAMA3_TOKENIZER_MD5 = "08292403f8b173e7524d7fba7bbbd2d3"
+LLAMA_MODELS_HINT = (
+    "Meta's llama-models package provides the Llama 3 tokenizer.model and the reference "
+    "implementation used as test oracle; install it with `pip install --no-deps llama-models`"
+)
+
+
+def in_ci() -> bool:
+    """True under CI (``CI=1/true/yes``), where a missing oracle is a failure, not a skip."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def oracle_unavailable(reason: str) -> NoReturn:
+    """Skip the test for ``reason`` (a missing oracle); in CI fail it instead."""
+    if in_ci():
+        pytest.fail(f"{reason} (tests must not be skipped in CI)", pytrace=False)
+    pytest.skip(reason)
+
+
+def llama3_tokenizer_path() -> Path:
+    """Path of Meta's Llama 3 tokenizer.model as shipped in the llama-models package (md5-checked)."""
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or not spec.submodule_search_locations:
+        oracle_unavailable(f"llama_models is not installed. {LLAMA_MODELS_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "llama3" / "tokenizer.model"
+    if not path.is_file():
+        oracle_unavailable(f"{path} is missing. {LLAMA_MODELS_HINT}")
+    digest = hashlib.md5(path.read_bytes()).hexdigest()
+    if digest != LLAMA3_TOKENIZER_MD5:
+        pytest.fail(f"{path} has md5 {digest}, expected Meta's Llama 3 tokenizer ({LLAMA3_TOKENIZER_MD5})")
+    return path
+
+
+# ----------------------------------------------------------------------------------
+# Tiny models. Shapes come from the one table, llama3.presets.PRESETS: "test-chat" (the real
+# 128,256-token vocabulary, so real token ids are valid), "test-gqa" (8 query heads on 2 KV heads,
+# vocabulary 256, 3.2's RoPE scaling), "tiny".
+# ----------------------------------------------------------------------------------
+
+
+def random_model(args: ModelArgs, *, seed: int = 0, std: float = 0.1,
+                 norm_gains: bool = False) -> Transformer:
+    """A Transformer for ``args`` with random weights: torch seeded with ``seed``, matrices ~ N(0, std²)
+    — larger than the default init, so greedy choices have clear margins and every position's
+    attention pattern matters — and norm gains 1, or ~ U(0.5, 1.5) with ``norm_gains``."""
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0.0, std)
+            elif norm_gains:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def tiny_model(preset: str = "test-chat", *, seed: int = 0, std: float = 0.1, norm_gains: bool = False,
+               dtype: torch.dtype = torch.float32, device: str = "cpu", **overrides) -> Transformer:
+    """:func:`random_model` of preset ``preset`` (with ModelArgs ``overrides``), in eval mode."""
+    model = random_model(preset_args(preset, **overrides), seed=seed, std=std, norm_gains=norm_gains)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------------
+# Subprocesses. A script, `python -m llama3...` or torchrun rank started by a test must import the
+# llama3 of this checkout whether or not (or wherever) the package is installed, from whatever
+# directory it runs in: conftest.py puts REPO first on PYTHONPATH for every child process.
+# ----------------------------------------------------------------------------------
+
+
+def with_repo_on_pythonpath(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this checkout first on ``PYTHONPATH`` (once)."""
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)]
+    return {**env, "PYTHONPATH": os.pathsep.join([str(REPO), *paths])}
