@@ -91,9 +91,9 @@ def _make(argv: list[str] | None) -> int:
         raise UsageError(f"{args.out_dir} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"{args.out_dir} is not empty; choose a new directory or pass --overwrite")
+    from .checkpoint import write_random_checkpoint
     from .distributed import select_dtype
     from .model import ModelArgs
-    from .checkpoint import write_random_checkpoint
     from .progress import configure_logging
     from .tokenizer import llama_models_tokenizer
 
