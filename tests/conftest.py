@@ -24,6 +24,23 @@ random_model, tiny_model = helpers.random_model, helpers.tiny_model
 # installed or not: a script's own folder, not the working directory, is first on its sys.path.
 os.environ.update(helpers.with_repo_on_pythonpath(dict(os.environ)))
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # Parallel workers share the cores: each gets its share of threads. Torch's default (every
+    # core per process) makes the many small ops of these tests spin on each other's cores: the
+    # top-p tests took 15 times the CPU time with two workers of two threads each on two cores.
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)  # for the workers' child processes too
+
+
+@pytest.hookimpl(trylast=True)  # after the terminal reporter exists
+def pytest_configure(config: pytest.Config) -> None:
+    # The xdist controller (not a worker) prints a line as each test file finishes.
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        reporter = config.pluginmanager.getplugin("terminalreporter")
+        if reporter is not None:
+            config.pluginmanager.register(helpers.FileProgress(reporter), "llama3-file-progress")
+
 # ----------------------------------------------------------------------------------
 # Tokenizer / chat format (tests/test_tokenizer.py, tests/test_chat_format.py). The oracles come
 # from Meta's llama-models package; see helpers.oracle_unavailable for skip-or-fail.

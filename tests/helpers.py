@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import time
+from collections import Counter, defaultdict
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 import torch
@@ -101,3 +103,43 @@ def with_repo_on_pythonpath(env: dict[str, str]) -> dict[str, str]:
     """``env`` with this checkout first on ``PYTHONPATH`` (once)."""
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)]
     return {**env, "PYTHONPATH": os.pathsep.join([str(REPO), *paths])}
+
+
+# ----------------------------------------------------------------------------------
+# Progress under pytest-xdist (scripts/test.sh runs the suite on parallel workers)
+# ----------------------------------------------------------------------------------
+
+
+class FileProgress:
+    """A pytest plugin for the xdist controller: one line as each test file finishes
+    (``tests/test_x.py: 41 passed, 1 skipped (12.3 s)``). With parallel workers the terminal
+    otherwise shows only dots in completion order, which never say what is done."""
+
+    def __init__(self, reporter: Any) -> None:
+        self.reporter = reporter
+        self.total: Counter[str] | None = None
+        self.result: dict[str, str] = {}
+        self.outcomes: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.started: dict[str, float] = {}
+
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        if self.total is None:  # every worker collects the same tests
+            self.total = Counter(nodeid.split("::")[0] for nodeid in ids)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        file = report.nodeid.split("::")[0]
+        self.started.setdefault(file, time.monotonic())
+        xfail = hasattr(report, "wasxfail")
+        if report.when == "setup" and not report.passed:
+            self.result[report.nodeid] = "error" if report.failed else "xfailed" if xfail else "skipped"
+        elif report.when == "call":
+            self.result[report.nodeid] = (("xfailed" if report.skipped else "xpassed") if xfail
+                                          else report.outcome)
+        elif report.when == "teardown":
+            outcome = "error" if report.failed else self.result.pop(report.nodeid, "passed")
+            self.outcomes[file][outcome] += 1
+            if self.total is not None and sum(self.outcomes[file].values()) == self.total[file]:
+                counts = ", ".join(f"{n} {what}" for what, n in sorted(self.outcomes[file].items()))
+                seconds = time.monotonic() - self.started[file]
+                self.reporter.ensure_newline()  # after the dots of the line in progress
+                self.reporter.write_line(f"{file}: {counts} ({seconds:.1f} s)")
