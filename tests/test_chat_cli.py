@@ -47,7 +47,7 @@ class Recorder:
         return recording_stream
 
 
-@pytest.fixture()
+@pytest.fixture
 def recorder(monkeypatch) -> Recorder:
     rec = Recorder()
     monkeypatch.setattr(Llama, "stream", rec.wrap(Llama.stream))
@@ -183,7 +183,8 @@ def test_python_m_llama3_chat(generation_checkpoint):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     before, after = proc.stdout.split("[conversation cleared]\n")
-    assert before == after and before.strip()  # same prompt after /reset, same greedy answer
+    assert before == after
+    assert before.strip()
     assert "Loaded" in proc.stderr  # loading progress goes to stderr, not into the conversation
 
 
@@ -298,7 +299,8 @@ def test_terminal_line_editing_history_and_long_pastes(tmp_path):
     term = Terminal([sys.executable, str(script)], _child_env(tmp_path))
     # Arrow keys edit the line (nothing like ^[[D reaches the screen or the model).
     seen = term.turn(b"hllo\x1b[D\x1b[D\x1b[De\r")
-    assert seen.endswith(_got("hello")) and b"^[[" not in seen
+    assert seen.endswith(_got("hello"))
+    assert b"^[[" not in seen
     assert term.turn(b"\x1b[A\r").endswith(_got("hello"))  # Up: the history
     # A bracketed paste of several lines is one message.
     assert term.turn(b"\x1b[200~line 1\nline 2\x1b[201~\r").endswith(_got("line 1\nline 2"))
@@ -326,7 +328,8 @@ def test_terminal_without_readline_joins_pastes_and_never_cuts_silently(tmp_path
     term.send(b"y" * 5000 + b"\r")
     term.expect(b"was probably cut short by the terminal; not sent: put a long message in a file")
     seen = term.turn(b"ok\r")
-    assert seen.endswith(_got("ok")) and seen.count(b"<got") == 1
+    assert seen.endswith(_got("ok"))
+    assert seen.count(b"<got") == 1
     assert term.turn(b"\x04").endswith(b"\r\n<bye>")
     assert term.close() == 0
 
@@ -340,10 +343,11 @@ def test_closed_stdin_and_underscore_flags(generation_checkpoint, monkeypatch, c
                  "--device", "cpu", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing answered, nothing printed; --quiet: no loading report either
-    assert "Loaded" not in captured.err and "Traceback" not in captured.err
+    assert "Loaded" not in captured.err
+    assert "Traceback" not in captured.err
 
 
-@pytest.mark.parametrize("argv, message", [
+@pytest.mark.parametrize(("argv", "message"), [
     (["--temperature", "nan"], "temperature"),
     (["--top-p", "0"], "top"),
     (["--max-gen-len", "64", "--max-seq-len", "64"], "--max-gen-len 64 leaves no room for a prompt"),
@@ -359,7 +363,8 @@ def test_user_errors_are_one_line_and_come_before_loading(argv, message, generat
     monkeypatch.setattr(Llama, "build", no_loading)
     assert main([str(generation_checkpoint), *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("llama3-chat: error: ") and err.count("\n") == 1, err
+    assert err.startswith("llama3-chat: error: "), err
+    assert err.count("\n") == 1, err
     assert message in err
 
 
@@ -385,12 +390,15 @@ def _script(*argv: str, **kwargs) -> subprocess.CompletedProcess:
 
 def test_example_scripts_reject_bad_flags_before_loading(generation_checkpoint):
     proc = _script("scripts/example_text_completion.py", str(generation_checkpoint), "--max_gen_lenx", "4")
-    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.returncode == 2
+    assert proc.stdout == ""
     assert proc.stderr == ("example_text_completion.py: error: unknown flag --max_gen_lenx; "
                            "did you mean --max_gen_len?\n")
     proc = _script("scripts/example_chat_completion.py", str(generation_checkpoint), "--temperature", "nan",
                    "--max-seq-len", "64")
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "temperature" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    assert "temperature" in proc.stderr
     assert "Loaded" not in proc.stderr
 
 
@@ -399,7 +407,8 @@ def test_example_script_help_lists_flags_without_a_pager(tmp_path):
     term = Terminal([sys.executable, "scripts/example_chat_completion.py", "--help"],
                     _child_env(tmp_path, PAGER="false", COLUMNS="100"))
     text = term.expect(rb"prefill_chunk[^\n]*\n[^\n]*\n[^\n]*\n[^\n]*tokens")
-    assert b"--temperature" in text and b"sampling temperature; 0 is greedy decoding." in text
+    assert b"--temperature" in text
+    assert b"sampling temperature; 0 is greedy decoding." in text
     assert term.close() == 0
 
 

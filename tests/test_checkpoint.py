@@ -117,7 +117,8 @@ def test_hf_download_original_folder_is_used(tiny):
         "rope_scaling": {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}))
     info = inspect_checkpoint(tmp)
-    assert info.format == "meta" and info.path == tmp / "original"
+    assert info.format == "meta"
+    assert info.path == tmp / "original"
     assert read_model_args(tmp).rope_scale_factor == 16.0
     assert find_tokenizer(tmp) == tmp / "original" / "tokenizer.model"
     assert torch.equal(_load(tmp).state_dict()["layers.0.attention.wk.weight"],
@@ -175,7 +176,8 @@ def test_hf_checkpoint_matches_transformers(tmp_path, name):
     if name == "tied":
         assert model.output.weight is model.tok_embeddings.weight
     if name == "llama3_rope":
-        assert model.params.use_scaled_rope and model.params.rope_scale_factor == 32.0
+        assert model.params.use_scaled_rope
+        assert model.params.rope_scale_factor == 32.0
         # The older spelling (transformers 4.x): rope_scaling plus a top-level rope_theta.
         config = json.loads((tmp_path / "config.json").read_text())
         rope = config.pop("rope_parameters")
@@ -236,7 +238,7 @@ def test_rotate_half_permutation():
     assert torch.equal(unpermute_rotate_half(p, 2), w)
 
 
-@pytest.mark.parametrize("dim,intermediate,multiple_of,mult", [
+@pytest.mark.parametrize(("dim", "intermediate", "multiple_of", "mult"), [
     (4096, 14336, 1024, 1.3),   # 8B
     (8192, 28672, 4096, 1.3),   # 70B (Meta's params: multiple_of 4096, ffn_dim_multiplier 1.3)
     (2048, 8192, 256, 1.5),     # 3.2 1B
@@ -282,7 +284,8 @@ def test_malicious_pickle_is_refused_not_run(tiny, legacy):
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="does not exist") as e:
         _load(tmp_path / "nope")
-    assert isinstance(e.value, FileNotFoundError) and str(tmp_path / "nope") in str(e.value)
+    assert isinstance(e.value, FileNotFoundError)
+    assert str(tmp_path / "nope") in str(e.value)
 
 
 def test_directory_without_weights_lists_contents(tmp_path):
@@ -338,7 +341,8 @@ def test_missing_tokenizer_says_where_to_get_it(tmp_path):
     with pytest.raises(TokenizerNotFoundError, match="pip install --no-deps llama-models") as e:
         require_tokenizer(tmp_path)
     # Discovery lives in llama3.tokenizer now (a leaf module), so this is a FileNotFoundError.
-    assert isinstance(e.value, FileNotFoundError) and str(tmp_path) in str(e.value)
+    assert isinstance(e.value, FileNotFoundError)
+    assert str(tmp_path) in str(e.value)
     with pytest.raises(TokenizerNotFoundError, match="Meta's weights download"):
         require_tokenizer(tmp_path, tmp_path / "tok.model")
 
@@ -443,7 +447,8 @@ def test_reliability_tied_flag_with_a_different_output_weight(tiny):
     sd_tied = dict(sd, **{"output.weight": sd["tok_embeddings.weight"].clone()})
     save_meta_checkpoint(sd_tied, args, tmp / "copy")
     model = _load(tmp / "copy")
-    assert model.params.tie_word_embeddings and model.output.weight is model.tok_embeddings.weight
+    assert model.params.tie_word_embeddings
+    assert model.output.weight is model.tok_embeddings.weight
 
 
 def test_reliability_kv_replica_shards_that_differ(tmp_path):
@@ -486,7 +491,7 @@ def test_reliability_missing_or_extra_shard_reported_as_such(tiny):
         _load(tmp / "extra")
 
 
-@pytest.mark.parametrize("fmt,key", [("meta", "use_scaled_rope"), ("meta", "tie_word_embeddings"),
+@pytest.mark.parametrize(("fmt", "key"), [("meta", "use_scaled_rope"), ("meta", "tie_word_embeddings"),
                                      ("hf", "tie_word_embeddings"), ("hf", "attention_bias")])
 def test_reliability_string_booleans_refused(tiny, fmt, key):
     args, sd, tmp = tiny
@@ -503,7 +508,7 @@ def test_reliability_string_booleans_refused(tiny, fmt, key):
         read_model_args(tmp)
 
 
-@pytest.mark.parametrize("key,value", [("rope_theta", 0), ("rope_theta", -500000.0), ("norm_eps", 0.0),
+@pytest.mark.parametrize(("key", "value"), [("rope_theta", 0), ("rope_theta", -500000.0), ("norm_eps", 0.0),
                                        ("rope_scale_factor", -8.0), ("rope_theta", float("nan")),
                                        ("norm_eps", float("inf")), ("rope_theta", float("-inf"))])
 def test_reliability_bad_constants_in_params_json(tiny, key, value):
@@ -515,7 +520,7 @@ def test_reliability_bad_constants_in_params_json(tiny, key, value):
         _load(tmp)
 
 
-@pytest.mark.parametrize("key,value", [("factor", 0.0), ("low_freq_factor", -1.0),
+@pytest.mark.parametrize(("key", "value"), [("factor", 0.0), ("low_freq_factor", -1.0),
                                        ("original_max_position_embeddings", 0), ("rope_theta", float("nan"))])
 def test_reliability_bad_rope_constants_in_config_json(tiny, key, value):
     args, sd, tmp = tiny
@@ -553,7 +558,8 @@ def test_reliability_conversion_refuses_overflow_in_target_dtype(tiny):
                 r"float16's largest finite value 65504\)")
     with pytest.raises(ConversionOverflowError, match=expected):
         convert_checkpoint(tmp / "src", tmp / "dst", to="hf", dtype=torch.float16)
-    assert not (tmp / "dst").exists() and sorted(p.name for p in tmp.iterdir()) == ["src"]
+    assert not (tmp / "dst").exists()
+    assert sorted(p.name for p in tmp.iterdir()) == ["src"]
     convert_checkpoint(tmp / "src", tmp / "dst", to="hf", dtype=torch.bfloat16)  # wide enough
 
 
@@ -586,7 +592,7 @@ def test_reliability_named_pipe_refused_without_blocking(tiny, name):
     assert f"{tmp / name} is a named pipe, not a regular file" in str(result["error"])
 
 
-@pytest.mark.parametrize("kwargs,message", [
+@pytest.mark.parametrize(("kwargs", "message"), [
     (dict(to="meta", num_shards=0), "num_shards must be a positive integer, got 0"),
     (dict(to="meta", num_shards=-1), "num_shards must be a positive integer, got -1"),
     (dict(to="meta", num_shards=1.5), "num_shards must be a positive integer, got 1.5"),
@@ -603,7 +609,8 @@ def test_reliability_convert_validates_arguments_before_touching_disk(tiny, kwar
     save_meta_checkpoint(sd, args, tmp / "src")
     with pytest.raises(ValueError, match=re.escape(message)):
         convert_checkpoint(tmp / "src", tmp / "dst", **kwargs)
-    assert not (tmp / "dst").exists() and sorted(p.name for p in tmp.iterdir()) == ["src"]
+    assert not (tmp / "dst").exists()
+    assert sorted(p.name for p in tmp.iterdir()) == ["src"]
 
 
 def test_reliability_malformed_config_values_name_file_key_and_type(tiny):
@@ -627,7 +634,7 @@ def test_reliability_malformed_config_values_name_file_key_and_type(tiny):
         _load(tmp / "hf")
 
 
-@pytest.mark.parametrize("kwargs,message", [
+@pytest.mark.parametrize(("kwargs", "message"), [
     (dict(seq=0), "argument max_seq_len must be a positive integer, got 0"),
     (dict(rope_scale_factor=-1), "argument rope_scale_factor must be a finite number > 0, got -1"),
     (dict(rope_scale_factor=float("inf")), "argument rope_scale_factor must be a finite number > 0, got inf"),
@@ -637,7 +644,8 @@ def test_reliability_bad_arguments_are_reported_as_arguments(tiny, kwargs, messa
     save_meta_checkpoint(sd, args, tmp)
     with pytest.raises(ValueError, match=re.escape(message)) as e:
         _load(tmp, **kwargs)
-    assert "params.json" not in str(e.value) and not isinstance(e.value, CheckpointError)
+    assert "params.json" not in str(e.value)
+    assert not isinstance(e.value, CheckpointError)
 
 
 def test_reliability_missing_directory_is_not_a_missing_tokenizer(tmp_path, monkeypatch):
@@ -648,7 +656,8 @@ def test_reliability_missing_directory_is_not_a_missing_tokenizer(tmp_path, monk
                  lambda: Llama.build(str(tmp_path / "typo"), max_seq_len=8, max_batch_size=1)):
         with pytest.raises(CheckpointNotFoundError, match="does not exist") as e:
             call()
-        assert not isinstance(e.value, TokenizerNotFoundError) and "typo" in str(e.value)
+        assert not isinstance(e.value, TokenizerNotFoundError)
+        assert "typo" in str(e.value)
     # A relative "dir/typo" beside a real dir/ is a mistyped path, not a Hub id to download.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ckpts").mkdir()
@@ -729,14 +738,16 @@ def test_llama32_rope_factor_32_for_tied_meta_checkpoints(tmp_path, log_lines, s
         sd["output.weight"] = sd["tok_embeddings.weight"].clone()
     save_meta_checkpoint(sd, args, tmp_path)
     params = json.loads((tmp_path / "params.json").read_text())
-    assert params["use_scaled_rope"] and "rope_scale_factor" not in params
+    assert params["use_scaled_rope"]
+    assert "rope_scale_factor" not in params
     assert "tie_word_embeddings" not in params
     if storage == "absent":
         shard = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
         del shard["output.weight"]
         torch.save(shard, tmp_path / "consolidated.00.pth")
     model = _load(tmp_path, verbose=True)
-    assert model.params.rope_scale_factor == 32.0 and model.params.tie_word_embeddings
+    assert model.params.rope_scale_factor == 32.0
+    assert model.params.tie_word_embeddings
     assert any("RoPE scaling: factor 32 (Llama 3.2 recognised by tied input/output embeddings" in line
                for line in log_lines), log_lines
     assert _load(tmp_path, rope_scale_factor=8.0).params.rope_scale_factor == 8.0  # the override stays
@@ -777,7 +788,8 @@ def test_loader_logs_files_and_progress_and_is_quiet_when_not_verbose(tiny, log_
     monkeypatch.setattr(checkpoint_module, "Progress", functools.partial(Progress, interval=0.0))
     _load(tmp, verbose=True)
     rates = [line for line in log_lines if line.startswith("loading weights: ")]
-    assert rates and all(re.search(r"GB of 0.00 GB \(\d+%\), [\d.]+ GB/s, ETA \d+s$", r) for r in rates)
+    assert rates
+    assert all(re.search(r"GB of 0.00 GB \(\d+%\), [\d.]+ GB/s, ETA \d+s$", r) for r in rates)
     assert rates[-1].startswith("loading weights: 0.00 GB of 0.00 GB (100%)")  # the total was right
     assert any(f"Loading Hugging Face checkpoint {tmp} ({n_files} files) on 1 model-parallel rank" in line
                for line in log_lines), log_lines
@@ -891,7 +903,7 @@ def test_converted_hf_folder_loads_in_transformers_with_the_chat_template(tmp_pa
     assert hf.generation_config.eos_token_id == [128001, 128008, 128009]
 
 
-@pytest.mark.parametrize("error,message", [
+@pytest.mark.parametrize(("error", "message"), [
     ("GatedRepoError", "test-org/Gated is a gated model: accept its license at https://huggingface.co/test-org/"
                        "Gated while logged in, then log in here with `huggingface-cli login`"),
     ("RepositoryNotFoundError", "there is no Hub repository test-org/Gated (or it is private: log in with "
@@ -923,10 +935,14 @@ def test_save_pretrained_folder_with_tied_embeddings_and_sharded_safetensors_loa
                    seed=3)
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
     files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
-    assert len(files) >= 3 and (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(files) >= 3
+    assert (tmp_path / "model.safetensors.index.json").is_file()
     info = inspect_checkpoint(str(tmp_path))
-    assert info.format == "hf" and info.num_shards == 1 and [p.name for p in info.files] == files
+    assert info.format == "hf"
+    assert info.num_shards == 1
+    assert [p.name for p in info.files] == files
     model = _load(tmp_path)
-    assert model.params.tie_word_embeddings and model.output.weight is model.tok_embeddings.weight
+    assert model.params.tie_word_embeddings
+    assert model.output.weight is model.tok_embeddings.weight
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
     assert (model(tokens, 0) - _hf_logits(hf, tokens)).abs().max().item() <= 1e-4

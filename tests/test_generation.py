@@ -114,7 +114,7 @@ def model() -> Transformer:
     return tiny_model()
 
 
-@pytest.fixture()
+@pytest.fixture
 def llama(model, tok) -> Llama:
     return Llama(model, tok)
 
@@ -593,7 +593,7 @@ def test_build_seeds_sampling_and_explains_a_missing_tokenizer(generation_checkp
         Llama.build(generation_checkpoint, llama3_tokenizer_path, quantize="int3")
 
 
-@pytest.fixture()
+@pytest.fixture
 def llama3_log(caplog):
     """caplog for the package's logger (which configure_logging keeps from propagating); its state is
     restored afterwards."""
@@ -639,7 +639,8 @@ def test_long_generation_reports_progress_unless_quiet(llama, monkeypatch, llama
     configure_logging(True)
     llama.generate(prompts([3]), 4, temperature=0)
     lines = [r.getMessage() for r in llama3_log.records if r.name == "llama3.generation"]
-    assert lines[-1].startswith("generating (batch of 1): 4 tok of 4 tok (100%)") and "ETA" in lines[-1]
+    assert lines[-1].startswith("generating (batch of 1): 4 tok of 4 tok (100%)")
+    assert "ETA" in lines[-1]
     llama3_log.clear()
     configure_logging(False)
     llama.generate(prompts([3]), 4, temperature=0)

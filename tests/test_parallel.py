@@ -223,7 +223,9 @@ def test_reliability_leftover_torchrun_variables_fail_fast(rank):
     code = "from llama3.distributed import init_model_parallel; init_model_parallel()"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "ModelParallelError" in proc.stderr and "WORLD_SIZE=2" in proc.stderr and "torchrun" in proc.stderr
+    assert "ModelParallelError" in proc.stderr
+    assert "WORLD_SIZE=2" in proc.stderr
+    assert "torchrun" in proc.stderr
 
 
 def test_reliability_leftover_single_rank_variables_need_no_rendezvous():
@@ -232,4 +234,5 @@ def test_reliability_leftover_single_rank_variables_need_no_rendezvous():
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     code = "from llama3.distributed import init_model_parallel; print(init_model_parallel())"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "1", proc.stderr

@@ -396,7 +396,8 @@ def test_stream_holds_back_partial_characters(llama3_tokenizer: Tokenizer) -> No
     assert stream.flush() == ""
 
     assert stream.push(ids[:-1]) == ""
-    assert stream.pending_bytes and "😀".encode().startswith(stream.pending_bytes)
+    assert stream.pending_bytes
+    assert "😀".encode().startswith(stream.pending_bytes)
     assert stream.flush() == "\ufffd"  # the stream ended inside a character, as decode() renders it
     assert stream.push([9906]) == "Hello"  # flush resets the decoder for reuse
 
@@ -455,7 +456,9 @@ def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         Tokenizer(tmp_path / "nope" / "tokenizer.model")
     message = str(info.value)
-    assert "nope" in message and "llama-models" in message and "original/tokenizer.model" in message
+    assert "nope" in message
+    assert "llama-models" in message
+    assert "original/tokenizer.model" in message
 
 
 def test_directory_instead_of_file(tmp_path: Path) -> None:
@@ -520,7 +523,8 @@ def test_reliability_truncated_tokenizer_file_at_line_boundary(
     with pytest.raises(TokenizerFileError, match="incomplete copy of the Llama 3 tokenizer.model") as info:
         Tokenizer(path)
     message = str(info.value)
-    assert f"{keep:,} ranks" in message and "128,000" in message
+    assert f"{keep:,} ranks" in message
+    assert "128,000" in message
     assert "pip install --no-deps llama-models" in message
 
 
@@ -545,7 +549,8 @@ def test_reliability_tokenizer_discovery(tmp_path: Path) -> None:
     assert tokmod.find_tokenizer(tmp_path) is None
     with pytest.raises(tokmod.TokenizerNotFoundError, match="pip install --no-deps llama-models") as info:
         tokmod.require_tokenizer(tmp_path)
-    assert isinstance(info.value, FileNotFoundError) and str(tmp_path) in str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+    assert str(tmp_path) in str(info.value)
     (tmp_path / "original").mkdir()
     _write_bpe(tmp_path / "original" / "tokenizer.model", TINY)
     assert tokmod.require_tokenizer(tmp_path) == tmp_path / "original" / "tokenizer.model"
@@ -596,7 +601,9 @@ def test_reliability_planner_is_linear_in_run_count() -> None:
     plan = list(bpe.plan_ordinary(text, _T))
     elapsed = time.perf_counter() - start
     singles = [(s, e) for s, e, single in plan if single]
-    assert len(singles) == 50 and all(e - s == _T - 1 for s, e in singles)
-    assert plan[0][0] == 0 and plan[-1][1] == len(text)
+    assert len(singles) == 50
+    assert all(e - s == _T - 1 for s, e in singles)
+    assert plan[0][0] == 0
+    assert plan[-1][1] == len(text)
     assert all(a[1] == b[0] for a, b in itertools.pairwise(plan))
     assert elapsed < 5.0, f"planning {len(text):,} characters took {elapsed:.1f} s"

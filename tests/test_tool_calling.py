@@ -238,7 +238,8 @@ def test_documented_outputs_parse_to_documented_calls(docs, chat: ChatFormat, ll
             assert _calls(message) == [(CODE_INTERPRETER, {"code": code})]
             assert message["stop_reason"] == "end_of_message"
         else:
-            assert message["tool_calls"] == [] and message["stop_reason"] == "end_of_turn"
+            assert message["tool_calls"] == []
+            assert message["stop_reason"] == "end_of_turn"
             assert message["content"] == example.response[: -len("<|eot_id|>")]
         # The decoded message re-encodes to exactly the generated ids.
         assert chat.encode_message(message)[4:] == ids
@@ -264,7 +265,8 @@ def test_documented_multi_step_prompts(docs, chat: ChatFormat, llama3_tokenizer)
             continue
         dialog = _dialog_from_doc(chat, llama3_tokenizer, example)
         assistant = next(m for m in dialog if m["role"] == "assistant")
-        assert assistant["tool_calls"] and assistant["python_tag"]
+        assert assistant["tool_calls"]
+        assert assistant["python_tag"]
         stripped = example.prompt
         for _, content, _ in example.messages:
             stripped = stripped.replace(content, content.strip(), 1)
@@ -427,7 +429,8 @@ def test_python_list_returns_every_call(chat: ChatFormat, llama3_tokenizer) -> N
 def test_stop_reason_argument_when_ids_hold_no_stop_token(chat: ChatFormat, llama3_tokenizer) -> None:
     body = _reply_ids(llama3_tokenizer, '<|python_tag|>brave_search.call(query="x")')
     message = chat.decode_assistant_message(body, "end_of_message")
-    assert message["stop_reason"] == "end_of_message" and _calls(message) == [(BRAVE_SEARCH, {"query": "x"})]
+    assert message["stop_reason"] == "end_of_message"
+    assert _calls(message) == [(BRAVE_SEARCH, {"query": "x"})]
     assert chat.encode_message(message)[4:] == body + [EOM]
     assert chat.decode_assistant_message(body)["stop_reason"] == "out_of_tokens"
     with pytest.raises(ValueError, match="stop_reason"):
@@ -451,11 +454,13 @@ def test_cut_off_calls_are_content(chat: ChatFormat, llama3_tokenizer, reply: st
     ids = _reply_ids(llama3_tokenizer, reply)
     for cut in range(len(ids)):
         message = chat.decode_assistant_message(ids[:cut])
-        assert message["tool_calls"] == [] and message["stop_reason"] == "out_of_tokens"
+        assert message["tool_calls"] == []
+        assert message["stop_reason"] == "out_of_tokens"
         tagged = ids[:1] == [PYTHON_TAG]
         assert message["content"] == llama3_tokenizer.decode(ids[1:cut] if tagged else ids[:cut])
     complete = chat.decode_assistant_message(ids + [EOM])
-    assert complete["tool_calls"] and complete["stop_reason"] == "end_of_message"
+    assert complete["tool_calls"]
+    assert complete["stop_reason"] == "end_of_message"
 
 
 FRAGMENTS = [
@@ -516,7 +521,8 @@ def test_malformed_outputs_never_raise(chat: ChatFormat, llama3_tokenizer, piece
     message = chat.decode_assistant_message(ids)
     assert message["role"] == "assistant"
     if message["tool_calls"]:
-        assert message["content"] == "" and message["tool_call_text"] == text
+        assert message["content"] == ""
+        assert message["tool_call_text"] == text
         assert chat.encode_message(message)[4:] == ids + ([] if stop else [EOT])
     else:
         assert message["content"] == text
@@ -567,7 +573,8 @@ def test_round_trip_keeps_calls(chat: ChatFormat, call, tool_format, stop) -> No
     message: Message = {"role": "assistant", "content": "", "tool_calls": [call], "stop_reason": stop}
     ids = chat.encode_message(message, tool_format)
     decoded = chat.decode_assistant_message(ids[4:])
-    assert _calls(decoded) == _calls(message) and decoded["stop_reason"] == stop
+    assert _calls(decoded) == _calls(message)
+    assert decoded["stop_reason"] == stop
     assert chat.encode_message(decoded, tool_format) == ids
 
 
@@ -666,7 +673,8 @@ def test_chat_tool_mode_scripted(llama3_tokenizer, tmp_path: Path, plain: bool) 
     assert lines.prompts[1].startswith("result of get_weather")
     assert text.endswith("It is 21 C and sunny in Paris.\n")
     system = llama.dialogs[0][0]
-    assert system["role"] == "system" and system["content"].startswith(
+    assert system["role"] == "system"
+    assert system["content"].startswith(
         "Environment: ipython\nTools: brave_search\nCutting Knowledge Date: December 2023\n"
         "Today Date: 21 September 2024\n\n" + json_tools_prompt([GET_WEATHER])
     )
@@ -702,7 +710,9 @@ def test_chat_tool_mode_never_runs_code_and_skip(llama3_tokenizer, tmp_path: Pat
     session.run(_Lines("Write a file", "/skip", "Thanks", "/exit"))
     assert not marker.exists()
     text = out.getvalue()
-    assert "not executed" in text and code in text and "left unanswered" in text
+    assert "not executed" in text
+    assert code in text
+    assert "left unanswered" in text
     assert text.endswith("Fine.\n")
     assert [m["role"] for m in llama.dialogs[1]] == ["system", "user", "assistant", "user"]
 
@@ -725,7 +735,8 @@ def test_chat_tool_flags_rejected_before_loading(tmp_path: Path, capsys, flags, 
     # The checkpoint does not exist: a flag error must be reported before any loading.
     assert main([str(tmp_path / "no-checkpoint"), *flags]) == 2
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    assert message in err
+    assert err.count("\n") == 1
 
 
 # ------------------------------------------------------------ scripts/example_tool_calling.py
@@ -751,7 +762,8 @@ def test_example_script_flow(llama3_tokenizer, monkeypatch, capsys, tmp_path, to
     example.main(str(tmp_path), tool_format=tool_format)
     out = capsys.readouterr().out
     assert 'assistant calls get_weather with {"city": "Paris"}' in out
-    assert '"temperature": 21' in out and out.rstrip().endswith("Sunny, 21 C.")
+    assert '"temperature": 21' in out
+    assert out.rstrip().endswith("Sunny, 21 C.")
     roles = [m["role"] for m in llama.dialogs[1]]
     assert roles[-3:] == ["user", "assistant", "ipython"]
     assert json.loads(llama.dialogs[1][-1]["content"])["city"] == "Paris"
@@ -769,7 +781,8 @@ def test_example_script_rejects_unknown_flags(capsys) -> None:
     # Refused before anything runs: exit 2, one line naming the flag.
     assert example.fire_strict(example.main, ["/ckpt", "--max_gen_lenn", "3"], prog="x") == 2
     err = capsys.readouterr().err
-    assert "--max_gen_lenn" in err and err.count("\n") == 1
+    assert "--max_gen_lenn" in err
+    assert err.count("\n") == 1
     # Known flags in either spelling get past the flag check (then the missing /ckpt is the error).
     flags = ["/ckpt", "--max-gen-len=3", "--tool_format", "json"]
     assert example.fire_strict(example.main, flags, prog="x") == 2
@@ -792,11 +805,14 @@ def test_broken_tagged_calls_are_content_not_code(
 ) -> None:
     # Broken JSON / call text after the python tag is not a program; valid Python still is.
     message = chat.decode_assistant_message(_reply_ids(llama3_tokenizer, reply))
-    assert message["stop_reason"] == "end_of_message" and message["python_tag"] is True
+    assert message["stop_reason"] == "end_of_message"
+    assert message["python_tag"] is True
     if expected is None:
         assert (
             message["tool_calls"] == []
-            and message["content"] == reply[len("<|python_tag|>") : -len("<|eom_id|>")]
+        )
+        assert (
+            message["content"] == reply[len("<|python_tag|>") : -len("<|eom_id|>")]
         )
     else:
         assert _calls(message) == [(CODE_INTERPRETER, {"code": expected})]
@@ -826,7 +842,9 @@ def test_chat_main_tool_mode_on_scripted_stdin(llama3_tokenizer, tmp_path: Path,
     out = capsys.readouterr().out
     assert (
         '[tool call: get_weather({"city": "Oslo"})]' in out
-        and '[tool call: get_weather({"city": "Rome"})]' in out
+    )
+    assert (
+        '[tool call: get_weather({"city": "Rome"})]' in out
     )
     assert out.endswith("Cold; warm.\n")
     system = llama.dialogs[0][0]["content"]
