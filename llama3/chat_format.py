@@ -25,6 +25,7 @@ try:
 except ImportError:  # Python 3.10
     from typing_extensions import NotRequired
 
+from .errors import InvalidArgumentError
 from .tools import (
     BRAVE_SEARCH,
     BUILTIN_TOOLS,
@@ -102,22 +103,24 @@ Dialog = Sequence[Message]
 
 
 def validate_dialog(dialog: Dialog, index: int | None = None) -> None:
-    """Raise ``ValueError`` unless ``dialog`` is a non-empty list of messages with known roles whose
-    last message is one the assistant answers (``user`` or ``ipython``)."""
+    """Raise :class:`~llama3.errors.InvalidArgumentError` (a ``ValueError``) unless ``dialog`` is a
+    non-empty list of messages with known roles whose last message is one the assistant answers
+    (``user`` or ``ipython``)."""
     where = f"dialog {index}" if index is not None else "dialog"
     if isinstance(dialog, (str, bytes, Mapping)) or not isinstance(dialog, Sequence):
-        raise ValueError(f"{where} must be a list of messages, got {type(dialog).__name__}")
+        raise InvalidArgumentError(f"{where} must be a list of messages, got {type(dialog).__name__}")
     if len(dialog) == 0:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{where} is empty; it needs at least one message with role {' or '.join(PROMPT_ENDING_ROLES)}"
         )
     for j, message in enumerate(dialog):
         role = message.get("role") if isinstance(message, Mapping) else None
         if role not in ROLES:
-            raise ValueError(f"{where}, message {j}: unknown role {role!r}; roles are {', '.join(ROLES)}")
+            raise InvalidArgumentError(f"{where}, message {j}: unknown role {role!r}; "
+                                       f"roles are {', '.join(ROLES)}")
     last = dialog[-1]["role"]
     if last not in PROMPT_ENDING_ROLES:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{where} ends with a message of role {last!r}; the last message must have role "
             f"{' or '.join(PROMPT_ENDING_ROLES)} for the assistant to answer it"
         )
@@ -131,13 +134,14 @@ def _role_of(message: Message) -> str:
     role = message.get("role")
     if role not in ROLES:
         hint = " (tool results use the role 'ipython')" if role == "tool" else ""
-        raise ValueError(f"unknown role {role!r}{hint}; expected one of: {', '.join(ROLES)}")
+        raise InvalidArgumentError(f"unknown role {role!r}{hint}; expected one of: {', '.join(ROLES)}")
     return role
 
 
 def _check_stop_reason(stop_reason: Any) -> StopReason:
     if stop_reason not in STOP_REASONS:
-        raise ValueError(f"unknown stop_reason {stop_reason!r}; expected one of {', '.join(STOP_REASONS)}")
+        raise InvalidArgumentError(f"unknown stop_reason {stop_reason!r}; "
+                                   f"expected one of {', '.join(STOP_REASONS)}")
     return stop_reason
 
 

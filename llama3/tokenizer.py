@@ -41,7 +41,7 @@ from .bpe import (
     needs_split,
 )
 from .chat_format import ROLES, ChatFormat, Dialog, Message, Role, StopReason
-from .errors import LlamaError
+from .errors import InvalidArgumentError, LlamaError
 
 __all__ = [
     "LLAMA3_NUM_BASE_TOKENS",
@@ -255,7 +255,7 @@ class Tokenizer:
         Special tokens decode to their text (e.g. ``"<|eot_id|>"``).
 
         Raises:
-            ValueError: an id is outside ``0 .. n_words - 1``.
+            InvalidArgumentError: (a ``ValueError``) an id is outside ``0 .. n_words - 1``.
         """
         return self.decode_bytes(t).decode("utf-8", errors="replace")
 
@@ -269,7 +269,8 @@ class Tokenizer:
             return self.model.decode_bytes(ids)
         except (KeyError, OverflowError):
             bad = next((i for i in ids if isinstance(i, int) and not 0 <= i < self.n_words), None)
-            raise ValueError(f"invalid token id {bad}; ids must be in 0..{self.n_words - 1}") from None
+            raise InvalidArgumentError(f"invalid token id {bad}; ids must be in 0..{self.n_words - 1}"
+                                       ) from None
 
     def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
         """Decode an iterable of ids lazily, yielding text as soon as it is complete.

@@ -21,11 +21,9 @@ from llama3.checkpoint import (
     CheckpointNotFoundError,
     ParamsMismatchError,
     ShardMismatchError,
-    TokenizerNotFoundError,
     UnsafeCheckpointError,
     check_shard_layout,
     convert_checkpoint,
-    find_tokenizer,
     hf_config_to_model_args,
     inspect_checkpoint,
     load_full_state_dict,
@@ -34,13 +32,13 @@ from llama3.checkpoint import (
     permute_for_rotate_half,
     random_state_dict,
     read_model_args,
-    require_tokenizer,
     save_hf_checkpoint,
     save_meta_checkpoint,
     unpermute_rotate_half,
     write_random_checkpoint,
 )
 from llama3.presets import PRESETS, preset_args
+from llama3.tokenizer import TokenizerNotFoundError, find_tokenizer, require_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = PRESETS["test-gqa"]  # GQA 8/2, vocabulary 256, FFN multiplier 1.3, RoPE scaling factor 32

@@ -27,9 +27,7 @@ from ..distributed import init_model_parallel, model_parallel_rank, select_devic
 from ..errors import InvalidArgumentError
 from ..model import ModelArgs, Transformer
 from ..progress import Progress, configure_logging
-
-# Tokenizer discovery lives in llama3.tokenizer; re-exported here for existing imports.
-from ..tokenizer import TokenizerNotFoundError, find_tokenizer, llama_models_tokenizer, require_tokenizer
+from ..tokenizer import find_tokenizer
 from ..validation import optional, positive_int
 from .base import (
     CheckpointInfo,
@@ -88,14 +86,10 @@ __all__ = [
     "TiedWeightsMismatchError",
     "UnsafeCheckpointError",
     "UnsafePathError",
-    "TokenizerNotFoundError",
     "CheckpointInfo",
     "inspect_checkpoint",
     "read_model_args",
     "resolve_checkpoint_dir",
-    "find_tokenizer",
-    "require_tokenizer",
-    "llama_models_tokenizer",
     "check_shard_layout",
     "load_rank_state_dict",
     "load_model",

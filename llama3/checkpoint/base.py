@@ -205,7 +205,7 @@ def build_args(params: dict[str, Any], overrides: dict[str, Any], source: Path |
         return ModelArgs(**{**params, **overrides})
     except (TypeError, ValueError) as e:
         given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
-        raise ValueError(f"the arguments {given} do not fit this checkpoint: {e}") from e
+        raise InvalidArgumentError(f"the arguments {given} do not fit this checkpoint: {e}") from e
 
 
 def check_output_dir(dst: Path, overwrite: bool) -> None:
