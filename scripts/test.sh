@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 . .venv/bin/activate
 ruff check llama3 scripts tests
-# worksteal: idle workers take queued tests from busy ones, so a few long tests don't leave a core idle.
-python -m pytest -n "${PYTEST_WORKERS:-auto}" --dist worksteal --durations=10 "$@"
+# loadgroup: tests balanced over the workers, except that an xdist_group (the torchrun jobs) stays on one.
+python -m pytest -n "${PYTEST_WORKERS:-auto}" --dist loadgroup --durations=10 "$@"

@@ -79,6 +79,7 @@ def test_packed_model_decodes_the_unpacked_models_tokens(dtype):
     assert (got_logits - want_logits).abs().max() <= 8 * step
 
 
+@pytest.mark.slow
 def test_packed_model_compiles_around_the_packed_products():
     """torch.compile cannot trace FBGEMM's packed weight: each product is a clean graph break and
     the compiled step decodes the eager tokens."""

@@ -71,6 +71,7 @@ def test_compiled_decode_gives_the_eager_tokens(device):
     assert (got_logits - want_logits).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_compiled_cpu_decode_in_reduced_precision_gives_the_eager_tokens(dtype):
     """Batch-1 bfloat16/float16 decoding on the CPU computes each linear layer as a GEMV: eagerly

@@ -657,6 +657,7 @@ def test_build_without_a_tokenizer_says_where_to_get_it(tmp_path, generation_che
         Llama.build(bare, None, 64, 1, device="cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py"])
 def test_example_scripts_run(script, generation_checkpoint, llama3_tokenizer_path):
     proc = subprocess.run(

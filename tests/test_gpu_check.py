@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,6 +29,7 @@ def _gpu_check_module():
     return module
 
 
+@pytest.mark.slow
 def test_cpu_dry_run_runs_every_stage(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "DEV": "cpu", "SIZE": "ci", "OUT": str(out), "PYTHON": sys.executable,

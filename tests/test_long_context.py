@@ -208,6 +208,7 @@ def test_last_only_projects_one_position():
 # --- long positions against Meta's reference ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_positions_past_8192_with_rope_scaling_match_meta_reference():
     """A 9,000-token prompt with Llama 3.1 RoPE scaling, through our chunked prefill (default
     2,048-token chunks) and through Meta's model (fed 1,500 tokens per call, its own KV-cache
@@ -251,6 +252,7 @@ PREFILL_MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_prefill_memory_above_model_and_cache_is_bounded():
     """A 16,384-token prompt on the tiny long-context shape, in a fresh process: peak RSS above
     weights + KV cache stays under 0.5 GiB. Prefill with one mask over the whole prompt peaked at

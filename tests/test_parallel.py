@@ -19,6 +19,9 @@ import torch
 from llama3 import ModelArgs, Transformer
 from llama3.checkpoint import load_model, random_state_dict, save_hf_checkpoint, save_meta_checkpoint
 
+# torchrun jobs: slow, and on one xdist worker (the module's fixtures run them once per worker).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("torchrun")]
+
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-5
 CONFIGS = {
