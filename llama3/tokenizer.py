@@ -30,8 +30,6 @@ from typing import Literal
 
 import tiktoken
 
-# Meta's package exports the chat format from its tokenizer module; so does this one. chat_format
-# depends only on the tokenizer protocol it declares, never on this module.
 from .bpe import (
     LLAMA3_NUM_BASE_TOKENS,
     TOKENIZER_HELP,
@@ -40,6 +38,9 @@ from .bpe import (
     load_bpe_ranks,
     needs_split,
 )
+
+# Meta's package exports the chat format from its tokenizer module; so does this one. chat_format
+# depends only on the tokenizer protocol it declares (ChatTokenizer), never on this module.
 from .chat_format import ROLES, ChatFormat, Dialog, Message, Role, StopReason
 from .errors import InvalidArgumentError, LlamaError
 

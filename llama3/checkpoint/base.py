@@ -186,9 +186,10 @@ def validate_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     clean = {k: v for k, v in overrides.items() if v is not None}
     for key in ("max_seq_len", "max_batch_size"):
         if key in clean:
-            positive_int(clean[key], f"argument {key}")
+            clean[key] = positive_int(clean[key], f"argument {key}")
     if "rope_scale_factor" in clean:
-        finite_float(clean["rope_scale_factor"], "argument rope_scale_factor", positive=True)
+        clean["rope_scale_factor"] = finite_float(clean["rope_scale_factor"], "argument rope_scale_factor",
+                                                  positive=True)
     return clean
 
 
