@@ -123,6 +123,20 @@ def test_hf_download_original_folder_is_used(tiny):
                        sd["layers.0.attention.wk.weight"])
 
 
+def test_hf_special_token_ids_are_metas(meta_tokenizer, tmp_path):
+    # config.json and generation_config.json take their ids from the tokenizer's one table (no
+    # literal numbers); Meta's reference tokenizer is the oracle.
+    from llama3.checkpoint.hf_tokenizer import write_hf_extras
+
+    args = ModelArgs(**PRESETS["test-chat"])
+    config = model_args_to_hf_config(args)
+    assert (config["bos_token_id"], config["eos_token_id"]) == (meta_tokenizer.bos_id, meta_tokenizer.eos_id)
+    write_hf_extras(tmp_path, args, None)
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert generation["bos_token_id"] == meta_tokenizer.bos_id
+    assert generation["eos_token_id"] == list(meta_tokenizer.stop_tokens)
+
+
 # --- Hugging Face layout against transformers ---------------------------------------------------
 
 transformers = pytest.importorskip("transformers")
