@@ -56,10 +56,13 @@ def imported_modules(module: str, path: Path, known: set[str]) -> set[str]:
             targets.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             source = _resolve(module, is_package, node)
-            targets.add(source)
-            # `from . import presets` imports the module llama3.presets.
-            targets.update(f"{source}.{alias.name}" for alias in node.names
-                           if f"{source}.{alias.name}" in known)
+            submodules = {f"{source}.{alias.name}" for alias in node.names} & known
+            # `from . import presets` imports the module llama3.presets (its package is only the
+            # way there); `from .presets import PRESETS` or `from . import name` of a package
+            # attribute needs the module (or package) ``source`` itself.
+            targets.update(submodules)
+            if len(submodules) < len(node.names):
+                targets.add(source)
     found: set[str] = set()
     for target in targets:
         if target != PACKAGE and not target.startswith(PACKAGE + "."):
@@ -132,6 +135,11 @@ def test_cycle_finder_finds_a_circle_through_a_function_level_import(tmp_path: P
     (pkg / "sub" / "__init__.py").write_text("from .c import g\n")
     (pkg / "sub" / "c.py").write_text("def g():\n    from ..d import h\n")
     (pkg / "d.py").write_text("def h():\n    from .sub.c import g\n")  # runs sub/__init__ too
+    # `from . import y` inside a package whose __init__ imports x: a sibling, no circle.
+    (pkg / "other").mkdir()
+    (pkg / "other" / "__init__.py").write_text("from .x import y\n")
+    (pkg / "other" / "x.py").write_text("from . import y\n")
+    (pkg / "other" / "y.py").write_text("")
     assert find_cycles(import_graph(pkg)) == [["llama3.a", "llama3.b"],
                                               ["llama3.d", "llama3.sub", "llama3.sub.c"]]
 
