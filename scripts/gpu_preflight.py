@@ -212,7 +212,7 @@ def attention_sites(device: torch.device, shape: dict[str, int]) -> dict[str, An
             try:
                 with _AttentionOps() as ops:
                     F.scaled_dot_product_attention(*args, **kwargs)
-                row["default"] = "+".join(ops.kernels) or "?"
+                row["default"] = "+".join(ops.kernels) or "math"  # the math path decomposes: no attention op
             except Exception as e:  # noqa: BLE001
                 row["default"] = f"error: {str(e).splitlines()[0][:120]}"
             plan = sdpa_plan(site, dtype, shape["hd"], device_type=device.type)
@@ -220,7 +220,7 @@ def attention_sites(device: torch.device, shape: dict[str, int]) -> dict[str, An
             try:
                 with _AttentionOps() as ops, _pinned(plan):
                     _run_site(plan, args, kwargs, device.type)
-                row["pinned"] = "+".join(ops.kernels) or "?"
+                row["pinned"] = "+".join(ops.kernels) or "math"
             except Exception as e:  # noqa: BLE001
                 row["pinned"] = f"error: {str(e).splitlines()[0][:120]}"
             out[key] = row
