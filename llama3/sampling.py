@@ -30,6 +30,17 @@ token inside it with ``torch.multinomial``: exactly the renormalised nucleus dis
 from torch's random stream (``torch.manual_seed`` makes it reproducible). It is not the same
 *token* as the reference's for the same seed (that one draws over the sorted order), only the same
 distribution.
+
+Off the CPU (CUDA) the draw never waits on the host. ``torch.multinomial`` reads its input back to
+validate it, a device-to-host synchronisation per token that would defeat a decode loop that reads
+back only every few steps. There the kept set comes from the reference's full sort (no
+synchronisation) and the token from an exponential race: with Eᵢ independent Exp(1) draws,
+``argmax pᵢ / Eᵢ`` over the kept tokens is token i with probability pᵢ / Σ kept p, because
+Eᵢ / pᵢ is Exp(pᵢ) and the smallest of independent exponentials is the i-th with probability
+rate / total rate. The noise is float64 (one value per token from torch's random stream), so its
+resolution is far below the probabilities' own float32 rounding. This is exactly the
+renormalised nucleus distribution (the same *distribution* as the reference's, a different token
+for the same seed), with one random tensor and one argmax, all on the device.
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["sample_next_token", "sample_top_p", "top_p_mask"]
+__all__ = ["race_top_p", "sample_next_token", "sample_top_p", "top_p_mask"]
 
 # A cut this close to p (in probability mass) is settled by the reference's own sort. On the CPU
 # the reference's cumulative sum is accumulated in float64 and rounded to float32 (half an ulp,
@@ -134,15 +145,35 @@ def _draw(kept: _Nucleus, row: torch.Tensor) -> torch.Tensor:
     return ids[torch.multinomial(values, num_samples=1)]
 
 
+def race_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Nucleus sampling with no host synchronisation: token ids [batch, 1] drawn from the
+    renormalised top-p set of ``probs`` [batch, vocab] by the exponential race (module docstring).
+
+    Every operation stays on ``probs``'s device and none reads a value back (no ``.item()``, no
+    ``torch.multinomial``, no data-dependent shape), so a CUDA decode loop keeps running ahead of
+    the host. ``generator`` (optional) is the random stream; default torch's global one.
+    """
+    probs = probs.float()
+    kept = torch.where(_reference_mask(probs, p), probs.double(), 0.0)
+    noise = torch.empty_like(kept).exponential_(generator=generator)
+    # exponential_ may return exactly 0 (u rounded to 1): kept/0 would be inf and tie, dropped 0/0
+    # NaN (which argmax prefers). The smallest positive double instead keeps the order of the
+    # rest, and a dropped token (0 / anything) never beats a kept one (> 0 / anything finite).
+    race = kept / noise.clamp_min(torch.finfo(torch.float64).tiny)
+    return race.argmax(dim=-1, keepdim=True)
+
+
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus sampling (Holtzman et al., 2019) from probabilities ``probs`` [batch, vocab].
 
     Keeps, per row, the most likely tokens until their cumulative probability reaches ``p`` (the
     token that crosses ``p`` is kept, so at least one token always is), renormalises, and draws
-    one. Returns token ids [batch, 1]. Meta's reference rule, without sorting the vocabulary (see
-    the module docstring).
+    one. Returns token ids [batch, 1]. Meta's reference rule: on the CPU without sorting the
+    vocabulary, elsewhere without synchronising with the host (see the module docstring).
     """
     probs = probs.float()
+    if probs.device.type != "cpu":
+        return race_top_p(probs, p)  # no host synchronisation (module docstring)
     if _sort_is_best(probs, p):
         return torch.multinomial(torch.where(_reference_mask(probs, p), probs, 0.0), num_samples=1)
     out = torch.empty(probs.shape[0], 1, dtype=torch.long, device=probs.device)

@@ -1,11 +1,15 @@
 """Run the GPU device check in stages under one deadline; see scripts/gpu_check.sh for how to call it.
 
-Each stage is one subprocess with its own timeout. Stages run in order of value; before each, the
-time left until the overall deadline is compared with what the stage needs: a stage that no longer
-fits is skipped (and reported), one that fits runs with its timeout cut to the time left. Output of
-every stage goes to ``OUT/gpu_check.log``; the summary (``OUT/summary.json``, printed last) says per
-stage: passed / failed / timed out / skipped, its seconds, and the headline figures. At most
-8 files land in OUT.
+Each stage is one subprocess with its own timeout. The preflight runs first (~30 s: device,
+toolchain, a tiny compile and CUDA graph, attention kernels per call site); the other stages follow
+in order of value. Before each, the time left until the overall deadline is compared with what the
+stage needs: a stage that no longer fits is skipped (and reported), one that fits runs with its
+timeout cut to the time left. A stage that compiles is skipped with the preflight's reason when the
+preflight found no C compiler, no Python headers or a broken ``torch.compile``; the fp8 and int4
+stages report "not built" while llama3/kernels/fp8.py or int4.py do not exist. Output of every stage
+goes to ``OUT/gpu_check.log``; ``OUT/summary.json`` is rewritten as each stage ends (so a run cut
+short still leaves every finished stage's result) and says per stage: passed / failed / timeout /
+skipped / not built, its seconds, and the headline figures. At most 8 files land in OUT.
 
 Sizes: ``full`` is the real check (CUDA, Llama 3 8B shape); ``tiny`` is the dry run (every stage
 with a tiny shape: a few minutes on a CPU); ``ci`` is the dry run at the smallest sizes with
@@ -45,12 +49,14 @@ class Stage:
     commands: list[list[str]]
     env: dict[str, str] = field(default_factory=dict)
     figures: Any = None  # callable(out_dir) -> dict of headline numbers, read after the stage
+    # callable(out_dir) -> (status, why) when the stage must not run (e.g. "not built"), else None
+    gate: Any = None
 
 
 @dataclass
 class Result:
     name: str
-    status: str  # passed | failed | timeout | skipped
+    status: str  # passed | failed | timeout | skipped | not built
     seconds: float = 0.0
     detail: str = ""
     cpu_seconds: float = 0.0  # CPU time of the stage's processes (user + system)
@@ -60,21 +66,23 @@ class Result:
 # --- sizes ----------------------------------------------------------------------------------------
 
 SIZES: dict[str, dict[str, Any]] = {
-    # The lent GPU: Llama 3 8B shape (random weights), bf16.
-    "full": dict(shape="llama-3-8b", n_layers=None, dtype="bf16", prefill="2048", prefill_eager="512,2048",
+    # The lent GPU: Llama 3 8B shape (random weights), bf16. Only the CUDA cases of the tests.
+    "full": dict(shape="llama-3-8b", n_layers=None, dtype="bf16", prefill="2048,32768",
+                 prefill_eager="512,2048",
                  decode_tokens=128, decode_context=512, batch_eager="1,8", repeats=2,
                  kernel_lens="512,2048,8192,32768", kernel_batch=1, tiny_ckpt_layers=2, gen_len=24,
-                 tests=["tests/test_cuda.py", "tests/test_fast_paths.py"], bandwidth_gib=None),
+                 long_prefill="131072",
+                 tests=["tests/test_cuda.py", "tests/test_fast_paths.py", "-k", "cuda"], bandwidth_gib=None),
     # Dry run: every stage, tiny shape, real compilation.
     "tiny": dict(shape="tiny", n_layers=2, dtype="bf16", prefill="64", prefill_eager="32,64",
                  decode_tokens=8, decode_context=16, batch_eager="1,2", repeats=1,
-                 kernel_lens="64,256", kernel_batch=1, tiny_ckpt_layers=1, gen_len=6,
-                 tests=["tests/test_cuda.py", "tests/test_fast_paths.py"], bandwidth_gib=None),
+                 kernel_lens="64,256", kernel_batch=1, tiny_ckpt_layers=1, gen_len=6, long_prefill="256",
+                 tests=["tests/test_cuda.py"], bandwidth_gib=None),
     # CI: smallest sizes, compilation disabled (the code paths run eagerly).
     "ci": dict(shape="tiny", n_layers=1, dtype="bf16", prefill="16", prefill_eager="16",
                decode_tokens=2, decode_context=8, batch_eager="1,2", repeats=1,
-               kernel_lens="32,64", kernel_batch=1, tiny_ckpt_layers=1, gen_len=3,
-               # CI runs test_fast_paths.py itself; small bandwidth probes (1 GiB ones cost ~20 s here).
+               kernel_lens="32,64", kernel_batch=1, tiny_ckpt_layers=1, gen_len=3, long_prefill="64",
+               # Small bandwidth probes (1 GiB ones cost ~20 s here).
                tests=["tests/test_cuda.py"], bandwidth_gib=0.0625),
 }
 
@@ -102,8 +110,44 @@ def _kernel_figures(path: Path) -> dict[str, Any]:
     return {f"{r['case']} L={r['length']} ms": round(r["ms"], 3) for r in rows}
 
 
+def _preflight_figures(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    figures: dict[str, Any] = {"compile_ok": data.get("compile_ok"), "problems": data.get("problems")}
+    device = data.get("device", {})
+    figures.update({k: device.get(k) for k in ("name", "memory_gib", "torch", "cuda", "cudnn", "triton")})
+    for site, row in (data.get("attention") or {}).items():
+        if isinstance(row, dict):
+            figures[f"sdpa {site}"] = f"default {row.get('default')}, pinned {row.get('pinned')}"
+    for label, row in (data.get("growing_keys") or {}).items():
+        if isinstance(row, dict):
+            figures[f"growing keys {label} mean/max ms"] = f"{row.get('mean_ms')} / {row.get('max_ms')}"
+    return figures
+
+
+def _compile_gate(out: Path) -> tuple[str, str] | None:
+    """Skip a compiling stage when the preflight ran and found that compiling cannot work."""
+    path = out / "preflight.json"
+    if not path.is_file():
+        return None  # preflight not selected (or it died): try
+    data = json.loads(path.read_text())
+    if data.get("compile_ok", True):
+        return None
+    return "skipped", "preflight: " + "; ".join(data.get("problems") or ["compile check failed"])
+
+
+def _module_gate(module: str) -> Any:
+    """A gate: "not built" while ``llama3/<module>.py`` does not exist, else the compile gate."""
+    def gate(out: Path) -> tuple[str, str] | None:
+        if not (REPO / "llama3" / f"{module}.py").is_file():
+            return "not built", f"llama3/{module}.py is not in this checkout"
+        return _compile_gate(out)
+    return gate
+
+
 def stages(device: str, size: str, out: Path, work: Path) -> list[Stage]:
-    """The check's stages, in order of value."""
+    """The check's stages: the preflight, then the rest in order of value."""
     s = SIZES[size]
     py = sys.executable
     common = ["--device", device, "--dtype", s["dtype"], "--decode_tokens", str(s["decode_tokens"]),
@@ -118,44 +162,69 @@ def stages(device: str, size: str, out: Path, work: Path) -> list[Stage]:
            "scripts/example_text_completion.py", str(ckpt), "--device", device, "--dtype", "float32",
            "--temperature", "0", "--max_gen_len", str(s["gen_len"]), "--max_batch_size", "2",
            "--max_seq_len", "96"]
+
+    def quantized(name: str, module: str, what: str) -> Stage:
+        path = work / f"bench_{name}_compile.json"  # OUT holds at most 8 files: figures go to the summary
+        return Stage(f"bench_{name}_compile", f"{s['shape']} {what}, compiled decode, batch 1",
+                     need_s=100 if full else 10, limit_s=160 if full else 240,
+                     commands=[[*bench, "--compile", "--quantize", name, "--batch_sizes", "1",
+                                "--prompt_lens", s["prefill"].split(",")[0], "--out", str(path)]],
+                     figures=lambda o: _bench_figures(path), gate=_module_gate(module))
+
     return [
-        Stage("tests", "CUDA cases: CUDA-graph decode = eager (fp32), Llama(compile=True) = eager, "
-                       "int8 under CUDA graphs, no skipped CUDA graphs; fast-path tests",
-              need_s=45 if full else 10, limit_s=150 if full else 240,
+        Stage("preflight", "device, toolchain, tiny compile + CUDA graph, SDPA kernel per call site, "
+                           "cost of a growing key length",
+              need_s=0, limit_s=60 if full else 120,
+              commands=[[py, "scripts/gpu_preflight.py", "--device", device,
+                         "--out", str(out / "preflight.json")]],
+              figures=lambda o: _preflight_figures(o / "preflight.json")),
+        Stage("tests", "CUDA cases only: CUDA-graph decode = eager (fp32), Llama(compile=True) = eager, "
+                       "int8 under CUDA graphs, bf16 = transformers, sampling without host syncs, "
+                       "pinned attention plans, no skipped CUDA graphs",
+              need_s=45 if full else 10, limit_s=120 if full else 240,
               commands=[[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *s["tests"],
                          f"--junitxml={out / 'tests.xml'}"]],
-              env={"LLAMA3_TEST_DEVICE": device}),
-        Stage("bench_bf16_compile", f"{s['shape']} bf16, compiled decode (CUDA graphs on GPU), batch 1",
-              need_s=110 if full else 10, limit_s=200 if full else 240,
+              env={"LLAMA3_TEST_DEVICE": device}, gate=_compile_gate),
+        Stage("bench_bf16_compile", f"{s['shape']} bf16, compiled decode (CUDA graphs on GPU), batch 1; "
+                                    f"prefill {s['prefill']}",
+              need_s=100 if full else 10, limit_s=170 if full else 240,
               commands=[[*bench, "--compile", "--batch_sizes", "1", "--prompt_lens", s["prefill"],
                          "--out", str(out / "bench_bf16_compile.json")]],
-              figures=lambda o: _bench_figures(o / "bench_bf16_compile.json")),
+              figures=lambda o: _bench_figures(o / "bench_bf16_compile.json"), gate=_compile_gate),
         Stage("bench_bf16_eager_hf",
               f"{s['shape']} bf16, eager, batch {s['batch_eager']}, against transformers",
-              need_s=80 if full else 10, limit_s=180 if full else 240,
+              need_s=70 if full else 10, limit_s=150 if full else 240,
               commands=[[*bench, "--batch_sizes", s["batch_eager"], "--prompt_lens", s["prefill_eager"],
                          "--compare", "hf", "--out", str(out / "bench_bf16_eager.json")]],
               figures=lambda o: _bench_figures(o / "bench_bf16_eager.json",
                                                tuple(int(b) for b in s["batch_eager"].split(",")))),
         Stage("bench_int8_compile", f"{s['shape']} int8 weight-only, compiled decode, batch 1",
-              need_s=110 if full else 10, limit_s=200 if full else 240,
+              need_s=100 if full else 10, limit_s=160 if full else 240,
               commands=[[*bench, "--compile", "--quantize", "int8", "--batch_sizes", "1", "--prompt_lens",
-                         s["prefill"], "--out", str(out / "bench_int8_compile.json")]],
-              figures=lambda o: _bench_figures(o / "bench_int8_compile.json")),
+                         s["prefill"].split(",")[0], "--out", str(out / "bench_int8_compile.json")]],
+              figures=lambda o: _bench_figures(o / "bench_int8_compile.json"), gate=_compile_gate),
+        quantized("fp8", "kernels/fp8", "fp8 row-wise (torch._scaled_mm, sm89+)"),
+        quantized("int4", "kernels/int4", "int4 weight-only (the int4 CUDA kernel)"),
+        Stage("kernels", "prefill attention kernels and decode attention at several lengths",
+              need_s=20 if full else 5, limit_s=80 if full else 120,
+              commands=[[py, "scripts/gpu_kernels.py", "--device", device, "--lengths", s["kernel_lens"],
+                         "--out", str(out / "kernels.json")]],
+              figures=lambda o: _kernel_figures(o / "kernels.json")),
         Stage("torchrun_e2e", "torchrun, tiny checkpoint: greedy text, eager and compile=True agree",
-              need_s=40 if full else 15, limit_s=150 if full else 240,
+              need_s=40 if full else 15, limit_s=120 if full else 240,
               commands=[[py, "scripts/make_tiny_checkpoint.py", str(ckpt), "--n_layers",
                          str(s["tiny_ckpt_layers"]), "--std", "0.1"],  # clear greedy margins
                         # Each run's printed text goes to a file too, for the comparison. With
                         # compilation disabled (ci) the two runs would be the same: only one.
                         *([] if size == "ci" else [_tee([*e2e, "--compile", "False"], work / "e2e_0.txt")]),
                         _tee([*e2e, "--compile", "True"], work / "e2e_1.txt"),
-                        [py, "scripts/gpu_check.py", "compare-e2e", str(work)]]),
-        Stage("kernels", "prefill attention kernels and decode attention at several lengths",
-              need_s=20 if full else 5, limit_s=90 if full else 120,
-              commands=[[py, "scripts/gpu_kernels.py", "--device", device, "--lengths", s["kernel_lens"],
-                         "--out", str(out / "kernels.json")]],
-              figures=lambda o: _kernel_figures(o / "kernels.json")),
+                        [py, "scripts/gpu_check.py", "compare-e2e", str(work)]],
+              gate=_compile_gate),
+        Stage("prefill_long", f"{s['shape']} bf16 eager prefill of {s['long_prefill']} tokens: fits and runs",
+              need_s=40 if full else 10, limit_s=120 if full else 240,
+              commands=[[*bench, "--batch_sizes", "1", "--prompt_lens", s["long_prefill"],
+                         "--out", str(work / "bench_prefill_long.json")]],
+              figures=lambda o: _bench_figures(work / "bench_prefill_long.json")),
     ]
 
 
@@ -191,11 +260,20 @@ def _run_one(cmd: list[str], env: dict[str, str], timeout: float, log) -> int | 
 
 
 def run_stages(plan: list[Stage], deadline_s: float, out: Path, log, base_env: dict[str, str] | None = None,
-               clock=time.monotonic) -> list[Result]:
-    """Run ``plan`` in order under one overall deadline; returns one Result per stage."""
+               clock=time.monotonic, on_result=None) -> list[Result]:
+    """Run ``plan`` in order under one overall deadline; returns one Result per stage.
+    ``on_result(results)`` is called after each stage (the summary file is rewritten there)."""
     start = clock()
-    results = []
+    results: list[Result] = []
     for stage in plan:
+        if results and on_result is not None:
+            on_result(results)
+        gated = stage.gate(out) if stage.gate is not None else None
+        if gated is not None:
+            results.append(Result(stage.name, gated[0], detail=gated[1]))
+            log.write(f"== {stage.name}: {gated[0]} ({gated[1]})\n")
+            print(f"== {stage.name}: {gated[0]} ({gated[1]})", flush=True)
+            continue
         left = deadline_s - (clock() - start)
         if left < stage.need_s:
             results.append(Result(stage.name, "skipped",
@@ -224,6 +302,9 @@ def run_stages(plan: list[Stage], deadline_s: float, out: Path, log, base_env: d
                 result.figures = {"error": f"cannot read figures: {e}"}
         results.append(result)
         log.write(f"== {stage.name}: {status} in {result.seconds:.0f} s {detail}\n")
+        log.flush()
+    if results and on_result is not None:
+        on_result(results)
     return results
 
 
@@ -239,17 +320,22 @@ def summarize(results: list[Result], header: dict[str, Any]) -> str:
         lines.append(f"{r.name:20s} {r.status:8s} {r.seconds:6.0f} s ({r.cpu_seconds:.0f} s CPU)  {r.detail}")
         for key, value in r.figures.items():
             lines.append(f"    {key}: {value}")
-    ratio = header.get("int8_vs_bf16_compiled")
-    if ratio:
-        lines.append(f"int8 / bf16 compiled decode b1: {ratio:.2f}x")
+    for name in ("int8", "fp8", "int4"):
+        ratio = header.get(f"{name}_vs_bf16_compiled")
+        if ratio:
+            lines.append(f"{name} / bf16 compiled decode b1: {ratio:.2f}x")
     return "\n".join(lines)
 
 
-def _ratio(results: list[Result]) -> float | None:
+def _ratios(results: list[Result]) -> dict[str, float | None]:
+    """Compiled batch-1 decode speed of each quantized format over bf16's (None where not run)."""
     figs = {r.name: r.figures for r in results}
     bf16 = figs.get("bench_bf16_compile", {}).get("compile decode_b1_tok_s")
-    int8 = figs.get("bench_int8_compile", {}).get("compile+int8 decode_b1_tok_s")
-    return int8 / bf16 if bf16 and int8 else None
+    ratios = {}
+    for name in ("int8", "fp8", "int4"):
+        quant = figs.get(f"bench_{name}_compile", {}).get(f"compile+{name} decode_b1_tok_s")
+        ratios[f"{name}_vs_bf16_compiled"] = quant / bf16 if bf16 and quant else None
+    return ratios
 
 
 def compare_e2e(work: Path) -> int:
@@ -273,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--size", default=None, choices=sorted(SIZES),
                         help="default: full on cuda, tiny on cpu")
-    parser.add_argument("--deadline", type=float, default=420.0, help="seconds for all stages together")
+    parser.add_argument("--deadline", type=float, default=500.0, help="seconds for all stages together")
     parser.add_argument("--out", default="gpu_results")
     parser.add_argument("--stages", default=None, help="comma-separated subset of stage names")
     args = parser.parse_args(argv)
@@ -298,21 +384,25 @@ def main(argv: list[str] | None = None) -> int:
     header: dict[str, Any] = {"device": args.device, "size": size, "deadline_s": args.deadline,
                               "device_name": _device_name(args.device)}
     t0 = time.monotonic()
+
+    def write_summary(results: list[Result], complete: bool = False) -> None:
+        header["seconds"] = time.monotonic() - t0
+        header.update(_ratios(results))
+        summary = {**header, "complete": complete, "stages": [r.__dict__ for r in results]}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
     with open(out / "gpu_check.log", "a") as log:
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {header}\n")
-        results = run_stages(plan, args.deadline, out, log, env)
-        header["seconds"] = time.monotonic() - t0
-        header["int8_vs_bf16_compiled"] = _ratio(results)
+        results = run_stages(plan, args.deadline, out, log, env, on_result=write_summary)
+        write_summary(results, complete=True)
         text = summarize(results, header)
         log.write(text + "\n")
-    summary = {**header, "stages": [r.__dict__ for r in results]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     shutil.rmtree(work, ignore_errors=True)
     files = [p for p in out.rglob("*") if p.is_file()]
     if len(files) > MAX_FILES:
         text += f"\nwarning: {len(files)} files in {out}, more than {MAX_FILES} come back"
     print("\n" + text, flush=True)
-    return 0 if all(r.status == "passed" for r in results) else 1
+    return 0 if all(r.status in ("passed", "not built") for r in results) else 1
 
 
 def _tee(cmd: list[str], path: Path) -> list[str]:

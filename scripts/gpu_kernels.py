@@ -20,6 +20,16 @@ Decode (one query token per sequence, ``--decode_batch`` sequences, a cache fill
   masked out (what a fixed-shape step does without length buckets);
 * ``decode_filled``: attention over the L filled positions only, no mask.
 
+Decode linear layers (one row, batch-1 decoding; 8B's w1 4096→14336 and w2 14336→4096 on CUDA):
+
+* ``linear_bf16``: ``F.linear`` on the bf16 weight (cuBLAS);
+* ``linear_int8_eager``: llama3/kernels/int8_cuda.py eagerly (``torch._weight_int8pack_mm``);
+* ``linear_int8_compiled``: the same under ``torch.compile`` (materialised input, fused int8 GEMV);
+* ``linear_int8_tuned``: compiled with coordinate-descent tuning of the reduction.
+
+``length`` is the output features there; ``gb_s`` the weight bytes read per second (the roofline
+is the HBM bandwidth the benchmark's probe measures).
+
 Times are the median of ``--repeats`` calls after warm-up (CUDA: synchronised wall clock); TFLOP/s
 counts the causal half of the score and value products.
 """
@@ -29,11 +39,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's llama3
 
 GQA_CAUSAL = dict(is_causal=True, enable_gqa=True)
 
@@ -127,6 +141,46 @@ def run(device: torch.device, dtype: torch.dtype, lengths: list[int], heads: int
     return rows
 
 
+def _linear_cases(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> dict:
+    """case -> (callable, weight bytes it reads) for one layer shape."""
+    from llama3.kernels.int8_cuda import int8_linear_cuda
+
+    def int8() -> torch.Tensor:
+        return int8_linear_cuda(x, q, scale)
+
+    tuned = torch.compile(int8, options={"coordinate_descent_tuning": True})
+    return {"linear_bf16": (lambda: F.linear(x, w), w.numel() * w.element_size()),
+            "linear_int8_eager": (int8, q.numel()),
+            "linear_int8_compiled": (torch.compile(int8), q.numel()),
+            "linear_int8_tuned": (tuned, q.numel())}
+
+
+def linear_rows(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int]],
+                repeats: int) -> list[dict]:
+    """Batch-1 decode linear layers: bf16 against the int8 kernel, eager / compiled / tuned."""
+    from llama3.quantize import quantize_per_channel
+
+    rows: list[dict] = []
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for n_in, n_out in shapes:
+        w = torch.randn(n_out, n_in, generator=g).to(device=device, dtype=dtype)
+        q, scale = quantize_per_channel(w)
+        x = torch.randn(1, 1, n_in, generator=g).to(device=device, dtype=dtype)
+        torch._dynamo.reset()
+        for case, (fn, nbytes) in _linear_cases(x, w, q, scale).items():
+            row: dict = {"case": case, "length": n_out, "in": n_in}
+            try:
+                ms = _time(fn, device, repeats)
+            except Exception as e:  # noqa: BLE001  (one kernel failing must not hide the others)
+                rows.append({**row, "ms": float("nan"), "error": str(e).splitlines()[0]})
+                print(f"  {case:24s} {n_in}->{n_out}  failed: {str(e).splitlines()[0][:90]}", flush=True)
+                continue
+            rows.append({**row, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
+            print(f"  {case:24s} {n_in:6d}->{n_out:6d}  {ms:9.4f} ms  {rows[-1]['gb_s']:8.1f} GB/s",
+                  flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -151,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# attention kernels on {name}, {dtype}, heads {heads}/{kv_heads}, head_dim {head_dim}",
           flush=True)
     rows = run(device, dtype, lengths, heads, kv_heads, head_dim, args.decode_batch, repeats)
+    shapes = [(4096, 14336), (14336, 4096)] if cuda else [(256, 512)]
+    rows += linear_rows(device, dtype if dtype != torch.float32 else torch.bfloat16, shapes, repeats)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "dtype": str(dtype), "heads": heads, "kv_heads": kv_heads,

@@ -29,6 +29,11 @@ done
 rm -rf "$WHL"
 mkdir -p "$WHL"
 # pip wheel takes a published wheel where there is one and builds the sdist otherwise (fairscale).
-"$PYTHON" -m pip wheel -q --no-deps --wheel-dir "$WHL" "${specs[@]}"
+# Without pip in that environment: a pip on PATH (any Python 3 builds these pure-Python wheels).
+if "$PYTHON" -m pip --version >/dev/null 2>&1; then pip=("$PYTHON" -m pip)
+elif command -v pip3 >/dev/null; then pip=(pip3)
+elif command -v pip >/dev/null; then pip=(pip)
+else echo "gpu_prep: no pip for $PYTHON and none on PATH; install pip (python -m ensurepip)" >&2; exit 2; fi
+"${pip[@]}" wheel -q --no-deps --wheel-dir "$WHL" "${specs[@]}"
 ls -l "$WHL"
 du -sh "$WHL"

@@ -43,7 +43,8 @@ def greedy(model: Transformer, tokens: torch.Tensor, step) -> tuple[torch.Tensor
     token = model.forward(tokens, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
     out, logits = [token], []
     for pos in range(tokens.shape[1], tokens.shape[1] + STEPS - 1):
-        step_logits = step(token, pos)[:, -1]
+        # Cloned: a CUDA graph's output buffer is overwritten (or freed) by the next replay.
+        step_logits = step(token, pos)[:, -1].clone()
         token = step_logits.argmax(-1, keepdim=True)
         out.append(token)
         logits.append(step_logits)

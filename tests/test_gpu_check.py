@@ -1,6 +1,8 @@
 """scripts/gpu_check.sh cannot rot: its CPU dry run (every stage, smallest sizes, compilation
-disabled) passes here; its deadline logic skips and reports a stage that no longer fits; and the
-CUDA-only int8 formulation computes the dequantized product."""
+disabled) passes here, the preflight first; its deadline logic skips and reports a stage that no
+longer fits, a gated stage reports why it did not run ("not built", a failed preflight), and the
+summary is rewritten as each stage ends; and the CUDA-only int8 formulation computes the
+dequantized product."""
 
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ["tests", "bench_bf16_compile", "bench_bf16_eager_hf", "bench_int8_compile", "torchrun_e2e",
-          "kernels"]
+STAGES = ["preflight", "tests", "bench_bf16_compile", "bench_bf16_eager_hf", "bench_int8_compile",
+          "bench_fp8_compile", "bench_int4_compile", "kernels", "torchrun_e2e", "prefill_long"]
+# Stages that wait for another engineer's module: "not built" until it exists.
+OPTIONAL = {"bench_fp8_compile": "llama3/kernels/fp8.py", "bench_int4_compile": "llama3/kernels/int4.py"}
 
 
 def _gpu_check_module():
@@ -39,11 +43,18 @@ def test_cpu_dry_run_runs_every_stage(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == STAGES
-    assert all(s["status"] == "passed" for s in summary["stages"]), summary["stages"]
+    assert summary["complete"]
+    for stage in summary["stages"]:
+        built = stage["name"] not in OPTIONAL or (REPO / OPTIONAL[stage["name"]]).is_file()
+        assert stage["status"] == ("passed" if built else "not built"), stage
     files = sorted(p.name for p in out.rglob("*") if p.is_file())
     assert len(files) <= 8, files
-    assert {"gpu_check.log", "summary.json", "tests.xml", "bench_bf16_compile.json", "bench_bf16_eager.json",
-            "bench_int8_compile.json", "kernels.json"} <= set(files)
+    assert {"gpu_check.log", "summary.json", "preflight.json", "tests.xml", "bench_bf16_compile.json",
+            "bench_bf16_eager.json", "bench_int8_compile.json", "kernels.json"} <= set(files)
+    preflight = json.loads((out / "preflight.json").read_text())
+    assert preflight["compile_ok"] and preflight["toolchain"]["c_compiler"], preflight
+    assert set(preflight["attention"]) >= {"decode bfloat16", "chunk float32", "masked_step bfloat16"}
+    assert "default" in preflight["growing_keys"] and "pinned" in preflight["growing_keys"]
     figures = {s["name"]: s["figures"] for s in summary["stages"]}
     assert figures["bench_bf16_compile"]["compile decode_b1_tok_s"] > 0
     assert figures["bench_int8_compile"]["compile+int8 decode_b1_tok_s"] > 0
@@ -68,11 +79,23 @@ def test_stages_past_the_deadline_are_skipped_timeouts_killed_failures_reported(
         gc.Stage("slow", "outlives its limit", need_s=0, limit_s=1.5,
                  commands=[[py, "-c", "import time; time.sleep(60)"]]),
         gc.Stage("big", "needs more than is left", need_s=1000, limit_s=2000, commands=[[py, "-c", "pass"]]),
+        gc.Stage("fp8", "a module not yet written", need_s=0, limit_s=30,
+                 commands=[[py, "-c", "print('ran')"]],
+                 gate=gc._module_gate("kernels/no_such_kernel")),
+        gc.Stage("compiled", "needs a working compiler", need_s=0, limit_s=30,
+                 commands=[[py, "-c", "print('ran')"]], gate=gc._compile_gate),
     ]
+    (tmp_path / "preflight.json").write_text(json.dumps({"compile_ok": False, "problems": ["no C compiler"]}))
     log = io.StringIO()
-    results = gc.run_stages(plan, deadline_s=120, out=tmp_path, log=log, base_env=dict(os.environ))
+    seen = []
+    results = gc.run_stages(plan, deadline_s=120, out=tmp_path, log=log, base_env=dict(os.environ),
+                            on_result=lambda rs: seen.append([r.name for r in rs]))
     got = {r.name: r for r in results}
-    assert [r.name for r in results] == ["ok", "fails", "slow", "big"]
+    assert [r.name for r in results] == ["ok", "fails", "slow", "big", "fp8", "compiled"]
+    assert seen[0] == ["ok"] and seen[-1] == [r.name for r in results]  # the summary, stage by stage
+    assert got["fp8"].status == "not built" and "no_such_kernel.py" in got["fp8"].detail
+    assert got["compiled"].status == "skipped" and "preflight: no C compiler" in got["compiled"].detail
+    assert "ran" not in log.getvalue()
     assert got["ok"].status == "passed"
     assert got["fails"].status == "failed" and "exit 3" in got["fails"].detail
     assert "never" not in log.getvalue()  # a stage stops at its first failing command

@@ -1,0 +1,79 @@
+"""Warming up the compiled decode step (llama3/warmup.py): every kv-length bucket is compiled up
+front and logged, decoding afterwards compiles nothing more and gives eager's greedy tokens (the
+throw-away cache entries the warm-up wrote are never read)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from conftest import tiny_model
+from torch._dynamo.utils import counters
+
+from llama3.decoding import make_decode_step
+from llama3.presets import PRESETS
+from llama3.warmup import warm_up_decode_step
+
+ARGS = dict(PRESETS["test-gqa"], n_layers=1, max_batch_size=1, max_seq_len=300)  # buckets 256, 300
+
+
+@torch.no_grad()  # as llama3.decoding.decode runs: dynamo guards on the grad mode
+def _greedy(model, tokens, step, n):
+    token = model.forward(tokens, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    out = [token]
+    for pos in range(tokens.shape[1], tokens.shape[1] + n):
+        token = step(token, pos)[:, -1].clone().argmax(-1, keepdim=True)
+        out.append(token)
+    return torch.cat(out, dim=1)
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_warm_up_compiles_every_bucket_once_and_decoding_then_compiles_nothing():
+    torch._dynamo.reset()
+    model = tiny_model("test-gqa", seed=0, std=0.08, **ARGS)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, ARGS["vocab_size"], (1, 250), generator=g)
+    step = make_decode_step(model, compile=True)
+    log, lines = logging.getLogger("test_warmup"), _Lines()
+    log.addHandler(lines)
+    log.setLevel(logging.INFO)
+    records = warm_up_decode_step(step, batch_sizes=(1,), log=log)
+    assert [(r.batch_size, r.kv_len) for r in records] == [(1, 256), (1, 300)]
+    assert all(r.seconds > 0 for r in records)
+    text = "\n".join(lines.lines)
+    assert "kv length 256 compiled" in text and "kv length 300 compiled" in text
+
+    frames = counters["stats"]["unique_graphs"]
+    got = _greedy(model, tokens, step, 12)  # crosses from bucket 256 into bucket 300
+    assert counters["stats"]["unique_graphs"] == frames  # no compile during decoding
+    want = _greedy(model, tokens, make_decode_step(model, compile=False), 12)
+    assert torch.equal(got, want)
+    torch._dynamo.reset()
+
+
+def test_only_a_compiled_step_is_warmed_and_max_kv_len_limits_the_buckets():
+    class FakeStep:
+        compiled, buckets, device = True, [256, 512, 1024, 2048], torch.device("cpu")
+
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, tokens, pos):
+            self.calls.append((tokens.shape[0], pos))
+
+    step = FakeStep()
+    records = warm_up_decode_step(step, batch_sizes=(1, 4), max_kv_len=600)
+    assert [(r.batch_size, r.kv_len) for r in records] == [(1, 256), (1, 512), (1, 1024),
+                                                           (4, 256), (4, 512), (4, 1024)]
+    assert step.calls[:2] == [(1, 255), (1, 255)]  # the last position of the bucket, twice
+    model = tiny_model("test-gqa", seed=0, **ARGS)
+    assert warm_up_decode_step(make_decode_step(model, compile=False)) == []
+    assert warm_up_decode_step(make_decode_step(model, compile=False, static=True)) == []
