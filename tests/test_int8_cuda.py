@@ -30,7 +30,8 @@ def test_eager_int8_product_is_the_dequantized_product(dtype):
     for rows in (1, FUSED_MAX_ROWS, FUSED_MAX_ROWS + 3):  # int8-weight kernel, then dequantize + GEMM
         x = torch.randn(rows, 1, 256, generator=g).to(dtype)
         got = int8_linear_cuda(x, q, scale)
-        assert got.shape == (rows, 1, 48) and got.dtype == dtype
+        assert got.shape == (rows, 1, 48)
+        assert got.dtype == dtype
         want = _want(x, q, scale)
         tol = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
         assert ((got.double() - want).abs() <= tol * want.abs().amax() + 1e-5).all()

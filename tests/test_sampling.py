@@ -127,7 +127,8 @@ def test_sampling_off_the_cpu_never_synchronises_with_the_host():
     for device_logits in (logits.to("meta"),):
         with NoHostSync() as mode:
             out = sample_next_token(device_logits, 0.6, 0.9)
-        assert out.shape == (2,) and out.dtype == torch.long
+        assert out.shape == (2,)
+        assert out.dtype == torch.long
         assert "aten::exponential_" in mode.ops  # it did draw
         with NoHostSync():
             assert sample_top_p(torch.softmax(device_logits, -1), 0.95).shape == (2, 1)

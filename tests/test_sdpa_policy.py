@@ -61,7 +61,9 @@ def test_unusual_head_sizes_and_other_devices():
     assert sdpa_plan("prefill", torch.bfloat16, 4).backends == ("math",)  # no fused kernel: says so
     assert sdpa_plan("decode", torch.bfloat16, 320).backends == ("efficient", "math")  # flash: <= 256
     cpu = sdpa_plan("chunk", torch.float32, 128, device_type="cpu")
-    assert cpu.backends == () and sdpa_backends(cpu) == [] and "not pinned" in describe(cpu)
+    assert cpu.backends == ()
+    assert sdpa_backends(cpu) == []
+    assert "not pinned" in describe(cpu)
     with pytest.raises(ValueError, match="call site"):
         sdpa_plan("encode", torch.bfloat16, 128)
 
@@ -83,14 +85,15 @@ def _float64_causal_chunk(q, keys, values):
                                           values.double().repeat_interleave(n_rep, 1), attn_mask=mask)
 
 
-@pytest.mark.parametrize("s,kv_len", [(5, 12), (16, 17), (8, 64)])
+@pytest.mark.parametrize(("s", "kv_len"), [(5, 12), (16, 17), (8, 64)])
 def test_lse_merge_chunk_attention_equals_lower_right_causal_attention(s, kv_len):
     g = torch.Generator().manual_seed(s * kv_len)
     q = torch.randn(2, 8, s, 16, generator=g)
     keys, values = torch.randn(2, 2, kv_len, 16, generator=g), torch.randn(2, 2, kv_len, 16, generator=g)
     want = _float64_causal_chunk(q, keys, values)
     got = chunk_attention_by_lse_merge(q, keys, values, reference_attend)
-    assert got.dtype == torch.float32 and got.shape == q.shape
+    assert got.dtype == torch.float32
+    assert got.shape == q.shape
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
     # The same contract served by a real fused kernel that returns its log-sum-exp (the CPU flash

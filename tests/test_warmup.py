@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from torch._dynamo.utils import counters
 
 from llama3.decoding import make_decode_step
@@ -49,7 +49,8 @@ def test_warm_up_compiles_every_bucket_once_and_decoding_then_compiles_nothing()
     assert [(r.batch_size, r.kv_len) for r in records] == [(1, 256), (1, 300)]
     assert all(r.seconds > 0 for r in records)
     text = "\n".join(lines.lines)
-    assert "kv length 256 compiled" in text and "kv length 300 compiled" in text
+    assert "kv length 256 compiled" in text
+    assert "kv length 300 compiled" in text
 
     frames = counters["stats"]["unique_graphs"]
     got = _greedy(model, tokens, step, 12)  # crosses from bucket 256 into bucket 300
