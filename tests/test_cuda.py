@@ -153,7 +153,8 @@ def _hf_model(model: Transformer, dtype: torch.dtype):
     hf = transformers.LlamaForCausalLM(config).to(dtype)
     state = {k: v.float().cpu().to(dtype) for k, v in meta_to_hf_state_dict(model.state_dict(), args).items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and not [k for k in missing if "rotary" not in k], (missing, unexpected)
+    assert not unexpected, unexpected
+    assert not [k for k in missing if "rotary" not in k], missing
     return hf.to(DEVICE).eval()
 
 
