@@ -140,7 +140,7 @@ def decode_bytes_per_step(model: torch.nn.Module, args: ModelArgs, batch: int, k
     embedding only for the ``batch`` rows looked up, unless it is the output projection too) and
     keys and values of ``kv_len`` positions. Layers packed for FBGEMM count their weight's bytes (a
     float16 pack is the size of the bfloat16 weight it replaced)."""
-    weight_bytes = sum(m.weight_nbytes for m in model.modules() if hasattr(m, "packs"))
+    weight_bytes = sum(m.weight_nbytes() for m in model.modules() if hasattr(m, "packs"))
     seen: set[int] = set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if id(t) in seen or "kv_cache" in name:
@@ -279,7 +279,7 @@ def _decode_summary(row: dict[str, Any], batch: int, times: list[float]) -> floa
 
 # --- the README speed table: precisions x compile x sampling, interleaved; llama.cpp alongside ------
 
-# name -> (weight dtype, quantization, fbgemm): fbgemm None = the library's choice (llama3.cpu_linear:
+# name -> (weight dtype, quantization, fbgemm): fbgemm None = the library's choice (llama3.kernels:
 # FBGEMM-packed float16 on x86 CPUs without bfloat16 matrix units), False = torch's kernels only.
 PRECISIONS: dict[str, tuple[torch.dtype, str | None, bool | None]] = {
     "bf16": (torch.bfloat16, None, None), "fp16": (torch.float16, None, None),
@@ -288,22 +288,14 @@ PRECISIONS: dict[str, tuple[torch.dtype, str | None, bool | None]] = {
 
 
 def prepare(model: Transformer, quantize: str | None, fbgemm: bool | None) -> str:
-    """Quantize (``"int8"``) or pack the linear layers of ``model`` for FBGEMM as ``Llama.build``
-    would; returns the kernels the linear layers use, for the tables."""
-    from llama3.cpu_linear import pack_linear_layers, wants_packing
+    """The library's kernel choice for ``model`` (``llama3.kernels.choose_kernels``, as
+    ``Llama.build`` makes it), applied; returns the kernel names, for the tables."""
+    from llama3.kernels import apply_kernels, choose_kernels
 
-    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
-    if quantize == "int8":
-        from llama3.quantize import quantize_int8
-
-        quantize_int8(model)
-        return "int8"
-    if quantize:
-        raise ValueError(f"unknown quantize={quantize!r} (int8 is the one we have)")
-    if wants_packing(fbgemm, device, dtype, model.params.dim):
-        pack_linear_layers(model)
-        return "fbgemm"
-    return "torch"
+    weight = model.tok_embeddings.weight
+    plan = choose_kernels(model, weight.device, weight.dtype, quantize, fbgemm=fbgemm)
+    apply_kernels(model, plan)
+    return "+".join(dict.fromkeys(choice.label() for choice in plan.families.values()))
 
 
 TOP_P = dict(temperature=0.6, top_p=0.9)  # the library's defaults

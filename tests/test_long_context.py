@@ -8,6 +8,7 @@ written out here, and at positions past 8,192 against Meta's reference model.
 
 from __future__ import annotations
 
+import functools
 import math
 import subprocess
 import sys
@@ -17,10 +18,13 @@ import pytest
 import torch
 from conftest import random_model
 
+import llama3.attention as attention_module
 import llama3.memory as memory
 import llama3.model as model_module
 from llama3 import ModelArgs, Transformer
-from llama3.model import causal_attention, grouped_query_attention, kv_cache_bytes
+from llama3.attention import attention
+from llama3.decoding import forward_logprobs
+from llama3.memory import kv_cache_bytes
 
 CHUNK = 16
 BASE = dict(dim=64, n_layers=2, n_heads=8, vocab_size=256, multiple_of=32, max_batch_size=2, max_seq_len=128)
@@ -93,7 +97,7 @@ def test_causal_attention_equals_naive_attention(monkeypatch, n_kv_heads, use_fu
     for one query, a square chunk and chunks over a longer cache. Without the fused CPU kernel the
     lower-right causal bias path (the one CUDA takes) runs."""
     if not use_fused_cpu_kernel:
-        monkeypatch.setattr(model_module, "_cpu_flash_attention", None)
+        monkeypatch.setattr(attention_module, "_cpu_flash_attention", None)
     gen = torch.Generator().manual_seed(0)
     n_heads, hd, kv_len = 8, 16, 40
     keys = torch.randn(2, n_kv_heads, kv_len, hd, generator=gen)
@@ -105,8 +109,8 @@ def test_causal_attention_equals_naive_attention(monkeypatch, n_kv_heads, use_fu
         scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
         visible = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - s, kv_len)[:, None]
         want = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
-        assert (causal_attention(q, keys, values) - want).abs().max().item() <= 1e-5, s
-        assert (grouped_query_attention(q, keys, values, visible) - want).abs().max().item() <= 1e-5, s
+        assert (attention(q, keys, values) - want).abs().max().item() <= 1e-5, s
+        assert (attention(q, keys, values, mask=visible) - want).abs().max().item() <= 1e-5, s
 
 
 def test_ragged_batch_crossing_chunk_boundaries_decodes_identically():
@@ -172,7 +176,7 @@ def test_forward_logprobs_equal_log_softmax_of_full_logits(start_pos):
         model(tokens[:, :start_pos], 0)
     rows = []
     hook = model.output.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[1]))
-    logprobs, last_logits = model.forward_logprobs(tokens[:, start_pos:], start_pos)
+    logprobs, last_logits = forward_logprobs(model, tokens[:, start_pos:], start_pos)
     hook.remove()
     assert logprobs.dtype == last_logits.dtype == torch.float32
     assert logprobs.shape == want.shape and last_logits.shape == (2, 1, BASE["vocab_size"])
@@ -189,7 +193,7 @@ def test_forward_logprobs_equal_log_softmax_of_full_logits(start_pos):
 def test_forward_logprobs_of_one_token_has_no_scores():
     model = make_model(**CONFIGS["gqa"])
     tokens = random_tokens(2, 1)
-    logprobs, last_logits = model.forward_logprobs(tokens, 0)
+    logprobs, last_logits = forward_logprobs(model, tokens, 0)
     assert logprobs.shape == (2, 0)
     assert torch.equal(last_logits, model(tokens, 0))
 
@@ -320,7 +324,7 @@ def test_forward_static_over_part_of_the_cache_equals_forward():
     for pos in range(20, 64):
         kv_lens = [pos + 1, 32 if pos < 32 else 64, None] if pos in (20, 31, 32, 47, 63) else [64]
         for kv_len in kv_lens:
-            step = model.forward_static(tokens[:, pos:pos + 1], torch.tensor([pos]), kv_len=kv_len)
+            step = model(tokens[:, pos:pos + 1], torch.tensor([pos]), kv_len=kv_len or BASE["max_seq_len"])
             assert relative_gap(step[:, 0], want[:, pos]) <= 1e-5, (pos, kv_len)
 
 
@@ -328,7 +332,7 @@ def test_forward_static_over_part_of_the_cache_equals_forward():
 def test_reliability_forward_static_rejects_bad_kv_len(kv_len):
     model = make_model(**CONFIGS["gqa"])
     with pytest.raises(ValueError, match="kv_len"):
-        model.forward_static(random_tokens(1, 1), torch.tensor([0]), kv_len=kv_len)
+        model(random_tokens(1, 1), torch.tensor([0]), kv_len=kv_len)
 
 
 # --- reliability: misuse and failure leave nothing broken --------------------------------------
@@ -351,7 +355,7 @@ def test_reliability_forward_static_rejects_bad_kv_len(kv_len):
 ])
 def test_reliability_forward_misuse_raises_value_error(tokens, start_pos, message):
     model = make_model(**CONFIGS["gqa"])
-    for fn in (model.forward, model.forward_logprobs):
+    for fn in (model.forward, functools.partial(forward_logprobs, model)):
         with pytest.raises(ValueError, match=message):
             fn(tokens, start_pos)
     assert torch.isfinite(model(torch.tensor([[1, 2]]), 0)).all()  # still usable

@@ -25,7 +25,7 @@ from torch import nn
 
 from .base import LinearKernel
 
-__all__ = ["CUDA_FUSED_MAX_ROWS", "Int8Kernel", "int8_product", "quantize_per_channel"]
+__all__ = ["CUDA_FUSED_MAX_ROWS", "Int8Kernel", "cuda_int8_product", "int8_product", "quantize_per_channel"]
 
 # Rows of x up to which the compiled CUDA step reads the int8 weight directly.
 CUDA_FUSED_MAX_ROWS = 4
@@ -51,8 +51,16 @@ def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     if x.device.type == "cpu":
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, scale.to(x.dtype))
         return y.view(*x.shape[:-1], q.shape[0])
+    if x.device.type == "cuda":
+        return cuda_int8_product(x, q, scale)
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+def cuda_int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The CUDA formulation: under ``torch.compile`` a decoding step's few rows as a multiply and
+    a sum inductor fuses with the int8 conversion; otherwise dequantize for cuBLAS."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type == "cuda" and torch.compiler.is_compiling() and rows <= CUDA_FUSED_MAX_ROWS:
+    if torch.compiler.is_compiling() and rows <= CUDA_FUSED_MAX_ROWS:
         y = (x.unsqueeze(-2).float() * q.float()).sum(dim=-1)  # never materialised: one fused kernel
         return (y * scale.float()).to(x.dtype)
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
