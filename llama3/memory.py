@@ -57,7 +57,8 @@ def weight_bytes(args: Any, dtype: torch.dtype, plan: Any = None) -> int:
 
     kv_dim = args.n_kv_heads * args.head_dim
     per_layer = (linear("attention", args.dim, args.dim) * 2 + linear("attention", kv_dim, args.dim) * 2
-                 + linear("feed-forward", args.ffn_hidden_dim, args.dim) * 3
+                 + linear("feed-forward", args.ffn_hidden_dim, args.dim) * 2  # w1, w3
+                 + linear("feed-forward", args.dim, args.ffn_hidden_dim)  # w2
                  + 2 * args.dim * _itemsize(dtype))  # two norms
     embedding = args.vocab_size * args.dim * _itemsize(dtype)
     shared = plan is None or plan.kernel("output").shares_float_weight

@@ -133,9 +133,10 @@ def _parse_override(override: str | Mapping[str, str] | None) -> dict[str, str]:
         return {}
     if isinstance(override, str):
         if "=" not in override:
-            return dict.fromkeys(FAMILIES, override.strip())
-        pairs = [item.split("=", 1) for item in override.split(",") if item.strip()]
-        override = {family.strip(): name.strip() for family, name in pairs}
+            override = dict.fromkeys(FAMILIES, override.strip())
+        else:
+            pairs = [item.split("=", 1) for item in override.split(",") if item.strip()]
+            override = {family.strip(): name.strip() for family, name in pairs}
     for family, name in override.items():
         if family not in FAMILIES:
             raise UnknownKernelError(f"unknown layer family {family!r} in the kernel override; "
