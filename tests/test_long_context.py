@@ -9,6 +9,7 @@ written out here, and at positions past 8,192 against Meta's reference model.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import subprocess
 import sys
@@ -423,3 +424,90 @@ def test_setup_kv_cache_copies_the_callers_args():
     assert model.rope.shape[0] == 300
     assert model.layers[0].attention.kv_cache.k.shape == (1, 2, 300, 8)
     assert torch.isfinite(model(random_tokens(1, 4), 290)).all()
+
+
+# --- attention(): every case against float64 ---------------------------------------------------
+
+
+@pytest.mark.parametrize("n_kv_heads", [8, 2, 1])
+@pytest.mark.parametrize("case, s, kv_len", [("decode", 1, 37), ("prefill", 19, 19), ("chunk", 11, 40),
+                                             ("masked", 1, 64)])
+def test_attention_equals_float64_reference_in_every_case(case, s, kv_len, n_kv_heads):
+    """softmax(q kᵀ/√d + mask) v computed in float64 with Meta's repeat_kv grouping. The masked case
+    is the static step: one query at position 29 of a 64-position window, later positions stale."""
+    from llama3.attention import attention_case
+
+    gen = torch.Generator().manual_seed(3)
+    n_heads, hd, b = 8, 16, 2
+    q = torch.randn(b, n_heads, s, hd, generator=gen)
+    keys = torch.randn(b, n_kv_heads, kv_len, hd, generator=gen)
+    values = torch.randn(b, n_kv_heads, kv_len, hd, generator=gen)
+    if case == "masked":
+        mask = torch.arange(kv_len)[None, :] <= torch.tensor([29])[:, None]
+    else:
+        mask = None
+        visible = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - s, kv_len)[:, None]
+    assert attention_case(s, kv_len, mask is not None) == case
+    n_rep = n_heads // n_kv_heads
+    k = keys.double().repeat_interleave(n_rep, dim=1)
+    v = values.double().repeat_interleave(n_rep, dim=1)
+    scores = q.double() @ k.transpose(-1, -2) / math.sqrt(hd)
+    want = scores.masked_fill(~(mask if mask is not None else visible), float("-inf")).softmax(-1) @ v
+    got = attention(q, keys, values, mask=mask)
+    assert got.shape == (b, n_heads, s, hd) and got.dtype == torch.float32
+    assert (got.double() - want).abs().max().item() <= 2e-6
+
+
+# --- the fit check covers building a Transformer and setup_kv_cache ----------------------------
+
+
+def _limit_address_space(monkeypatch, tmp_path, limit: int, used: int = 0) -> None:
+    """A process under `ulimit -v` (RLIMIT_AS) with plenty of free RAM."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemAvailable: {64 * 1024**2} kB\n")  # 64 GiB free
+    status = tmp_path / "status"
+    status.write_text(f"VmSize:\t{used // 1024} kB\n")
+    monkeypatch.setattr(memory, "MEMINFO", meminfo)
+    monkeypatch.setattr(memory, "PROC_STATUS", status)
+    monkeypatch.setattr(memory.resource, "getrlimit", lambda which: (limit, memory.resource.RLIM_INFINITY))
+
+
+def test_building_a_transformer_checks_the_cache_against_the_address_space_limit(monkeypatch, tmp_path):
+    args = ModelArgs(**{**BASE, **CONFIGS["gqa"], "max_seq_len": 1 << 20, "max_batch_size": 4})
+    assert kv_cache_bytes(args, torch.float32) == 1024**3  # 4 x 1M positions x 256 bytes
+    _limit_address_space(monkeypatch, tmp_path, limit=3 * 1024**3 // 2, used=1024**3)
+    assert memory.available_bytes("cpu") == 1024**3 // 2
+    with pytest.raises(memory.NotEnoughMemoryError, match=r"does not fit on cpu.*KV cache 1\.00 GiB.*"
+                                                          r"only 0\.50 GiB is free.*max_batch_size"):
+        Transformer(args)
+    with torch.device("meta"):  # nothing is allocated on the meta device: no check
+        Transformer(args)
+
+
+def test_setup_kv_cache_checks_the_new_cache_and_keeps_the_old_one(monkeypatch, tmp_path):
+    model = make_model(**CONFIGS["gqa"])
+    tokens = random_tokens(2, 20)
+    want = model(tokens, 0)
+    before = (model.params, model.rope, [layer.attention.kv_cache for layer in model.layers])
+    _limit_address_space(monkeypatch, tmp_path, limit=3 * 1024**3 // 2, used=1024**3)
+    with pytest.raises(memory.NotEnoughMemoryError, match="does not fit on cpu"):
+        model.setup_kv_cache(max_batch_size=2, max_seq_len=(1 << 20) + 1024)  # 0.5 GiB free, more asked
+    assert before == (model.params, model.rope, [layer.attention.kv_cache for layer in model.layers])
+    assert torch.equal(model(tokens, 0), want)
+    model.setup_kv_cache(max_seq_len=256)  # small enough
+    assert model.params.max_seq_len == 256
+
+
+@pytest.mark.parametrize("scaled, trained", [(False, 8192), (True, 131072)])
+def test_a_context_beyond_the_trained_one_is_allowed_and_said_once(caplog, scaled, trained):
+    seq = trained + 1 + int(scaled)  # a value no other test uses: "once" is per process
+    small = dict(BASE, n_kv_heads=2, max_batch_size=1, n_layers=1, use_scaled_rope=scaled)
+    with caplog.at_level(logging.WARNING, logger="llama3.memory"):
+        Transformer(ModelArgs(**{**small, "max_seq_len": trained}))
+        assert not caplog.records
+        model = Transformer(ModelArgs(**{**small, "max_seq_len": seq}))
+        model.setup_kv_cache(max_seq_len=seq)
+        Transformer(ModelArgs(**{**small, "max_seq_len": seq}))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and f"{seq}" in said[0] and f"{trained} positions" in said[0]
+    assert torch.isfinite(model(random_tokens(1, 3), seq - 3)).all()
