@@ -16,8 +16,9 @@ chunk after a prefix, other   SDPA with a lower-right causal bias and ``enable_g
 masked (the static step)      SDPA with the caller's boolean mask; folded, mask repeated per head
 ============================  ===================================================================
 
-No mask of a whole prompt is ever built. :func:`sdpa_context` is the one place that may pin
-SDPA's backends per device and case (today it leaves torch's own choice).
+The keys and values live in a :class:`KVCache` per layer. No mask of a whole prompt is ever
+built. :func:`sdpa_context` is the one place that may pin SDPA's backends per device and case
+(today it leaves torch's own choice).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-__all__ = ["AttentionCase", "attention", "attention_case", "sdpa_context"]
+__all__ = ["AttentionCase", "KVCache", "attention", "attention_case", "sdpa_context"]
 
 AttentionCase = Literal["decode", "prefill", "chunk", "masked"]
 
@@ -37,6 +39,31 @@ AttentionCase = Literal["decode", "prefill", "chunk", "masked"]
 # each query's scores, which merging two attentions needs. (SDPA with a lower-right causal mask
 # gives the same result, twice as slow in float32, with a [chunk, kv_len] mask as scratch.)
 _cpu_flash_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position seen so far, preallocated once: [batch, kv_heads, seq, head_dim].
+
+    Buffers (so ``.to()`` moves them) but not persistent (so they stay out of state_dict).
+    Writing in place at fixed addresses keeps decoding free of reallocation and lets
+    ``torch.compile``/CUDA graphs capture the step.
+    """
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [batch, kv_heads, seq, head_dim] at positions ``input_pos``; return the first
+        ``kv_len`` positions of the cache for the same batch rows."""
+        bsz = k.shape[0]
+        self.k[:bsz].index_copy_(2, input_pos, k)
+        self.v[:bsz].index_copy_(2, input_pos, v)
+        return self.k[:bsz, :, :kv_len], self.v[:bsz, :, :kv_len]
 
 
 def attention_case(s: int, kv_len: int, masked: bool) -> AttentionCase:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from .attention import KVCache, attention
 from .distributed import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -194,31 +194,6 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 # --- Attention ---------------------------------------------------------------------------------
-
-
-class KVCache(nn.Module):
-    """Keys and values of every position seen so far, preallocated once: [batch, kv_heads, seq, head_dim].
-
-    Buffers (so ``.to()`` moves them) but not persistent (so they stay out of state_dict).
-    Writing in place at fixed addresses keeps decoding free of reallocation and lets
-    ``torch.compile``/CUDA graphs capture the step.
-    """
-
-    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [batch, kv_heads, seq, head_dim] at positions ``input_pos``; return the first
-        ``kv_len`` positions of the cache for the same batch rows."""
-        bsz = k.shape[0]
-        self.k[:bsz].index_copy_(2, input_pos, k)
-        self.v[:bsz].index_copy_(2, input_pos, v)
-        return self.k[:bsz, :, :kv_len], self.v[:bsz, :, :kv_len]
 
 
 class Attention(nn.Module):
