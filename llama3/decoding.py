@@ -40,7 +40,7 @@ import torch
 from .errors import LlamaError
 from .progress import Progress
 from .sampling import sample_next_token
-from .validation import check_tokens, positive_int
+from .validation import check_tokens, non_negative_int, positive_int
 
 __all__ = ["Batch", "DecodeStep", "NonFiniteLogitsError", "SamplingParams", "decode", "forward_logprobs",
            "kv_buckets", "make_decode_step", "model_device", "prepare_batch"]
@@ -239,9 +239,7 @@ def prepare_batch(prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, para
     bsz = len(prompt_tokens)
     if bsz > params.max_batch_size:
         raise ValueError(f"{bsz} prompts exceed max_batch_size={params.max_batch_size}")
-    if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, numbers.Integral) or max_gen_len < 0:
-        raise ValueError(f"max_gen_len must be a non-negative integer, got {max_gen_len!r}")
-    max_gen_len = int(max_gen_len)
+    max_gen_len = non_negative_int(max_gen_len, "max_gen_len")
     rows = [_token_ids(prompt, i, params.vocab_size) for i, prompt in enumerate(prompt_tokens)]
     lens = [len(row) for row in rows]
     for i, n in enumerate(lens):

@@ -79,10 +79,11 @@ class Llama:
 
     Args:
         model: a :class:`~llama3.model.Transformer` (or anything with its ``params``, ``forward``
-            and ``forward_static``), on the device to run on.
+            with its fixed-shape ``kv_len`` call), on the device to run on.
         tokenizer: the Llama 3 :class:`~llama3.tokenizer.Tokenizer`; its vocabulary must be the model's.
         compile: decode through ``make_decode_step(model, compile=True)``: ``torch.compile`` of the
-            fixed-shape ``model.forward_static`` (CUDA graphs on CUDA). The prompt prefill stays eager.
+            fixed-shape step ``model(tokens, input_pos, kv_len=...)`` (CUDA graphs on CUDA). The
+            prompt prefill stays eager.
         decode_step: the one-token step to decode with (see :func:`~llama3.decoding.make_decode_step`);
             default ``make_decode_step(model, compile)``.
 

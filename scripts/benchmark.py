@@ -60,6 +60,7 @@ from llama3.checkpoint import meta_to_hf_state_dict, model_args_to_hf_config
 from llama3.cli import fire_strict
 from llama3.distributed import select_device, select_dtype
 from llama3.generation import make_decode_step
+from llama3.kernels import apply_kernels, choose_kernels
 from llama3.model import ModelArgs, Transformer
 from llama3.presets import PRESETS
 from llama3.sampling import sample_next_token
@@ -289,13 +290,12 @@ PRECISIONS: dict[str, tuple[torch.dtype, str | None, bool | None]] = {
 
 def prepare(model: Transformer, quantize: str | None, fbgemm: bool | None) -> str:
     """The library's kernel choice for ``model`` (``llama3.kernels.choose_kernels``, as
-    ``Llama.build`` makes it), applied; returns the kernel names, for the tables."""
-    from llama3.kernels import apply_kernels, choose_kernels
-
+    ``Llama.build`` makes it), applied; returns the kernels' label for the tables."""
     weight = model.tok_embeddings.weight
     plan = choose_kernels(model, weight.device, weight.dtype, quantize, fbgemm=fbgemm)
     apply_kernels(model, plan)
-    return "+".join(dict.fromkeys(choice.label() for choice in plan.families.values()))
+    name = plan.kernel("output").name  # every family gets the same kernel unless LLAMA3_KERNELS says
+    return {"fbgemm-fp16": "fbgemm", "int8": "int8"}.get(name, "torch")  # cpu-gemv is torch.mv
 
 
 TOP_P = dict(temperature=0.6, top_p=0.9)  # the library's defaults
@@ -567,9 +567,10 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
         n_layers: keep only this many layers (quick runs of big shapes).
         dtype: bf16 / fp16 / fp32 (default: llama3's choice for the device).
         device: cpu / cuda / ... (default: llama3's choice).
-        compile: decode with torch.compile(model.forward_static) (CUDA: mode="reduce-overhead").
+        compile: decode with torch.compile of the fixed-shape step (model.forward with kv_len;
+            CUDA: mode="reduce-overhead").
         quantize: "int8" for int8 weight-only linear layers.
-        fbgemm: pack bfloat16/float16 linear layers for FBGEMM (llama3.cpu_linear); default: as
+        fbgemm: pack bfloat16/float16 linear layers for FBGEMM (llama3.kernels.fbgemm); default: as
             ``Llama.build`` does (on x86 CPUs without bfloat16 matrix units); False: torch's kernels.
         batch_sizes: decode batch sizes, e.g. "1,8" (default 1,8).
         prompt_lens: prefill prompt lengths (default CPU 128; CUDA 512,2048).

@@ -1,5 +1,5 @@
 """The fast paths give the same answers as the plain model: the compiled decoding step
-(``torch.compile(model.forward_static)``) and int8 weight-only quantization. Speed itself is
+(``torch.compile`` of ``model.forward`` with ``kv_len``) and int8 weight-only quantization. Speed itself is
 measured by scripts/benchmark.py, not here."""
 
 from __future__ import annotations
