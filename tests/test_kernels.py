@@ -20,6 +20,7 @@ from llama3.kernels import (
     KERNELS,
     CpuGemvKernel,
     FbgemmFp16Kernel,
+    Int8Kernel,
     LinearKernel,
     TorchKernel,
     UnknownKernelError,
@@ -27,6 +28,7 @@ from llama3.kernels import (
     choose_kernels,
     kernel_of,
     kernels_in,
+    swap_linears,
 )
 from llama3.memory import weight_bytes
 
@@ -218,3 +220,20 @@ def test_weight_bytes_per_kernel_are_what_the_swapped_model_holds(monkeypatch, k
     assert weight_bytes(model.params, dtype, plan) == _held_bytes(model)
     if kernel == "int8":
         assert weight_bytes(model.params, dtype, plan) < weight_bytes(model.params, dtype)
+
+
+def test_a_prequantized_state_dict_loads_into_empty_kernel_layers(monkeypatch):
+    """Checkpoints that ship int8 tensors: swap to the kernel's empty (meta) layers, assign."""
+    monkeypatch.delenv("LLAMA3_KERNELS", raising=False)
+    source = make_model(torch.bfloat16)
+    apply_kernels(source, choose_kernels(source, "cpu", torch.bfloat16, quantize="int8"))
+    tokens = torch.randint(0, SMALL["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(4))
+    want = source(tokens, 0)
+
+    with torch.device("meta"):
+        target = Transformer(ModelArgs(**SMALL)).to(torch.bfloat16)
+    assert swap_linears(target, Int8Kernel, empty=True) == 7 * SMALL["n_layers"] + 1
+    assert target.layers[0].attention.wq.weight.is_meta
+    target.load_state_dict(source.state_dict(), assign=True)
+    target.setup_kv_cache(device="cpu", dtype=torch.bfloat16)
+    assert torch.equal(target(tokens, 0), want)

@@ -5,7 +5,7 @@
 * :func:`choose_kernels` / :func:`apply_kernels` — which kernel computes each layer family, and why.
 """
 
-from .base import LinearKernel, is_linear, kernel_of, swap_linear, swap_linears
+from .base import LinearKernel, empty_linear, is_linear, kernel_of, swap_linear, swap_linears
 from .choose import (
     ENV_OVERRIDE,
     FAMILIES,
@@ -26,9 +26,10 @@ from .int8 import Int8Kernel, quantize_per_channel
 from .torch_default import TorchKernel
 
 __all__ = [
-    "ENV_OVERRIDE", "FAMILIES", "KERNELS", "CpuGemvKernel", "FbgemmFp16Kernel", "Int8Kernel", "KernelChoice",
-    "KernelPlan", "LinearKernel", "QUANTIZE_MODES", "TorchKernel", "UnknownKernelError", "apply_kernels",
-    "choose_kernels",
-    "cpu_has_bf16_matrix_units", "decide", "fbgemm_available", "fbgemm_is_the_fast_path", "is_linear",
-    "kernel_of", "kernels_in", "quantize_per_channel", "swap_linear", "swap_linears",
+    "ENV_OVERRIDE", "FAMILIES", "KERNELS", "QUANTIZE_MODES", "CpuGemvKernel", "FbgemmFp16Kernel",
+    "Int8Kernel",
+    "KernelChoice", "KernelPlan", "LinearKernel", "TorchKernel", "UnknownKernelError", "apply_kernels",
+    "choose_kernels", "cpu_has_bf16_matrix_units", "decide", "empty_linear", "fbgemm_available",
+    "fbgemm_is_the_fast_path", "is_linear", "kernel_of", "kernels_in", "quantize_per_channel", "swap_linear",
+    "swap_linears",
 ]

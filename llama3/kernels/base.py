@@ -18,7 +18,8 @@ from torch import nn
 
 from ..distributed import ColumnParallelLinear, RowParallelLinear
 
-__all__ = ["LinearKernel", "ParallelLinear", "is_linear", "swap_linear", "swap_linears"]
+__all__ = ["LinearKernel", "ParallelLinear", "empty_linear", "is_linear", "kernel_of", "swap_linear",
+           "swap_linears"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,12 @@ def swap_linear(layer: nn.Module, kernel_cls: type[LinearKernel], **settings: An
     return _variant(kernel_cls, _role(layer)).from_float(layer, **settings)
 
 
+def empty_linear(layer: nn.Module, kernel_cls: type[LinearKernel], **settings: Any) -> nn.Module:
+    """``layer``'s ``kernel_cls`` twin on the meta device, with the buffers of that kernel's format
+    (:meth:`LinearKernel.empty`): assign a checkpoint that ships them already converted."""
+    return _variant(kernel_cls, _role(layer)).empty(layer, **settings)
+
+
 def kernel_of(layer: nn.Module) -> type[LinearKernel]:
     """The kernel family computing ``layer`` (torch's default for an unswapped layer)."""
     for cls in type(layer).__mro__:
@@ -145,12 +152,15 @@ def is_linear_class(cls: type) -> bool:
 
 @torch.no_grad()
 def swap_linears(model: nn.Module, kernel_cls: type[LinearKernel],
-                 select: Callable[[str, nn.Module], bool] | None = None, **settings: Any) -> int:
+                 select: Callable[[str, nn.Module], bool] | None = None, *, empty: bool = False,
+                 **settings: Any) -> int:
     """Swap, in place, every float model-parallel linear layer of ``model`` that ``select(name,
     layer)`` accepts (default: all) to ``kernel_cls``; returns how many were swapped.
 
     One layer at a time, so each float weight is freed before the next is converted. A layer the
     kernel does not apply to (:meth:`LinearKernel.applies`) keeps torch's kernel, logged.
+    ``empty``: build the kernel's buffers on the meta device instead of converting (a model built
+    on the meta device, about to be assigned a checkpoint quantized ahead of time).
     """
     names = [name for name, module in model.named_modules()
              if type(module) in (ColumnParallelLinear, RowParallelLinear)
@@ -165,7 +175,8 @@ def swap_linears(model: nn.Module, kernel_cls: type[LinearKernel],
             logger.warning("%s: %s; this layer keeps torch's kernels", name,
                            kernel_cls.refusal(module, device, dtype))
             continue
-        setattr(parent, child, swap_linear(module, kernel_cls, **settings))
+        swap = empty_linear if empty else swap_linear
+        setattr(parent, child, swap(module, kernel_cls, **settings))
         del module
         swapped += 1
     return swapped
