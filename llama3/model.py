@@ -350,7 +350,7 @@ class Transformer(nn.Module):
         ones masked out, and the last logits are returned. Nothing is read back from the device, so
         the position is not checked against ``kv_len``.
 
-        Raises ValueError for misuse (see :func:`check_tokens`).
+        Raises ValueError for misuse (:func:`llama3.validation.check_tokens` lists it).
         """
         if kv_len is not None:
             kv_len = check_kv_len(kv_len, self.params.max_seq_len)
@@ -360,7 +360,8 @@ class Transformer(nn.Module):
         start_pos = check_tokens(tokens, start_pos, self.params)
         chunk = positive_int(self.prefill_chunk, "prefill_chunk")
         bsz, seqlen = tokens.shape
-        logits = None if last_only else torch.empty(bsz, seqlen, self.vocab_size, device=tokens.device)
+        logits = None if last_only else torch.empty(bsz, seqlen, self.vocab_size, device=tokens.device,
+                                                    dtype=torch.float32)
         for begin in range(0, seqlen, chunk):
             end = min(begin + chunk, seqlen)
             input_pos = torch.arange(start_pos + begin, start_pos + end, device=tokens.device)
