@@ -15,10 +15,11 @@ detected in the same device read as "all rows finished?" and raise :class:`NonFi
 The decode step, ``step(tokens [bsz, 1], pos) -> logits [bsz, 1, vocab]``, comes from
 :func:`make_decode_step`, for :class:`~llama3.generation.Llama`, the benchmark and the tests alike:
 
-* eager (``compile=False``): ``model.forward(tokens, pos, last_only=True)``, which attends over
-  exactly the ``pos + 1`` filled cache positions;
-* static (``compile=True``): ``model.forward_static`` under ``torch.compile`` (CUDA graphs on
-  CUDA). Its shapes must be fixed, so it attends over a *bucket* of cache positions: the smallest
+* eager (``compile=False``): ``model.forward(tokens, pos, last_only=True)`` in inference mode,
+  which attends over exactly the ``pos + 1`` filled cache positions;
+* static (``compile=True``): ``model.forward(tokens, input_pos, kv_len=bucket)`` under
+  ``torch.compile`` (CUDA graphs on CUDA), the position a device tensor. Its shapes must be fixed,
+  so it attends over a *bucket* of cache positions: the smallest
   of 256, 512, 1024, ... (capped at ``max_seq_len``) that holds ``pos + 1``. Each bucket is one
   compiled graph, so a short chat in a model built for 128K tokens costs a short chat's decode,
   not a 128K one.
@@ -39,9 +40,10 @@ import torch
 from .errors import LlamaError
 from .progress import Progress
 from .sampling import sample_next_token
+from .validation import check_tokens, non_negative_int, positive_int
 
-__all__ = ["Batch", "DecodeStep", "NonFiniteLogitsError", "SamplingParams", "decode", "kv_buckets",
-           "make_decode_step", "model_device", "prepare_batch"]
+__all__ = ["Batch", "DecodeStep", "NonFiniteLogitsError", "SamplingParams", "decode", "forward_logprobs",
+           "kv_buckets", "make_decode_step", "model_device", "prepare_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +98,11 @@ def make_decode_step(model: torch.nn.Module, compile: bool, *, static: bool | No
 
     Args:
         model: the model, on its device, its KV cache allocated.
-        compile: run ``model.forward_static`` through ``torch.compile`` (``mode="reduce-overhead"``,
+        compile: run the fixed-shape step (``model.forward`` with ``kv_len``) through
+            ``torch.compile`` (``mode="reduce-overhead"``,
             i.e. CUDA graphs, on CUDA); the first step of each (batch size, bucket) compiles, which
             is logged.
-        static: use the fixed-shape ``forward_static`` path (default: ``compile``). ``static=True``
+        static: use the fixed-shape path (default: ``compile``). ``static=True``
             without ``compile`` runs that path eagerly: slower, but the same numbers as compiled,
             which tests use to check it.
     """
@@ -107,6 +110,7 @@ def make_decode_step(model: torch.nn.Module, compile: bool, *, static: bool | No
     if compile and not static:
         raise ValueError("compile=True needs the static decode step (static=True or None)")
     if not static:
+        @torch.inference_mode()
         def eager_step(tokens: torch.Tensor, pos: int) -> torch.Tensor:
             return model.forward(tokens, pos, last_only=True)
 
@@ -125,13 +129,15 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 class _StaticStep:
-    """``forward_static`` over the kv-length bucket that holds ``pos + 1``, with fixed input buffers."""
+    """``model.forward(tokens, input_pos, kv_len=bucket)`` over the kv-length bucket that holds
+    ``pos + 1``, with fixed input buffers. Under no_grad, not inference_mode: torch.compile cannot
+    yet trace a function that enters inference mode itself (it fails on inputs made outside it)."""
 
     def __init__(self, model: torch.nn.Module, compile: bool) -> None:
         self.buckets = kv_buckets(model.params.max_seq_len)
         self.device = model_device(model)
         self.compiled = compile
-        forward = model.forward_static
+        forward = model.forward
         if compile:
             # kv_len is a Python int and dynamic=False keeps it (and the batch size) static: one
             # graph per value. Dynamo's default of 8 graphs per function would fall back to eager.
@@ -163,10 +169,12 @@ class _StaticStep:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         key = (bsz, kv_len)
         if not self.compiled or key in self._seen:
-            return self.forward(buffer, self._pos, kv_len=kv_len)
+            with torch.no_grad():
+                return self.forward(buffer, self._pos, kv_len=kv_len)
         self._seen.add(key)
         logger.info("Compiling the decode step for batch %d, kv length %d (once per bucket)", bsz, kv_len)
-        with Progress(f"compiling the decode step (batch {bsz}, kv length {kv_len})", logger=logger):
+        with Progress(f"compiling the decode step (batch {bsz}, kv length {kv_len})", logger=logger), \
+                torch.no_grad():
             return self.forward(buffer, self._pos, kv_len=kv_len)
 
 
@@ -175,6 +183,33 @@ def _allow_graphs(n: int) -> None:
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     if getattr(config, name) < n:
         setattr(config, name, n)
+
+
+@torch.inference_mode()
+def forward_logprobs(model: torch.nn.Module, tokens: torch.Tensor, start_pos: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of ``tokens``, one prefill chunk at a time through
+    ``model.forward`` (which it replaces: it fills the KV cache the same way).
+
+    Returns ``(logprobs, last_logits)``: logprobs [batch, seq-1] float32 with
+    ``logprobs[:, i] = log p(tokens[:, i+1] | everything up to tokens[:, i])``, and the logits of
+    the last position [batch, 1, vocab] float32 (to sample what follows). Never holds more than one
+    chunk of logits: O(prefill_chunk × vocab) memory whatever the length.
+    """
+    start_pos = check_tokens(tokens, start_pos, model.params)
+    chunk = positive_int(model.prefill_chunk, "prefill_chunk")
+    bsz, seqlen = tokens.shape
+    logprobs = torch.empty(bsz, seqlen - 1, device=tokens.device, dtype=torch.float32)
+    for begin in range(0, seqlen, chunk):
+        end = min(begin + chunk, seqlen)
+        logits = model.forward(tokens[:, begin:end], start_pos + begin)
+        targets = tokens[:, begin + 1:end + 1].long()  # the next token of each position, if any
+        n = targets.shape[1]
+        # log_softmax + gather, as generation scores tokens (cross_entropy's float32 CPU kernel
+        # rounds log-probabilities near 0 to exactly 0 over a 128K vocabulary).
+        logprobs[:, begin:begin + n] = torch.log_softmax(logits[:, :n], dim=-1).gather(
+            -1, targets[..., None])[..., 0]
+    return logprobs, logits[:, -1:].clone()
 
 
 # --- the batch and the loop ----------------------------------------------------------------------
@@ -204,9 +239,7 @@ def prepare_batch(prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, para
     bsz = len(prompt_tokens)
     if bsz > params.max_batch_size:
         raise ValueError(f"{bsz} prompts exceed max_batch_size={params.max_batch_size}")
-    if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, numbers.Integral) or max_gen_len < 0:
-        raise ValueError(f"max_gen_len must be a non-negative integer, got {max_gen_len!r}")
-    max_gen_len = int(max_gen_len)
+    max_gen_len = non_negative_int(max_gen_len, "max_gen_len")
     rows = [_token_ids(prompt, i, params.vocab_size) for i, prompt in enumerate(prompt_tokens)]
     lens = [len(row) for row in rows]
     for i, n in enumerate(lens):
@@ -289,13 +322,14 @@ def decode(model: torch.nn.Module, step: DecodeStep, batch: Batch, sampling: Sam
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite logits so far
     if logprobs and echo:
         # Every prompt position's log-probability, computed chunk by chunk inside the model.
-        prompt_logprobs, logits = model.forward_logprobs(tokens[:, :min_len], 0)
+        prompt_logprobs, logits = forward_logprobs(model, tokens[:, :min_len], 0)
         batch.token_logprobs[:, 1:min_len] = prompt_logprobs
         if min_len == total_len:  # nothing to generate and no prompt left to feed
             _raise_if_non_finite(bool(~torch.isfinite(prompt_logprobs).all()), min_len - 1)
             return
     else:
-        logits = model.forward(tokens[:, :min_len], 0, last_only=True)
+        with torch.inference_mode():
+            logits = model.forward(tokens[:, :min_len], 0, last_only=True)
 
     for cur_pos in range(min_len, total_len):
         if cur_pos > min_len:

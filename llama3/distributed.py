@@ -25,7 +25,9 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
+from fairscale.nn.model_parallel import mappings as fs_mappings
 
 from .errors import LlamaError
 
@@ -227,56 +229,17 @@ def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
 
 
 # --- fairscale layers that can be built on the meta device -------------------------------------
-
-
-# Dtypes whose single-row CPU product takes the GEMV paths of _linear.
-_CPU_GEMV_DTYPES = (torch.bfloat16, torch.float16)
-
-
-@torch.library.custom_op("llama3::gemv_input", mutates_args=())
-def _gemv_input(x: torch.Tensor) -> torch.Tensor:
-    """A float32 copy of ``x`` that inductor writes to memory instead of recomputing.
-
-    Inductor inlines the pointwise producer of a reduction's input into the reduction loop. For a
-    GEMV that means recomputing the residual add and RMSNorm of the whole input row once per
-    *output* row (128K times for the output projection), which made the compiled bfloat16 step
-    slower than eager. An opaque op is a boundary inductor does not fuse across.
-    """
-    return x.float()
-
-
-@_gemv_input.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x, dtype=torch.float32)
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ. One bfloat16 or float16 row on the CPU (batch-1 decoding) is a GEMV, computed with
-    float32 accumulation by the fastest kernel each mode has on a CPU without AVX512-BF16/FP16 or
-    AMX (where oneDNN's matmul for these dtypes falls back to reference kernels, half to a third of
-    the speed):
-
-    * eager: ``torch.mv``, whose kernel converts W to float32 on the fly;
-    * under ``torch.compile``: a multiply and a sum over the float32 input row, which inductor
-      turns into one vectorised kernel that converts each weight as it streams it (~10-15% faster
-      than ``torch.mv`` on the AVX2 machine of README "CPU decode").
-
-    Everything else (prefill, batches, float32, CUDA) is ``F.linear``.
-    """
-    if x.device.type == "cpu" and x.dtype in _CPU_GEMV_DTYPES and x.numel() == x.shape[-1]:
-        out_shape = (*x.shape[:-1], weight.shape[0])
-        if torch.compiler.is_compiling():
-            row = _gemv_input(x.reshape(1, -1))  # [1, in] float32, in memory
-            return (row * weight.float()).sum(-1).to(x.dtype).view(out_shape)  # one fused kernel
-        return torch.mv(weight, x.reshape(-1)).view(out_shape)
-    return torch.nn.functional.linear(x, weight)
+#
+# The arithmetic of a linear layer is its ``local_product`` (x Wᵀ with this rank's slice of W);
+# the communication around it is written once, here. A kernel family (``llama3.kernels``) swaps
+# the arithmetic and the weight's representation and inherits the communication.
 
 
 class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
     """``y = x Wᵀ`` with W's rows (output features) split across model-parallel ranks.
 
-    fairscale's class and forward; only the constructor differs (allocation through
-    ``torch.empty`` so the active device, meta included, is honoured; no bias).
+    fairscale's layout; allocation through ``torch.empty`` so the active device, meta included,
+    is honoured; no bias.
     """
 
     def __init__(self, in_features: int, out_features: int, gather_output: bool = False) -> None:
@@ -290,13 +253,18 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         self.register_parameter("bias", None)
         self.master_weight = None
 
+    def local_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] times this rank's rows of W: [..., output_size_per_partition]."""
+        return F.linear(x, self.weight)
+
     def forward(self, input_: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.output_size_per_partition == self.out_features:
             # One rank: nothing to communicate, and no autograd mapping to break torch.compile.
-            return _linear(input_, self.weight)
+            return self.local_product(input_)
         if torch.is_grad_enabled():  # training: fairscale's autograd-aware mappings
-            return super().forward(input_)
-        y = _linear(input_, self.weight)
+            y = self.local_product(fs_mappings.copy_to_model_parallel_region(input_))
+            return fs_mappings.gather_from_model_parallel_region(y) if self.gather_output else y
+        y = self.local_product(input_)
         return gather_last_dim(y) if self.gather_output else y
 
 
@@ -314,12 +282,16 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
         self.register_parameter("bias", None)
         self.master_weight = None
 
+    def local_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_local] times this rank's columns of W: a partial sum [..., out]."""
+        return F.linear(x, self.weight)
+
     def forward(self, input_: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.input_size_per_partition == self.in_features:
-            return _linear(input_, self.weight)
+            return self.local_product(input_)
         if torch.is_grad_enabled():
-            return super().forward(input_)
-        return all_reduce_sum(_linear(input_, self.weight))
+            return fs_mappings.reduce_from_model_parallel_region(self.local_product(input_))
+        return all_reduce_sum(self.local_product(input_))
 
 
 class VocabParallelEmbedding(fs_layers.VocabParallelEmbedding):

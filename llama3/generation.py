@@ -28,7 +28,6 @@ from typing import Any, TypedDict, overload
 import torch
 
 from .chat_format import ChatFormat, Dialog, Message, validate_dialog
-from .cpu_linear import pack_linear_layers, wants_packing
 from .decoding import (
     Batch,
     DecodeStep,
@@ -40,10 +39,12 @@ from .decoding import (
     prepare_batch,
 )
 from .errors import LlamaError
-from .memory import NotEnoughMemoryError, check_fits_device
-from .model import kv_cache_bytes
+from .kernels import QUANTIZE_MODES, apply_kernels, choose_kernels
+from .memory import NotEnoughMemoryError, check_fits
+from .model import PREFILL_CHUNK
 from .progress import Progress, configure_logging
 from .tokenizer import StreamDecoder, Tokenizer, require_tokenizer
+from .validation import positive_int
 
 __all__ = [
     "ChatPrediction", "CompletionPrediction", "ConcurrentUseError", "DecodeStep", "Llama",
@@ -51,8 +52,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_QUANTIZE_MODES = ("int8",)
 
 
 class ConcurrentUseError(LlamaError, RuntimeError):
@@ -80,10 +79,11 @@ class Llama:
 
     Args:
         model: a :class:`~llama3.model.Transformer` (or anything with its ``params``, ``forward``
-            and ``forward_static``), on the device to run on.
+            with its fixed-shape ``kv_len`` call), on the device to run on.
         tokenizer: the Llama 3 :class:`~llama3.tokenizer.Tokenizer`; its vocabulary must be the model's.
         compile: decode through ``make_decode_step(model, compile=True)``: ``torch.compile`` of the
-            fixed-shape ``model.forward_static`` (CUDA graphs on CUDA). The prompt prefill stays eager.
+            fixed-shape step ``model(tokens, input_pos, kv_len=...)`` (CUDA graphs on CUDA). The
+            prompt prefill stays eager.
         decode_step: the one-token step to decode with (see :func:`~llama3.decoding.make_decode_step`);
             default ``make_decode_step(model, compile)``.
 
@@ -123,7 +123,7 @@ class Llama:
         rope_scale_factor: float | None = None,
         compile: bool = False,
         quantize: str | None = None,
-        prefill_chunk: int = 2048,
+        prefill_chunk: int = PREFILL_CHUNK,
         verbose: bool = True,
         fbgemm: bool | None = None,
     ) -> Llama:
@@ -146,12 +146,12 @@ class Llama:
                 its preferred dtype).
             rope_scale_factor: override the Llama 3.1 RoPE scaling factor (see ``ModelArgs``).
             compile: decode with ``torch.compile`` (see :class:`Llama`).
-            quantize: ``"int8"`` for int8 weight-only linear layers (``llama3.quantize``).
+            quantize: ``"int8"`` for int8 weight-only linear layers (``llama3.kernels.int8``).
             prefill_chunk: prompts are processed this many tokens at a time (bounds the memory of
                 long prompts).
             verbose: log progress (loading, cache size, compile warm-up, long generations) to stderr.
             fbgemm: hold the linear layers' weights packed for FBGEMM's float16 kernels
-                (``llama3.cpu_linear``). ``None`` (default): when that is the fast path, i.e. a
+                (``llama3.kernels.fbgemm``). ``None`` (default): when that is the fast path, i.e. a
                 bfloat16/float16 model (not quantized, not a tiny test shape) on an x86 CPU without
                 bfloat16 matrix units; ``False``: keep torch's kernels.
 
@@ -162,11 +162,10 @@ class Llama:
         configure_logging(verbose)
         if fbgemm and quantize is not None:
             raise ValueError("fbgemm=True packs bfloat16/float16 weights; it does not combine with quantize")
-        if quantize is not None and quantize not in _QUANTIZE_MODES:
-            raise ValueError(f"unknown quantize={quantize!r}; choose one of {', '.join(_QUANTIZE_MODES)} "
+        if quantize is not None and quantize not in QUANTIZE_MODES:
+            raise ValueError(f"unknown quantize={quantize!r}; choose one of {', '.join(QUANTIZE_MODES)} "
                              "or None")
-        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
+        prefill_chunk = positive_int(prefill_chunk, "prefill_chunk")
         from .checkpoint import inspect_checkpoint, load_model, read_model_args
         from .distributed import select_device, select_dtype
 
@@ -182,20 +181,16 @@ class Llama:
         target = select_device(device)
         world = model_parallel_size or int(os.environ.get("WORLD_SIZE", "1"))
         run_dtype = select_dtype(target, dtype)
-        fbgemm = quantize is None and wants_packing(fbgemm, target, run_dtype, args.dim)
-        # A packed output projection is a copy: a tied embedding keeps its own table for lookups.
-        _check_fits(args, run_dtype, target, world, own_output=fbgemm)
+        # Which kernel computes each linear layer (logged with the reason); the weights' formats
+        # decide how many bytes they take.
+        plan = choose_kernels(args, target, run_dtype, quantize, fbgemm=fbgemm)
+        check_fits(args, run_dtype, target, world, plan)
 
         model = load_model(info, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                            dtype=dtype, model_parallel_size=model_parallel_size,
                            rope_scale_factor=rope_scale_factor, verbose=verbose)
         model.prefill_chunk = prefill_chunk
-        if quantize == "int8":
-            from .quantize import quantize_int8  # imported only when asked for
-
-            quantize_int8(model)
-        elif fbgemm:
-            pack_linear_layers(model)
+        apply_kernels(model, plan)
         # Seeded after loading, so whatever the loader drew does not shift the sampling stream.
         torch.manual_seed(seed)
         if target.type == "cuda" and not compile:
@@ -471,31 +466,3 @@ def _check_vocabulary(n_words: int | None, vocab_size: int, tokenizer_path: Any 
             "ranks + 256 special tokens): get the file again." if n_words < vocab_size else "")
     raise ValueError(f"{which} has {n_words} tokens but the model's vocabulary has {vocab_size}; they do "
                      f"not belong together.{hint}")
-
-
-# --- fitting the model on the device ----------------------------------------------------------
-
-
-def _weight_bytes(args: Any, dtype: torch.dtype, own_output: bool = False) -> int:
-    """Bytes of the model's weights in ``dtype``, all ranks together; ``own_output``: the output
-    projection is held apart from the embedding even when the checkpoint ties them."""
-    kv_dim = args.n_kv_heads * args.head_dim
-    per_layer = (2 * args.dim * args.dim + 2 * args.dim * kv_dim  # wq, wo; wk, wv
-                 + 3 * args.dim * args.ffn_hidden_dim + 2 * args.dim)  # w1, w2, w3; two norms
-    embeddings = args.vocab_size * args.dim * (1 if args.tie_word_embeddings and not own_output else 2)
-    return (embeddings + args.n_layers * per_layer + args.dim) * torch.empty(0, dtype=dtype).element_size()
-
-
-def _check_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size: int,
-                own_output: bool = False) -> None:
-    """Log the KV cache about to be allocated; raise NotEnoughMemoryError if weights + cache cannot
-    fit (each GPU holds one rank's share; the ranks of a CPU job share the machine's RAM)."""
-    cache = kv_cache_bytes(args, dtype, world_size)
-    logger.info(f"KV cache: {cache / 2**30:.2f} GiB per rank (max_batch_size {args.max_batch_size} x "
-                f"max_seq_len {args.max_seq_len} x {args.n_layers} layers x {args.n_kv_heads} KV heads x "
-                f"head_dim {args.head_dim} x {torch.empty(0, dtype=dtype).element_size()} bytes x 2 for "
-                f"keys and values{f' / {world_size} ranks' if world_size > 1 else ''})")
-    ranks_here = world_size if device.type == "cpu" else 1
-    weights = _weight_bytes(args, dtype, own_output) // world_size * ranks_here
-    check_fits_device(weights, cache * ranks_here, device)
-

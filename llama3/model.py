@@ -10,11 +10,16 @@ A decoder-only Transformer (Vaswani et al., 2017) with the Llama changes:
 * a SwiGLU feed-forward network (Shazeer, 2020).
 
 Parameter names are Meta's, so a Meta checkpoint shard loads with ``load_state_dict(strict=True)``.
-The linear layers are fairscale's model-parallel ones; with one process they are plain linears.
+The linear layers are fairscale's model-parallel ones (:mod:`llama3.distributed`): each computes
+its ``local_product`` (``F.linear`` unless :mod:`llama3.kernels` swapped in another kernel for the
+device and dtype) and then communicates across ranks. Attention over the KV cache, and the choice
+of its kernel, is :func:`llama3.attention.attention`.
 
-Beyond the paper, for long context: a prompt is processed in chunks (``Transformer.prefill_chunk``)
-that attend causally to the cache without a mask over the whole prompt, so the memory it needs
-beyond weights and cache grows with the chunk, not with the prompt's square.
+One door: ``Transformer.forward(tokens, start_pos)`` serves prefill, chunked prefill, decoding and
+(with ``kv_len``) the fixed-shape compiled step. Beyond the paper, for long context: a prompt is
+processed in chunks (``Transformer.prefill_chunk``) that attend causally to the cache without a
+mask over the whole prompt, so the memory it needs grows with the chunk, not the prompt's square.
+Scoring prompt positions and compiling the decode step live in :mod:`llama3.decoding`.
 """
 
 from __future__ import annotations
@@ -22,23 +27,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import operator
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
+from .attention import KVCache, attention
 from .distributed import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     model_parallel_world_size,
 )
+from .memory import check_kv_cache
+from .validation import check_kv_len, check_tokens, optional, positive_int
 
 logger = logging.getLogger(__name__)
+
+# Long inputs are processed this many positions at a time (Transformer.prefill_chunk), so the memory
+# a prompt needs beyond weights and cache is O(chunk × kv_len), not O(prompt²).
+PREFILL_CHUNK = 2048
 
 
 @dataclass(init=False)
@@ -89,9 +99,7 @@ class ModelArgs:
     def _validate(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                      "max_batch_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+            setattr(self, name, positive_int(getattr(self, name), f"ModelArgs.{name}"))
         if self.dim % self.n_heads != 0:
             raise ValueError(f"n_heads ({self.n_heads}) must divide dim ({self.dim})")
         if self.n_heads % self.n_kv_heads != 0:
@@ -188,100 +196,6 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 # --- Attention ---------------------------------------------------------------------------------
 
 
-class KVCache(nn.Module):
-    """Keys and values of every position seen so far, preallocated once: [batch, kv_heads, seq, head_dim].
-
-    Buffers (so ``.to()`` moves them) but not persistent (so they stay out of state_dict).
-    Writing in place at fixed addresses keeps decoding free of reallocation and lets
-    ``torch.compile``/CUDA graphs capture the step.
-    """
-
-    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [batch, kv_heads, seq, head_dim] at positions ``input_pos``; return the first
-        ``kv_len`` positions of the cache for the same batch rows."""
-        bsz = k.shape[0]
-        self.k[:bsz].index_copy_(2, input_pos, k)
-        self.v[:bsz].index_copy_(2, input_pos, v)
-        return self.k[:bsz, :, :kv_len], self.v[:bsz, :, :kv_len]
-
-
-def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                            mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q kᵀ / √head_dim + mask) v with several query heads per key/value head.
-
-    Query head h reads KV head h // n_rep. The n_rep query heads of one KV head are stacked as extra
-    query rows of that head, so plain attention serves the whole group and the cache is never
-    copied per query head. Same result as SDPA with ``enable_gqa=True`` or Meta's ``repeat_kv``
-    (whose CPU kernels are slower here in bfloat16 at decode).
-
-    q: [b, n_heads, s, hd]; keys, values: [b, n_kv_heads, kv_len, hd]; mask: [s, kv_len] boolean,
-    True where a query may attend, or None for no mask. Returns [b, n_heads, s, hd].
-    """
-    b, n_heads, s, hd = q.shape
-    n_kv_heads = keys.shape[1]
-    n_rep = n_heads // n_kv_heads
-    q = q.reshape(b, n_kv_heads, n_rep * s, hd)  # (b, n_kv_heads, n_rep·s, hd): a group's heads as rows
-    if mask is not None and s > 1:
-        mask = mask.repeat(n_rep, 1)  # (n_rep·s, kv_len): the same rows for every head of the group
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (b, n_kv_heads, n_rep·s, hd)
-    return out.view(b, n_heads, s, hd)
-
-
-def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Attention for queries at the last s of kv_len positions: query i sees keys 0 .. kv_len - s + i.
-
-    Shapes as in :func:`grouped_query_attention`. No mask of the whole prompt is ever built, and
-    none at all where the kernel can apply causality itself:
-
-    * one query (decoding) sees every cached key: no mask;
-    * a chunk that fills the cache from position 0 is the square causal case, ``is_causal``;
-    * a chunk after earlier ones, on the CPU: the cached prefix (seen by every query, no mask) and
-      the chunk's own keys (square causal) are attended separately and merged exactly by their
-      log-sum-exp, as flash-decoding merges its splits;
-    * elsewhere (CUDA): SDPA's lower-right causal bias, which runs in the flash kernel there.
-    """
-    s, kv_len = q.shape[2], keys.shape[2]
-    if s == 1:
-        return grouped_query_attention(q, keys, values)
-    if s == kv_len:
-        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
-    if q.device.type == "cpu" and _cpu_flash_attention is not None:
-        return _prefix_then_chunk_attention(q, keys, values)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(s, kv_len),
-                                          enable_gqa=True)
-
-
-# PyTorch's CPU flash-attention kernel, called directly because it also returns the log-sum-exp of
-# each query's scores, which merging two attentions needs. (SDPA with a lower-right causal mask
-# gives the same result, twice as slow in float32, with a [chunk, kv_len] mask as scratch.)
-_cpu_flash_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def _prefix_then_chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    b, n_heads, s, hd = q.shape
-    n_kv_heads, kv_len = keys.shape[1], keys.shape[2]
-    n_rep, start = n_heads // n_kv_heads, kv_len - s
-    # The cached prefix: every query sees all of it. Folded as in grouped_query_attention.
-    out1, lse1 = _cpu_flash_attention(q.reshape(b, n_kv_heads, n_rep * s, hd),
-                                      keys[:, :, :start], values[:, :, :start])
-    # The chunk's own keys, square causal; only s of them, so repeating them per head is cheap.
-    out2, lse2 = _cpu_flash_attention(q, keys[:, :, start:].repeat_interleave(n_rep, dim=1),
-                                      values[:, :, start:].repeat_interleave(n_rep, dim=1), is_causal=True)
-    lse1 = lse1.reshape(b, n_heads, s, 1)
-    lse2 = lse2.reshape(b, n_heads, s, 1)
-    lse = torch.logaddexp(lse1, lse2)  # log of the softmax denominator over both parts
-    out = out1.reshape(b, n_heads, s, hd) * (lse1 - lse).exp() + out2 * (lse2 - lse).exp()
-    return out.type_as(q)
-
-
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and a KV cache, heads split across model-parallel ranks."""
 
@@ -317,11 +231,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
 
         keys, values = self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2), kv_len)
-        q = q.transpose(1, 2)  # (b, heads, s, hd)
-        if mask is None:
-            out = causal_attention(q, keys, values)
-        else:
-            out = grouped_query_attention(q, keys, values, mask)
+        out = attention(q.transpose(1, 2), keys, values, mask=mask)  # (b, heads, s, hd)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -358,9 +268,10 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """Token ids [batch, seq] → next-token logits [batch, seq, vocab_size] (float32).
 
-    Building one allocates the weights and a KV cache of ``max_batch_size × max_seq_len`` (see
-    :func:`kv_cache_bytes`); it reads the current model-parallel state (one rank when none is set
-    up) and never creates a process group.
+    Building one allocates the weights and a KV cache of ``max_batch_size × max_seq_len``,
+    checked first against what the process can allocate (``llama3.memory.check_kv_cache``); it
+    reads the current model-parallel state (one rank when none is set up) and never creates a
+    process group.
     """
 
     def __init__(self, params: ModelArgs) -> None:
@@ -368,9 +279,8 @@ class Transformer(nn.Module):
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
-        # Long inputs are processed this many positions at a time, so the memory a prompt needs
-        # beyond weights and cache is O(prefill_chunk × kv_len), not O(prompt²).
-        self.prefill_chunk: int = 2048
+        self.prefill_chunk: int = PREFILL_CHUNK
+        check_kv_cache(params, torch.get_default_dtype(), torch.empty(0).device, model_parallel_world_size())
 
         self.tok_embeddings = VocabParallelEmbedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
@@ -389,7 +299,7 @@ class Transformer(nn.Module):
         """Small random weights, so a model built without a checkpoint computes finite numbers
         (benchmarks, tests). Skipped on the meta device, where the loader assigns real ones."""
         for name, p in self.named_parameters():
-            if p.device.type != "meta" and not name.endswith("norm.weight"):
+            if not p.is_meta and not name.endswith("norm.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
     def setup_kv_cache(self, max_batch_size: int | None = None, max_seq_len: int | None = None, *,
@@ -402,9 +312,8 @@ class Transformer(nn.Module):
         the ``ModelArgs`` the model was built from is never modified. On any error (bad argument,
         allocation failure) the model keeps its previous cache and stays usable.
         """
-        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"setup_kv_cache: {name} must be a positive integer, got {value!r}")
+        max_batch_size = optional(positive_int, max_batch_size, "setup_kv_cache: max_batch_size")
+        max_seq_len = optional(positive_int, max_seq_len, "setup_kv_cache: max_seq_len")
         weight = self.tok_embeddings.weight
         device = device if device is not None else weight.device
         dtype = dtype if dtype is not None else weight.dtype
@@ -413,6 +322,7 @@ class Transformer(nn.Module):
             max_batch_size=max_batch_size if max_batch_size is not None else self.params.max_batch_size,
             max_seq_len=max_seq_len if max_seq_len is not None else self.params.max_seq_len,
         )
+        check_kv_cache(args, dtype, torch.device(device), model_parallel_world_size())
         caches = [KVCache(args.max_batch_size, args.max_seq_len, layer.attention.n_local_kv_heads,
                           layer.attention.head_dim, device=device, dtype=dtype) for layer in self.layers]
         rope = self.rope
@@ -423,95 +333,47 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = cache
         self.params, self.rope = args, rope
 
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
-        """Logits for ``tokens`` placed at positions start_pos, start_pos+1, ...
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, *, last_only: bool = False,
+                kv_len: int | None = None) -> torch.Tensor:
+        """Logits for ``tokens`` [batch, seq] placed at positions start_pos, start_pos+1, ...
 
         The KV cache keeps every earlier position (written by earlier calls), so a prompt is
         processed once and each new token costs one call with seq = 1. A long input is processed
         ``prefill_chunk`` positions at a time, each chunk attending causally to everything cached
-        before it. ``last_only`` returns logits of the last position only ([batch, 1, vocab]),
-        which is all generation needs, in O(chunk × vocab) memory; without it the full
-        [batch, seq, vocab] is returned (for per-token scores prefer :meth:`forward_logprobs`).
+        before it. Returns [batch, seq, vocab] float32, or with ``last_only`` the last position's
+        [batch, 1, vocab] (all generation needs, in O(chunk × vocab) memory).
 
-        Raises ValueError for misuse: tokens not a 2-D integer tensor, a negative start_pos,
-        more rows than max_batch_size, positions past max_seq_len, or ids outside [0, vocab_size).
-        Ids are range-checked on the CPU always and elsewhere when seq > 1: a one-token step on an
-        accelerator skips it, since reading the ids back would stall the device's queue and the
-        ids of decoding steps come from the model itself.
+        ``kv_len`` makes it the fixed-shape step of ``torch.compile`` / CUDA graphs
+        (:mod:`llama3.decoding`): ``start_pos`` may then be a one-element tensor on the device, so
+        one graph serves every position; attention spans the first ``kv_len`` cache positions, later
+        ones masked out, and the last logits are returned. Nothing is read back from the device, so
+        the position is not checked against ``kv_len``.
+
+        Raises ValueError for misuse (:func:`llama3.validation.check_tokens` lists it).
         """
-        start_pos = self._check_call(tokens, start_pos)
+        if kv_len is not None:
+            kv_len = check_kv_len(kv_len, self.params.max_seq_len)
+            input_pos = torch.as_tensor(start_pos, device=tokens.device).reshape(-1)
+            mask = torch.arange(kv_len, device=tokens.device)[None, :] <= input_pos[:, None]
+            return self._logits(self._hidden(tokens, input_pos, kv_len, mask)[:, -1:])
+        start_pos = check_tokens(tokens, start_pos, self.params)
+        chunk = positive_int(self.prefill_chunk, "prefill_chunk")
         bsz, seqlen = tokens.shape
-        logits = None
-        if not last_only:
-            logits = torch.empty(bsz, seqlen, self.vocab_size, device=tokens.device, dtype=torch.float32)
-        for begin, end in self._chunks(seqlen):
-            h = self._hidden(tokens[:, begin:end], start_pos + begin)
+        logits = None if last_only else torch.empty(bsz, seqlen, self.vocab_size, device=tokens.device,
+                                                    dtype=torch.float32)
+        for begin in range(0, seqlen, chunk):
+            end = min(begin + chunk, seqlen)
+            input_pos = torch.arange(start_pos + begin, start_pos + end, device=tokens.device)
+            h = self._hidden(tokens[:, begin:end], input_pos, start_pos + end, None)
             if logits is not None:
                 logits[:, begin:end] = self._logits(h)
         return self._logits(h[:, -1:]) if logits is None else logits
 
-    @torch.inference_mode()
-    def forward_logprobs(self, tokens: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probabilities of ``tokens``, computed chunk by chunk like :meth:`forward`
-        (which it replaces: it fills the KV cache the same way).
-
-        Returns ``(logprobs, last_logits)``: logprobs [batch, seq-1] float32 with
-        ``logprobs[:, i] = log p(tokens[:, i+1] | everything up to tokens[:, i])``, and the logits of
-        the last position [batch, 1, vocab] float32 (to sample what follows). Never holds more
-        than one chunk of logits: O(prefill_chunk × vocab) memory whatever the length.
-        """
-        start_pos = self._check_call(tokens, start_pos)
-        bsz, seqlen = tokens.shape
-        logprobs = torch.empty(bsz, seqlen - 1, device=tokens.device, dtype=torch.float32)
-        for begin, end in self._chunks(seqlen):
-            logits = self._logits(self._hidden(tokens[:, begin:end], start_pos + begin))
-            targets = tokens[:, begin + 1:end + 1].long()  # the next token of each position, if any
-            n = targets.shape[1]
-            # log_softmax + gather, as generation scores tokens (cross_entropy's float32 CPU kernel
-            # rounds log-probabilities near 0 to exactly 0 over a 128K vocabulary).
-            logprobs[:, begin:begin + n] = torch.log_softmax(logits[:, :n], dim=-1).gather(
-                -1, targets[..., None])[..., 0]
-        return logprobs, logits[:, -1:].clone()
-
-    # no_grad, not inference_mode: torch.compile cannot yet trace a function that enters
-    # inference mode itself (it fails on the inputs made outside it).
-    @torch.no_grad()
-    def forward_static(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None
-                       ) -> torch.Tensor:
-        """One decoding step with every shape fixed, for ``torch.compile`` and CUDA graphs.
-
-        tokens: [batch, 1]; input_pos: [1], the position as a tensor, so one compiled graph serves
-        every step. Attention spans the first ``kv_len`` cache positions (default max_seq_len),
-        later ones masked out: the cost of a step follows ``kv_len``, not the cache's size.
-        ``kv_len`` is a Python int, so each value is its own compiled graph (callers pick a few
-        buckets); it must exceed the position, which is not checked (that would read it back
-        from the device). Returns the last logits [batch, 1, vocab].
-        """
-        max_seq_len = self.params.max_seq_len
-        kv_len = max_seq_len if kv_len is None else kv_len
-        if not isinstance(kv_len, int) or isinstance(kv_len, bool) or not 1 <= kv_len <= max_seq_len:
-            raise ValueError(f"kv_len must be an int in [1, max_seq_len={max_seq_len}], got {kv_len!r}")
-        mask = torch.arange(kv_len, device=tokens.device)[None, :] <= input_pos[:, None]
-        h = self._hidden(tokens, input_pos, kv_len, mask)
-        return self._logits(h[:, -1:])
-
-    def _chunks(self, seqlen: int) -> list[tuple[int, int]]:
-        """[begin, end) of each prefill chunk of a seqlen-long input."""
-        chunk = self.prefill_chunk
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-            raise ValueError(f"prefill_chunk must be a positive integer, got {chunk!r}")
-        return [(begin, min(begin + chunk, seqlen)) for begin in range(0, seqlen, chunk)]
-
-    def _hidden(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, kv_len: int | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The last layer's output for ``tokens`` (un-normalised), writing their keys and values
-        into the cache. Positions: ``start_pos`` onwards (an int), or the tensor ``input_pos``."""
-        if isinstance(start_pos, torch.Tensor):
-            input_pos = start_pos
-        else:
-            input_pos = torch.arange(start_pos, start_pos + tokens.shape[1], device=tokens.device)
-            kv_len = start_pos + tokens.shape[1]
+    def _hidden(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """The last layer's output for ``tokens`` at ``input_pos`` (un-normalised), writing their
+        keys and values into the cache; attention over the first ``kv_len`` positions."""
         if self.rope.device != tokens.device:
             self.rope = self.rope.to(tokens.device)
         rope = self.rope[input_pos]
@@ -523,42 +385,3 @@ class Transformer(nn.Module):
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(h)).float()
 
-    def _check_call(self, tokens: torch.Tensor, start_pos: int) -> int:
-        """Validate a forward call's arguments (see :meth:`forward`); returns start_pos as an int."""
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
-            got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise ValueError(f"tokens must be a 2-D tensor of token ids [batch, seq], got {got}; "
-                             "for a single sequence pass tokens[None]")
-        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-            raise ValueError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
-        bsz, seqlen = tokens.shape
-        if bsz == 0 or seqlen == 0:
-            raise ValueError(f"tokens is empty (shape {tuple(tokens.shape)}); pass at least one token")
-        try:
-            if isinstance(start_pos, bool):
-                raise TypeError
-            start_pos = operator.index(start_pos)
-        except TypeError:
-            raise ValueError(f"start_pos must be an integer position, got {start_pos!r}") from None
-        if start_pos < 0:
-            raise ValueError(f"start_pos must be >= 0, got {start_pos}")
-        if bsz > self.params.max_batch_size:
-            raise ValueError(f"batch of {bsz} sequences exceeds max_batch_size={self.params.max_batch_size}")
-        end, max_seq_len = start_pos + seqlen, self.params.max_seq_len
-        if end > max_seq_len:
-            raise ValueError(f"positions up to {end} exceed max_seq_len={max_seq_len}")
-        if seqlen > 1 or tokens.device.type == "cpu":
-            low, high = (int(x) for x in torch.aminmax(tokens))
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(f"token ids must lie in [0, {self.vocab_size}) (the vocabulary), "
-                                 f"got ids from {low} to {high}")
-        return start_pos
-
-
-def kv_cache_bytes(args: ModelArgs, dtype: torch.dtype, world_size: int = 1) -> int:
-    """Bytes of the KV cache one model-parallel rank allocates for ``args``: keys and values of
-    every layer, for max_batch_size × max_seq_len positions of its KV heads."""
-    n_local_kv_heads = max(args.n_kv_heads, world_size) // world_size
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    per_position = 2 * args.n_layers * n_local_kv_heads * args.head_dim * itemsize  # k and v, every layer
-    return args.max_batch_size * args.max_seq_len * per_position

@@ -12,9 +12,12 @@ import math
 import operator
 from typing import Any
 
+import torch
+
 from .errors import InvalidArgumentError
 
-__all__ = ["positive_int", "non_negative_int", "strict_bool", "finite_float", "optional"]
+__all__ = ["check_kv_len", "check_tokens", "finite_float", "non_negative_int", "optional", "positive_int",
+           "strict_bool"]
 
 
 def _is_int(value: Any) -> bool:
@@ -81,3 +84,49 @@ def finite_float(value: Any, name: str, *, positive: bool = False, minimum: floa
 def optional(check, value: Any, name: str, **kwargs: Any) -> Any:
     """``None`` stays ``None``; anything else goes through ``check``."""
     return None if value is None else check(value, name, **kwargs)
+
+
+# --- a model call (Transformer.forward) ---------------------------------------------------------
+
+def check_tokens(tokens: Any, start_pos: Any, params: Any) -> int:
+    """Check a forward call; returns start_pos as an int. ValueError for: tokens not a 2-D integer
+    tensor, or empty; a start_pos that is not a non-negative integer; more rows than max_batch_size;
+    positions past max_seq_len; ids outside [0, vocab_size). Ids are range-checked on the CPU always
+    and elsewhere when seq > 1: reading a one-token step's ids back would stall an accelerator's
+    queue, and the ids of decoding steps come from the model itself."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise InvalidArgumentError(f"tokens must be a 2-D tensor of token ids [batch, seq], got {got}; "
+                                   "for a single sequence pass tokens[None]")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise InvalidArgumentError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
+    bsz, seqlen = tokens.shape
+    if bsz == 0 or seqlen == 0:
+        raise InvalidArgumentError(f"tokens is empty (shape {tuple(tokens.shape)}); pass at least one token")
+    try:
+        if isinstance(start_pos, bool):
+            raise TypeError
+        start_pos = operator.index(start_pos)  # ints and 0-d integer tensors
+    except TypeError:
+        raise InvalidArgumentError(f"start_pos must be an integer position, got {start_pos!r}") from None
+    if start_pos < 0:
+        raise InvalidArgumentError(f"start_pos must be >= 0, got {start_pos}")
+    if bsz > params.max_batch_size:
+        raise InvalidArgumentError(f"batch of {bsz} sequences exceeds "
+                                   f"max_batch_size={params.max_batch_size}")
+    if start_pos + seqlen > params.max_seq_len:
+        raise InvalidArgumentError(f"positions up to {start_pos + seqlen} exceed "
+                                   f"max_seq_len={params.max_seq_len}")
+    if seqlen > 1 or tokens.is_cpu:
+        low, high = (int(x) for x in torch.aminmax(tokens))
+        if low < 0 or high >= params.vocab_size:
+            raise InvalidArgumentError(f"token ids must lie in [0, {params.vocab_size}) (the vocabulary), "
+                                       f"got ids from {low} to {high}")
+    return start_pos
+
+
+def check_kv_len(kv_len: Any, max_seq_len: int) -> int:
+    """``kv_len`` of the fixed-shape step: an int in [1, max_seq_len]."""
+    if isinstance(kv_len, bool) or not isinstance(kv_len, int) or not 1 <= kv_len <= max_seq_len:
+        raise InvalidArgumentError(f"kv_len must be an int in [1, max_seq_len={max_seq_len}], got {kv_len!r}")
+    return kv_len

@@ -60,6 +60,7 @@ from llama3.checkpoint import meta_to_hf_state_dict, model_args_to_hf_config
 from llama3.cli import fire_strict
 from llama3.distributed import select_device, select_dtype
 from llama3.generation import make_decode_step
+from llama3.kernels import apply_kernels, choose_kernels
 from llama3.model import ModelArgs, Transformer
 from llama3.presets import PRESETS
 from llama3.sampling import sample_next_token
@@ -140,7 +141,7 @@ def decode_bytes_per_step(model: torch.nn.Module, args: ModelArgs, batch: int, k
     embedding only for the ``batch`` rows looked up, unless it is the output projection too) and
     keys and values of ``kv_len`` positions. Layers packed for FBGEMM count their weight's bytes (a
     float16 pack is the size of the bfloat16 weight it replaced)."""
-    weight_bytes = sum(m.weight_nbytes for m in model.modules() if hasattr(m, "packs"))
+    weight_bytes = sum(m.weight_nbytes() for m in model.modules() if hasattr(m, "packs"))
     seen: set[int] = set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if id(t) in seen or "kv_cache" in name:
@@ -279,7 +280,7 @@ def _decode_summary(row: dict[str, Any], batch: int, times: list[float]) -> floa
 
 # --- the README speed table: precisions x compile x sampling, interleaved; llama.cpp alongside ------
 
-# name -> (weight dtype, quantization, fbgemm): fbgemm None = the library's choice (llama3.cpu_linear:
+# name -> (weight dtype, quantization, fbgemm): fbgemm None = the library's choice (llama3.kernels:
 # FBGEMM-packed float16 on x86 CPUs without bfloat16 matrix units), False = torch's kernels only.
 PRECISIONS: dict[str, tuple[torch.dtype, str | None, bool | None]] = {
     "bf16": (torch.bfloat16, None, None), "fp16": (torch.float16, None, None),
@@ -288,22 +289,13 @@ PRECISIONS: dict[str, tuple[torch.dtype, str | None, bool | None]] = {
 
 
 def prepare(model: Transformer, quantize: str | None, fbgemm: bool | None) -> str:
-    """Quantize (``"int8"``) or pack the linear layers of ``model`` for FBGEMM as ``Llama.build``
-    would; returns the kernels the linear layers use, for the tables."""
-    from llama3.cpu_linear import pack_linear_layers, wants_packing
-
-    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
-    if quantize == "int8":
-        from llama3.quantize import quantize_int8
-
-        quantize_int8(model)
-        return "int8"
-    if quantize:
-        raise ValueError(f"unknown quantize={quantize!r} (int8 is the one we have)")
-    if wants_packing(fbgemm, device, dtype, model.params.dim):
-        pack_linear_layers(model)
-        return "fbgemm"
-    return "torch"
+    """The library's kernel choice for ``model`` (``llama3.kernels.choose_kernels``, as
+    ``Llama.build`` makes it), applied; returns the kernels' label for the tables."""
+    weight = model.tok_embeddings.weight
+    plan = choose_kernels(model, weight.device, weight.dtype, quantize, fbgemm=fbgemm)
+    apply_kernels(model, plan)
+    name = plan.kernel("output").name  # every family gets the same kernel unless LLAMA3_KERNELS says
+    return {"fbgemm-fp16": "fbgemm", "int8": "int8"}.get(name, "torch")  # cpu-gemv is torch.mv
 
 
 TOP_P = dict(temperature=0.6, top_p=0.9)  # the library's defaults
@@ -575,9 +567,10 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
         n_layers: keep only this many layers (quick runs of big shapes).
         dtype: bf16 / fp16 / fp32 (default: llama3's choice for the device).
         device: cpu / cuda / ... (default: llama3's choice).
-        compile: decode with torch.compile(model.forward_static) (CUDA: mode="reduce-overhead").
+        compile: decode with torch.compile of the fixed-shape step (model.forward with kv_len;
+            CUDA: mode="reduce-overhead").
         quantize: "int8" for int8 weight-only linear layers.
-        fbgemm: pack bfloat16/float16 linear layers for FBGEMM (llama3.cpu_linear); default: as
+        fbgemm: pack bfloat16/float16 linear layers for FBGEMM (llama3.kernels.fbgemm); default: as
             ``Llama.build`` does (on x86 CPUs without bfloat16 matrix units); False: torch's kernels.
         batch_sizes: decode batch sizes, e.g. "1,8" (default 1,8).
         prompt_lens: prefill prompt lengths (default CPU 128; CUDA 512,2048).

@@ -7,7 +7,7 @@ with all threads:
 * ``read``: a float32 sum over a buffer of the same size (the benchmark's read-bandwidth probe);
 * ``torch.mv``: the eager kernel llama3 uses for one bfloat16 row;
 * ``inductor``: the compiled multiply-and-sum llama3 uses under ``torch.compile`` with torch's kernels;
-* ``FBGEMM fp16``: the packed float16 GEMM llama3 uses by default on such CPUs (``llama3.cpu_linear``);
+* ``FBGEMM fp16``: the packed float16 GEMM llama3 uses by default on such CPUs (``llama3.kernels.fbgemm``);
 * ``hand AVX2``: a hand-written C++ kernel (4 float32 accumulators, bf16 -> fp32 by shifting,
   FMA), built here with ``torch.utils.cpp_extension`` (needs g++; x86 with AVX2 + FMA only).
   It is *not* part of llama3, which stays pure PyTorch: it is the yardstick for what the

@@ -158,7 +158,7 @@ def _linear_cases(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, scale: torc
 def linear_rows(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int]],
                 repeats: int) -> list[dict]:
     """Batch-1 decode linear layers: bf16 against the int8 kernel, eager / compiled / tuned."""
-    from llama3.quantize import quantize_per_channel
+    from llama3.kernels.int8 import quantize_per_channel
 
     rows: list[dict] = []
     g = torch.Generator(device="cpu").manual_seed(0)

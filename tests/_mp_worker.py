@@ -9,10 +9,11 @@ job's result is per rank. Kinds:
 * ``memory``: load the checkpoint; record this rank's peak anonymous memory (RssAnon, sampled
   every millisecond) above what it was before, and the bytes of its own slice (every rank);
 * ``logits``: load it; save the logits of a prompt and of one decoding step (rank 0);
-* ``int8``: the same after ``quantize_int8`` (each rank quantizes its slice);
-* ``fbgemm``: the same in float16 after ``pack_linear_layers`` (each rank packs its slice);
+* ``int8``: the same after swapping to ``Int8Kernel`` (each rank quantizes its slice);
+* ``fbgemm``: the same in float16 after swapping to ``FbgemmFp16Kernel`` (each rank packs its slice);
 * ``compile``: load it; greedy-decode with eager ``forward`` and with
-  ``torch.compile(model.forward_static)``; save both token sequences and the graph breaks and
+  ``torch.compile(model.forward)`` (the fixed-shape call, with ``kv_len``); save both token
+  sequences and the graph breaks and
   graphs dynamo counted (rank 0; breaks summed over ranks). The backend is
   ``$LLAMA3_TEST_COMPILE_BACKEND`` (default ``aot_eager``: dynamo's tracing and functionalisation,
   which is where collectives break graphs, without inductor's minutes of C++ compilation on CPU).
@@ -116,8 +117,8 @@ def compiled(job: dict, tokens: torch.Tensor) -> dict:
     torch._dynamo.reset()
     counters.clear()
     backend = os.environ.get("LLAMA3_TEST_COMPILE_BACKEND", "aot_eager")
-    step = torch.compile(model.forward_static, backend=backend)
-    got = greedy(lambda token, pos: step(token, torch.tensor([pos])))
+    step = torch.compile(model.forward, backend=backend)
+    got = greedy(lambda token, pos: step(token, torch.tensor([pos]), kv_len=model.params.max_seq_len))
     breaks = torch.tensor([sum(counters["graph_break"].values())])
     dist.all_reduce(breaks)
     return {"eager": eager, "compiled": got, "graph_breaks": int(breaks),
@@ -126,19 +127,19 @@ def compiled(job: dict, tokens: torch.Tensor) -> dict:
 
 
 def int8_logits(job: dict, tokens: torch.Tensor) -> dict:
-    from llama3.quantize import quantize_int8
+    from llama3.kernels import Int8Kernel, swap_linears
 
     model = _load(job["ckpt"], tokens)
-    quantize_int8(model)  # each rank quantizes its own slice
+    swap_linears(model, Int8Kernel)  # each rank quantizes its own slice
     return logits_of(model, tokens)
 
 
 def fbgemm_logits(job: dict, tokens: torch.Tensor) -> dict:
-    from llama3.cpu_linear import pack_linear_layers
+    from llama3.kernels import FbgemmFp16Kernel, swap_linears
 
     model = load_model(job["ckpt"], max_seq_len=tokens.shape[1] + 4, max_batch_size=tokens.shape[0],
                        device="cpu", dtype="float16", verbose=False)
-    packed = pack_linear_layers(model)  # each rank packs its own slice
+    packed = swap_linears(model, FbgemmFp16Kernel)  # each rank packs its own slice
     return {**logits_of(model, tokens), "packed": packed}
 
 

@@ -1,4 +1,4 @@
-"""FBGEMM-packed float16 linear layers (llama3/cpu_linear.py) compute the model's products: each
+"""FBGEMM-packed float16 linear layers (llama3/kernels/fbgemm.py) compute the model's products: each
 layer equals x Wᵀ in float64 up to the final rounding, the packed model decodes the unpacked model's
 greedy tokens, and the cases it must not touch stay as they are. Speed is measured by
 scripts/benchmark.py, not here."""
@@ -12,14 +12,17 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from llama3.cpu_linear import (
-    PackedColumnParallelLinear,
-    PackedRowParallelLinear,
-    fbgemm_is_the_fast_path,
-    pack_linear_layers,
-)
 from llama3.distributed import ColumnParallelLinear, RowParallelLinear
 from llama3.generation import Llama, make_decode_step
+from llama3.kernels import (
+    FbgemmFp16Kernel,
+    UnknownKernelError,
+    choose_kernels,
+    fbgemm_is_the_fast_path,
+    kernel_of,
+    swap_linear,
+    swap_linears,
+)
 from llama3.presets import PRESETS
 
 pytestmark = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
@@ -32,6 +35,15 @@ REDUCED = [torch.bfloat16, torch.float16]
 def make_model(dtype: torch.dtype, seed: int = 0, **overrides):
     # Weights 4x the default init: logits spread out, clear greedy margins.
     return tiny_model("test-gqa", seed=seed, std=0.08, dtype=dtype, **{**TINY, **overrides})
+
+
+def pack_linear_layers(model) -> int:
+    """Every linear layer swapped to the FBGEMM kernel (where it applies); how many were."""
+    return swap_linears(model, FbgemmFp16Kernel)
+
+
+def is_packed(module) -> bool:
+    return kernel_of(module) is FbgemmFp16Kernel
 
 
 def greedy(model, tokens: torch.Tensor, steps: int = 10, step=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +68,7 @@ def test_packed_layer_equals_the_product_up_to_the_final_rounding(dtype, rows):
     x = torch.randn(1, rows, n_in, generator=g).to(dtype)
     exact = x.double() @ layer.weight.double().T
 
-    packed = PackedColumnParallelLinear.from_float(layer)
+    packed = swap_linear(layer, FbgemmFp16Kernel)
     assert len(packed.packs) == 3 and not hasattr(packed, "weight")
     got = packed(x)
     assert got.dtype == dtype and got.shape == (1, rows, n_out)
@@ -98,7 +110,7 @@ def test_every_linear_is_packed_and_the_tied_embedding_kept():
     pack_linear_layers(model)
     linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
     assert len(linears) == 7 * TINY["n_layers"] + 1
-    assert all(type(m) in (PackedColumnParallelLinear, PackedRowParallelLinear) for m in linears)
+    assert all(is_packed(m) for m in linears)
     assert model.output.gather_output
     assert torch.equal(model.tok_embeddings.weight, embedding)  # lookups still read the table
     # The packed weights are not tensors: no linear weight is left in the state dict.
@@ -109,7 +121,7 @@ def test_a_layer_beyond_float16s_range_keeps_torchs_kernels(caplog):
     model = make_model(torch.bfloat16)
     with torch.no_grad():
         model.layers[0].feed_forward.w2.weight[3, 5] = 1e6  # representable in bfloat16, not float16
-    with caplog.at_level(logging.WARNING, logger="llama3.cpu_linear"):
+    with caplog.at_level(logging.WARNING, logger="llama3.kernels.base"):
         packed = pack_linear_layers(model)
     assert packed == 7 * TINY["n_layers"]  # all but that one
     assert type(model.layers[0].feed_forward.w2) is RowParallelLinear
@@ -121,9 +133,9 @@ def test_other_dtypes_and_devices_are_left_alone():
     assert pack_linear_layers(model) == 0
     assert not fbgemm_is_the_fast_path("cpu", torch.float32)
     assert not fbgemm_is_the_fast_path("cuda", torch.bfloat16)
-    with mock.patch("llama3.cpu_linear._cpu_has_bf16_matrix_units", return_value=True):
+    with mock.patch("llama3.kernels.fbgemm.cpu_has_bf16_matrix_units", return_value=True):
         assert not fbgemm_is_the_fast_path("cpu", torch.bfloat16)  # oneDNN's native kernels instead
-    with mock.patch("llama3.cpu_linear._cpu_has_bf16_matrix_units", return_value=False):
+    with mock.patch("llama3.kernels.fbgemm.cpu_has_bf16_matrix_units", return_value=False):
         assert fbgemm_is_the_fast_path("cpu", torch.bfloat16, dim=2048)  # Llama 3.2 1B and up
         assert fbgemm_is_the_fast_path("cpu", torch.float16, dim=4096)
         assert not fbgemm_is_the_fast_path("cpu", torch.bfloat16, dim=256)  # tiny test shapes
@@ -131,19 +143,19 @@ def test_other_dtypes_and_devices_are_left_alone():
 
 @pytest.mark.parametrize("amx, avx512_bf16", [(True, False), (False, True), (False, False)])
 def test_bf16_matrix_units_are_read_from_torchs_cpu_probes(amx, avx512_bf16):
-    from llama3.cpu_linear import _cpu_has_bf16_matrix_units
+    from llama3.kernels import cpu_has_bf16_matrix_units
 
     with (mock.patch("torch.cpu._is_amx_tile_supported", return_value=amx),
           mock.patch("torch.cpu._is_avx512_bf16_supported", return_value=avx512_bf16)):
-        assert _cpu_has_bf16_matrix_units() == (amx or avx512_bf16)
+        assert cpu_has_bf16_matrix_units() == (amx or avx512_bf16)
 
 
 def test_without_fbgemm_packing_says_so():
     model = make_model(torch.bfloat16)
-    with mock.patch("llama3.cpu_linear.fbgemm_available", return_value=False):
+    with mock.patch("llama3.kernels.fbgemm.fbgemm_available", return_value=False):
         assert not fbgemm_is_the_fast_path("cpu", torch.bfloat16)
-        with pytest.raises(RuntimeError, match="no FBGEMM"):
-            pack_linear_layers(model)
+        with pytest.raises(UnknownKernelError, match="no FBGEMM"):
+            choose_kernels(model, "cpu", torch.bfloat16, override="fbgemm-fp16")
 
 
 def test_build_packs_on_request_and_generates_what_torchs_kernels_do(generation_checkpoint,
@@ -157,9 +169,8 @@ def test_build_packs_on_request_and_generates_what_torchs_kernels_do(generation_
     plain, packed, auto = build(fbgemm=False), build(fbgemm=True), build()
     linear = (ColumnParallelLinear, RowParallelLinear)
     layers = [type(m) for m in packed.model.modules() if isinstance(m, linear)]
-    assert layers and set(layers) <= {PackedColumnParallelLinear, PackedRowParallelLinear}
-    assert not any(isinstance(m, (PackedColumnParallelLinear, PackedRowParallelLinear))
-                   for m in [*plain.model.modules(), *auto.model.modules()])
+    assert layers and all(issubclass(t, FbgemmFp16Kernel) for t in layers)
+    assert not any(is_packed(m) for m in [*plain.model.modules(), *auto.model.modules()])
     prompt = ["The capital of France is"]
     want = plain.text_completion(prompt, temperature=0, max_gen_len=12)
     assert packed.text_completion(prompt, temperature=0, max_gen_len=12) == want
@@ -168,6 +179,6 @@ def test_build_packs_on_request_and_generates_what_torchs_kernels_do(generation_
     with pytest.raises(ValueError, match="float32"):
         Llama.build(generation_checkpoint, llama3_tokenizer_path, 64, 1, device="cpu", dtype="float32",
                     fbgemm=True, verbose=False)
-    with mock.patch("llama3.cpu_linear.fbgemm_available", return_value=False), \
+    with mock.patch("llama3.kernels.fbgemm.fbgemm_available", return_value=False), \
             pytest.raises(ValueError, match="no FBGEMM"):
         build(fbgemm=True)

@@ -22,7 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from llama3 import ModelArgs, Transformer
 from llama3.generation import Llama
-from llama3.quantize import quantize_int8
+from llama3.kernels import Int8Kernel, swap_linears
 
 DEVICE = os.environ.get("LLAMA3_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None,
@@ -64,7 +64,7 @@ def eager_step(model: Transformer):
 
 def compiled_step(model: Transformer):
     """The decoding step as Llama(compile=True) runs it: fixed input buffers, one graph."""
-    compiled = torch.compile(model.forward_static, mode=MODE)
+    compiled = torch.compile(model.forward, mode=MODE)
     tokens = torch.empty(TINY["max_batch_size"], 1, dtype=torch.long, device=DEVICE)
     input_pos = torch.empty(1, dtype=torch.long, device=DEVICE)
 
@@ -73,7 +73,7 @@ def compiled_step(model: Transformer):
         input_pos.fill_(pos)
         if CUDA:
             torch.compiler.cudagraph_mark_step_begin()
-        return compiled(tokens, input_pos)
+        return compiled(tokens, input_pos, kv_len=model.params.max_seq_len)
 
     return step
 
@@ -111,7 +111,8 @@ def test_int8_decode_under_cuda_graphs():
     bf16 within a bf16 step of the logits' range."""
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.05)):
         torch._dynamo.reset()
-        model = quantize_int8(make_model(dtype=dtype))
+        model = make_model(dtype=dtype)
+        swap_linears(model, Int8Kernel)
         tokens = prompt()
         want, want_logits = greedy(model, tokens, eager_step(model))
         # The compiled step fed the eager path's tokens: logits compare position by position.
@@ -249,8 +250,8 @@ def test_pinned_attention_plans_run_and_give_the_reference(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int8_cuda_kernel_eager_and_compiled_is_the_dequantized_product(dtype):
+    from llama3.kernels.int8 import quantize_per_channel
     from llama3.kernels.int8_cuda import int8_linear_cuda
-    from llama3.quantize import quantize_per_channel
 
     g = torch.Generator().manual_seed(0)
     q, scale = quantize_per_channel(torch.randn(256, 512, generator=g))

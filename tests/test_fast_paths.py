@@ -1,5 +1,5 @@
 """The fast paths give the same answers as the plain model: the compiled decoding step
-(``torch.compile(model.forward_static)``) and int8 weight-only quantization. Speed itself is
+(``torch.compile`` of ``model.forward`` with ``kv_len``) and int8 weight-only quantization. Speed itself is
 measured by scripts/benchmark.py, not here."""
 
 from __future__ import annotations
@@ -13,13 +13,16 @@ from helpers import tiny_model
 from llama3 import Transformer
 from llama3.distributed import ColumnParallelLinear, RowParallelLinear
 from llama3.generation import make_decode_step
-from llama3.presets import PRESETS
-from llama3.quantize import (
-    Int8ColumnParallelLinear,
-    Int8RowParallelLinear,
-    quantize_int8,
+from llama3.kernels import (
+    CpuGemvKernel,
+    Int8Kernel,
+    apply_kernels,
+    choose_kernels,
+    kernel_of,
     quantize_per_channel,
+    swap_linear,
 )
+from llama3.presets import PRESETS
 
 TINY = dict(PRESETS["test-gqa"], max_batch_size=2, max_seq_len=48)
 PROMPT, STEPS = 8, 12
@@ -31,6 +34,27 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, device: str = 
                **overrides) -> Transformer:
     # The shared helper; larger than the default init: logits spread out, clear greedy margins.
     return tiny_model("test-gqa", seed=seed, std=0.08, dtype=dtype, device=device, **{**TINY, **overrides})
+
+
+def quantize_int8(model: Transformer) -> Transformer:
+    """int8 weight-only linear layers, through the library's chooser (as Llama.build does)."""
+    weight = model.output.weight
+    apply_kernels(model, choose_kernels(model, weight.device, weight.dtype, quantize="int8"))
+    return model
+
+
+def with_default_kernels(model: Transformer) -> Transformer:
+    """The kernels the chooser picks for the model's device and dtype (CPU bf16/fp16: cpu-gemv)."""
+    weight = model.output.weight
+    apply_kernels(model, choose_kernels(model, weight.device, weight.dtype))
+    return model
+
+
+def gemv_layer(weight: torch.Tensor) -> torch.nn.Module:
+    """A column-parallel layer holding ``weight``, swapped to the CPU GEMV kernel."""
+    layer = ColumnParallelLinear(weight.shape[1], weight.shape[0])
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return swap_linear(layer, CpuGemvKernel)
 
 
 def prompt(batch: int = 2, seed: int = 1, device: str = "cpu") -> torch.Tensor:
@@ -80,7 +104,8 @@ def test_compiled_cpu_decode_in_reduced_precision_gives_the_eager_tokens(dtype):
     accumulate in float32, so the compiled step decodes eager's greedy tokens, logits equal up to
     the rounding of the activations to ``dtype``."""
     torch._dynamo.reset()
-    model = make_model(dtype=dtype)
+    model = with_default_kernels(make_model(dtype=dtype))
+    assert {kernel_of(m) for m in model.modules() if isinstance(m, ColumnParallelLinear)} == {CpuGemvKernel}
     tokens = prompt(batch=1)  # one row: the GEMV paths
     want, want_logits = greedy(model, tokens, eager_step(model))
 
@@ -95,15 +120,17 @@ def test_compiled_cpu_gemv_accumulates_in_float32(dtype):
     """The compiled single-row product equals x Wᵀ computed in float64 to within the final rounding
     to ``dtype`` (plus float32 summation error): no intermediate rounding to ``dtype``. Rows of
     4096 and 8192 inputs, the shapes of the 8B model's projections."""
-    from llama3.distributed import _linear
-
-    gemv = torch.compile(_linear, fullgraph=True)
     g = torch.Generator().manual_seed(0)
     for n_in in (4096, 8192):
         x = torch.randn(1, 1, n_in, generator=g).to(dtype)
         weight = (torch.randn(96, n_in, generator=g) / n_in**0.5).to(dtype)
         exact = (x.double() @ weight.double().T)
-        for got in (gemv(x, weight), _linear(x, weight)):  # compiled, eager (torch.mv)
+        layer = gemv_layer(weight)
+        torch._dynamo.reset()
+        gemv = torch.compile(layer, fullgraph=True)
+        with torch.no_grad():
+            results = (gemv(x), layer(x))
+        for got in results:  # compiled, eager (torch.mv)
             assert got.dtype == dtype and got.shape == (1, 1, 96)
             ulp = torch.finfo(dtype).eps * exact.abs()
             assert ((got.double() - exact).abs() <= ulp + 1e-5).all()
@@ -136,7 +163,7 @@ def test_quantize_int8_replaces_every_linear_and_keeps_the_embedding():
     linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
     assert len(linears) == 7 * TINY["n_layers"] + 1
     for m in linears:
-        assert type(m) in (Int8ColumnParallelLinear, Int8RowParallelLinear)
+        assert kernel_of(m) is Int8Kernel
         assert m.weight.dtype == torch.int8 and not isinstance(m.weight, torch.nn.Parameter)
         assert m.scale.shape == (m.weight.shape[0],) and m.scale.dtype == torch.bfloat16
     assert model.output.gather_output
@@ -195,14 +222,13 @@ def test_int8_model_decodes_like_the_float_model(dtype, device):
 def test_single_row_cpu_linear_is_the_product_to_half_precision(dtype):
     """One bf16/fp16 row on the CPU goes through torch.mv (float32 accumulation); rows in a batch
     through F.linear. Both equal the float64 product to the dtype's rounding of the result."""
-    from llama3.distributed import _linear
-
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(300, 2048, generator=g).to(dtype)
     x = torch.randn(3, 2048, generator=g).to(dtype)
     want = x.double() @ weight.double().T
-    one = _linear(x[:1, None], weight)  # [1, 1, in]: the decode shape
-    batch = _linear(x, weight)
+    layer = gemv_layer(weight)
+    one = layer(x[:1, None])  # [1, 1, in]: the decode shape
+    batch = layer(x)
     assert one.shape == (1, 1, 300) and one.dtype == dtype
     eps = torch.finfo(dtype).eps
     for got, ref in ((one[0], want[:1]), (batch, want)):
@@ -213,7 +239,7 @@ def test_single_row_cpu_linear_is_the_product_to_half_precision(dtype):
 def test_half_precision_cached_decode_gives_the_recomputed_tokens(dtype):
     """Decoding with the KV cache (single-row linears: torch.mv) picks the greedy tokens that
     recomputing the whole sequence at every step (F.linear over all rows, no cache reuse) picks."""
-    model = make_model(dtype=dtype)
+    model = with_default_kernels(make_model(dtype=dtype))
     tokens = prompt(batch=1)
     got, _ = greedy(model, tokens, eager_step(model))
     seq = tokens

@@ -215,9 +215,14 @@ def test_max_gen_len_and_default_length(tok):
     assert text[0]["generation"] == tok.decode(list(range(1001, 1031)))
 
 
-def test_echoed_prompt_logprobs_come_from_forward_logprobs(tok):
-    # The prompt is scored by model.forward_logprobs (chunked inside the model, never prompt x
-    # vocab logits at once); generate must not ask forward() for every prompt position's logits.
+def test_echoed_prompt_logprobs_come_from_forward_logprobs(tok, monkeypatch):
+    # The prompt is scored by decoding.forward_logprobs (chunk by chunk, never prompt x vocab
+    # logits at once); generate must not ask forward() for every prompt position's logits.
+    import llama3.decoding as decoding
+
+    monkeypatch.setattr(decoding, "forward_logprobs",
+                        lambda model, tokens, start_pos: model.forward_logprobs(tokens, start_pos))
+
     class Scoring(ScriptedModel):
         def forward_logprobs(self, tokens, start_pos):
             bsz, seqlen = tokens.shape
@@ -273,7 +278,7 @@ def test_sampling_is_reproducible_with_the_seed(llama):
 
 
 def test_static_decode_step_matches_eager(model, tok):
-    # The compile=True path runs decode steps through model.forward_static; exercise that path
+    # The compile=True path runs decode steps through model.forward(..., kv_len=); exercise that path
     # (without the compiler, which the fast-path tests cover) against eager decoding.
     eager = Llama(model, tok)
     static = Llama(model, tok, decode_step=make_decode_step(model, compile=False, static=True))
@@ -295,11 +300,11 @@ def test_static_decode_step_attends_over_kv_length_buckets():
     model = tiny_model(max_seq_len=1000)
     seen = []
 
-    def forward_static(tokens, input_pos, kv_len=None):
+    def forward(tokens, input_pos, kv_len=None):
         seen.append((tokens.tolist(), input_pos.tolist(), kv_len))
         return torch.zeros(tokens.shape[0], 1, VOCAB)
 
-    model.forward_static = forward_static
+    model.forward = forward  # the fixed-shape call: model.forward(tokens, input_pos, kv_len=bucket)
     step = make_decode_step(model, compile=False, static=True)
     for pos in (0, 255, 256, 511, 512, 999):
         step(torch.tensor([[pos]]), pos)

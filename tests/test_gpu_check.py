@@ -109,7 +109,7 @@ def test_stages_past_the_deadline_are_skipped_timeouts_killed_failures_reported(
 def test_cuda_int8_decode_formulation_is_the_dequantized_product():
     """The multiply-and-sum that the compiled CUDA step uses for int8 weights (run here eagerly, as
     if compiling) equals x (q · scale)ᵀ, and larger batches take the dequantize-then-matmul path."""
-    from llama3.quantize import CUDA_FUSED_MAX_ROWS, _int8_linear_cuda, quantize_per_channel
+    from llama3.kernels.int8 import CUDA_FUSED_MAX_ROWS, cuda_int8_product, quantize_per_channel
 
     torch.manual_seed(0)
     q, scale = quantize_per_channel(torch.randn(48, 96) * torch.logspace(-2, 1, 48)[:, None])
@@ -117,6 +117,6 @@ def test_cuda_int8_decode_formulation_is_the_dequantized_product():
     for rows in (1, CUDA_FUSED_MAX_ROWS, CUDA_FUSED_MAX_ROWS + 1):
         x = torch.randn(rows, 1, 96)
         with mock.patch("torch.compiler.is_compiling", return_value=True):
-            got = _int8_linear_cuda(x, q, scale)
+            got = cuda_int8_product(x, q, scale)
         assert got.shape == (rows, 1, 48)
         torch.testing.assert_close(got, x @ want_w.T, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,8 @@ written out here, and at positions past 8,192 against Meta's reference model.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import subprocess
 import sys
@@ -17,10 +19,13 @@ import pytest
 import torch
 from helpers import random_model
 
+import llama3.attention as attention_module
 import llama3.memory as memory
 import llama3.model as model_module
 from llama3 import ModelArgs, Transformer
-from llama3.model import causal_attention, grouped_query_attention, kv_cache_bytes
+from llama3.attention import attention
+from llama3.decoding import forward_logprobs
+from llama3.memory import kv_cache_bytes
 
 CHUNK = 16
 BASE = dict(dim=64, n_layers=2, n_heads=8, vocab_size=256, multiple_of=32, max_batch_size=2, max_seq_len=128)
@@ -93,7 +98,7 @@ def test_causal_attention_equals_naive_attention(monkeypatch, n_kv_heads, use_fu
     for one query, a square chunk and chunks over a longer cache. Without the fused CPU kernel the
     lower-right causal bias path (the one CUDA takes) runs."""
     if not use_fused_cpu_kernel:
-        monkeypatch.setattr(model_module, "_cpu_flash_attention", None)
+        monkeypatch.setattr(attention_module, "_cpu_flash_attention", None)
     gen = torch.Generator().manual_seed(0)
     n_heads, hd, kv_len = 8, 16, 40
     keys = torch.randn(2, n_kv_heads, kv_len, hd, generator=gen)
@@ -105,8 +110,8 @@ def test_causal_attention_equals_naive_attention(monkeypatch, n_kv_heads, use_fu
         scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
         visible = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - s, kv_len)[:, None]
         want = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
-        assert (causal_attention(q, keys, values) - want).abs().max().item() <= 1e-5, s
-        assert (grouped_query_attention(q, keys, values, visible) - want).abs().max().item() <= 1e-5, s
+        assert (attention(q, keys, values) - want).abs().max().item() <= 1e-5, s
+        assert (attention(q, keys, values, mask=visible) - want).abs().max().item() <= 1e-5, s
 
 
 def test_ragged_batch_crossing_chunk_boundaries_decodes_identically():
@@ -172,7 +177,7 @@ def test_forward_logprobs_equal_log_softmax_of_full_logits(start_pos):
         model(tokens[:, :start_pos], 0)
     rows = []
     hook = model.output.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[1]))
-    logprobs, last_logits = model.forward_logprobs(tokens[:, start_pos:], start_pos)
+    logprobs, last_logits = forward_logprobs(model, tokens[:, start_pos:], start_pos)
     hook.remove()
     assert logprobs.dtype == last_logits.dtype == torch.float32
     assert logprobs.shape == want.shape and last_logits.shape == (2, 1, BASE["vocab_size"])
@@ -189,7 +194,7 @@ def test_forward_logprobs_equal_log_softmax_of_full_logits(start_pos):
 def test_forward_logprobs_of_one_token_has_no_scores():
     model = make_model(**CONFIGS["gqa"])
     tokens = random_tokens(2, 1)
-    logprobs, last_logits = model.forward_logprobs(tokens, 0)
+    logprobs, last_logits = forward_logprobs(model, tokens, 0)
     assert logprobs.shape == (2, 0)
     assert torch.equal(last_logits, model(tokens, 0))
 
@@ -322,7 +327,7 @@ def test_forward_static_over_part_of_the_cache_equals_forward():
     for pos in range(20, 64):
         kv_lens = [pos + 1, 32 if pos < 32 else 64, None] if pos in (20, 31, 32, 47, 63) else [64]
         for kv_len in kv_lens:
-            step = model.forward_static(tokens[:, pos:pos + 1], torch.tensor([pos]), kv_len=kv_len)
+            step = model(tokens[:, pos:pos + 1], torch.tensor([pos]), kv_len=kv_len or BASE["max_seq_len"])
             assert relative_gap(step[:, 0], want[:, pos]) <= 1e-5, (pos, kv_len)
 
 
@@ -330,7 +335,7 @@ def test_forward_static_over_part_of_the_cache_equals_forward():
 def test_reliability_forward_static_rejects_bad_kv_len(kv_len):
     model = make_model(**CONFIGS["gqa"])
     with pytest.raises(ValueError, match="kv_len"):
-        model.forward_static(random_tokens(1, 1), torch.tensor([0]), kv_len=kv_len)
+        model(random_tokens(1, 1), torch.tensor([0]), kv_len=kv_len)
 
 
 # --- reliability: misuse and failure leave nothing broken --------------------------------------
@@ -353,7 +358,7 @@ def test_reliability_forward_static_rejects_bad_kv_len(kv_len):
 ])
 def test_reliability_forward_misuse_raises_value_error(tokens, start_pos, message):
     model = make_model(**CONFIGS["gqa"])
-    for fn in (model.forward, model.forward_logprobs):
+    for fn in (model.forward, functools.partial(forward_logprobs, model)):
         with pytest.raises(ValueError, match=message):
             fn(tokens, start_pos)
     assert torch.isfinite(model(torch.tensor([[1, 2]]), 0)).all()  # still usable
@@ -421,3 +426,90 @@ def test_setup_kv_cache_copies_the_callers_args():
     assert model.rope.shape[0] == 300
     assert model.layers[0].attention.kv_cache.k.shape == (1, 2, 300, 8)
     assert torch.isfinite(model(random_tokens(1, 4), 290)).all()
+
+
+# --- attention(): every case against float64 ---------------------------------------------------
+
+
+@pytest.mark.parametrize("n_kv_heads", [8, 2, 1])
+@pytest.mark.parametrize("case, s, kv_len", [("decode", 1, 37), ("prefill", 19, 19), ("chunk", 11, 40),
+                                             ("masked", 1, 64)])
+def test_attention_equals_float64_reference_in_every_case(case, s, kv_len, n_kv_heads):
+    """softmax(q kᵀ/√d + mask) v computed in float64 with Meta's repeat_kv grouping. The masked case
+    is the static step: one query at position 29 of a 64-position window, later positions stale."""
+    from llama3.attention import attention_case
+
+    gen = torch.Generator().manual_seed(3)
+    n_heads, hd, b = 8, 16, 2
+    q = torch.randn(b, n_heads, s, hd, generator=gen)
+    keys = torch.randn(b, n_kv_heads, kv_len, hd, generator=gen)
+    values = torch.randn(b, n_kv_heads, kv_len, hd, generator=gen)
+    if case == "masked":
+        mask = torch.arange(kv_len)[None, :] <= torch.tensor([29])[:, None]
+    else:
+        mask = None
+        visible = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - s, kv_len)[:, None]
+    assert attention_case(s, kv_len, mask is not None) == case
+    n_rep = n_heads // n_kv_heads
+    k = keys.double().repeat_interleave(n_rep, dim=1)
+    v = values.double().repeat_interleave(n_rep, dim=1)
+    scores = q.double() @ k.transpose(-1, -2) / math.sqrt(hd)
+    want = scores.masked_fill(~(mask if mask is not None else visible), float("-inf")).softmax(-1) @ v
+    got = attention(q, keys, values, mask=mask)
+    assert got.shape == (b, n_heads, s, hd) and got.dtype == torch.float32
+    assert (got.double() - want).abs().max().item() <= 2e-6
+
+
+# --- the fit check covers building a Transformer and setup_kv_cache ----------------------------
+
+
+def _limit_address_space(monkeypatch, tmp_path, limit: int, used: int = 0) -> None:
+    """A process under `ulimit -v` (RLIMIT_AS) with plenty of free RAM."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemAvailable: {64 * 1024**2} kB\n")  # 64 GiB free
+    status = tmp_path / "status"
+    status.write_text(f"VmSize:\t{used // 1024} kB\n")
+    monkeypatch.setattr(memory, "MEMINFO", meminfo)
+    monkeypatch.setattr(memory, "PROC_STATUS", status)
+    monkeypatch.setattr(memory.resource, "getrlimit", lambda which: (limit, memory.resource.RLIM_INFINITY))
+
+
+def test_building_a_transformer_checks_the_cache_against_the_address_space_limit(monkeypatch, tmp_path):
+    args = ModelArgs(**{**BASE, **CONFIGS["gqa"], "max_seq_len": 1 << 20, "max_batch_size": 4})
+    assert kv_cache_bytes(args, torch.float32) == 1024**3  # 4 x 1M positions x 256 bytes
+    _limit_address_space(monkeypatch, tmp_path, limit=3 * 1024**3 // 2, used=1024**3)
+    assert memory.available_bytes("cpu") == 1024**3 // 2
+    with pytest.raises(memory.NotEnoughMemoryError, match=r"does not fit on cpu.*KV cache 1\.00 GiB.*"
+                                                          r"only 0\.50 GiB is free.*max_batch_size"):
+        Transformer(args)
+    with torch.device("meta"):  # nothing is allocated on the meta device: no check
+        Transformer(args)
+
+
+def test_setup_kv_cache_checks_the_new_cache_and_keeps_the_old_one(monkeypatch, tmp_path):
+    model = make_model(**CONFIGS["gqa"])
+    tokens = random_tokens(2, 20)
+    want = model(tokens, 0)
+    before = (model.params, model.rope, [layer.attention.kv_cache for layer in model.layers])
+    _limit_address_space(monkeypatch, tmp_path, limit=3 * 1024**3 // 2, used=1024**3)
+    with pytest.raises(memory.NotEnoughMemoryError, match="does not fit on cpu"):
+        model.setup_kv_cache(max_batch_size=2, max_seq_len=(1 << 20) + 1024)  # 0.5 GiB free, more asked
+    assert before == (model.params, model.rope, [layer.attention.kv_cache for layer in model.layers])
+    assert torch.equal(model(tokens, 0), want)
+    model.setup_kv_cache(max_seq_len=256)  # small enough
+    assert model.params.max_seq_len == 256
+
+
+@pytest.mark.parametrize("scaled, trained", [(False, 8192), (True, 131072)])
+def test_a_context_beyond_the_trained_one_is_allowed_and_said_once(caplog, scaled, trained):
+    seq = trained + 1 + int(scaled)  # a value no other test uses: "once" is per process
+    small = dict(BASE, n_kv_heads=2, max_batch_size=1, n_layers=1, use_scaled_rope=scaled)
+    with caplog.at_level(logging.WARNING, logger="llama3.memory"):
+        Transformer(ModelArgs(**{**small, "max_seq_len": trained}))
+        assert not caplog.records
+        model = Transformer(ModelArgs(**{**small, "max_seq_len": seq}))
+        model.setup_kv_cache(max_seq_len=seq)
+        Transformer(ModelArgs(**{**small, "max_seq_len": seq}))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and f"{seq}" in said[0] and f"{trained} positions" in said[0]
+    assert torch.isfinite(model(random_tokens(1, 3), seq - 3)).all()

@@ -197,7 +197,7 @@ def test_forward_static_equals_forward():
     full = model(toks, 0)
     model(toks[:, :16], 0)
     for pos in range(16, 24):
-        step = model.forward_static(toks[:, pos:pos + 1], torch.tensor([pos]))
+        step = model(toks[:, pos:pos + 1], torch.tensor([pos]), kv_len=model.params.max_seq_len)
         assert (step[:, 0] - full[:, pos]).abs().max().item() <= 1e-5
 
 

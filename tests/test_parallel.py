@@ -204,7 +204,7 @@ def test_int8_model_parallel_logits_stay_close_to_the_float_model(setup, results
 
 
 def test_fbgemm_packed_model_parallel_logits_match_the_float_model(setup, results):
-    """Packed float16 layers (llama3.cpu_linear) keep fairscale's split: on 2 ranks, each packing
+    """Packed float16 layers (llama3/kernels/fbgemm.py) keep fairscale's split: on 2 ranks, each packing
     its own slice, the logits equal the float32 model's up to float16 rounding (1e-2 of their
     largest); a lost all-reduce or half the vocabulary missing would be far outside."""
     nproc, ckpt = COMPILE_RUN

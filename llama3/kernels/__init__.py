@@ -1,0 +1,35 @@
+"""Linear-layer kernels: one seam (:mod:`.base`), one family per module, one chooser (:mod:`.choose`).
+
+* :class:`LinearKernel` — subclass it to add a kernel (override ``local_product``, the weight's
+  format and ``applies``), then add one line to ``KERNELS`` in :mod:`.choose`;
+* :func:`choose_kernels` / :func:`apply_kernels` — which kernel computes each layer family, and why.
+"""
+
+from .base import LinearKernel, empty_linear, is_linear, kernel_of, swap_linear, swap_linears
+from .choose import (
+    ENV_OVERRIDE,
+    FAMILIES,
+    KERNELS,
+    QUANTIZE_MODES,
+    KernelChoice,
+    KernelPlan,
+    UnknownKernelError,
+    apply_kernels,
+    choose_kernels,
+    decide,
+    fbgemm_is_the_fast_path,
+    kernels_in,
+)
+from .cpu_gemv import CpuGemvKernel
+from .fbgemm import FbgemmFp16Kernel, cpu_has_bf16_matrix_units, fbgemm_available
+from .int8 import Int8Kernel, quantize_per_channel
+from .torch_default import TorchKernel
+
+__all__ = [
+    "ENV_OVERRIDE", "FAMILIES", "KERNELS", "QUANTIZE_MODES", "CpuGemvKernel", "FbgemmFp16Kernel",
+    "Int8Kernel",
+    "KernelChoice", "KernelPlan", "LinearKernel", "TorchKernel", "UnknownKernelError", "apply_kernels",
+    "choose_kernels", "cpu_has_bf16_matrix_units", "decide", "empty_linear", "fbgemm_available",
+    "fbgemm_is_the_fast_path", "is_linear", "kernel_of", "kernels_in", "quantize_per_channel", "swap_linear",
+    "swap_linears",
+]
