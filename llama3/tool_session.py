@@ -11,6 +11,7 @@ the user to run (or not) themselves.
 """
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
@@ -169,7 +170,17 @@ class ToolChatSession(ChatSession):
         super().__init__(generator, system_prompt=prompt, **kwargs)
         self.tool_format = tool_format
         self.max_tool_rounds = max_tool_rounds
+        self.tool_names = [t.name for t in tools] + list(builtin_tools)
+        self.has_custom_tools = bool(tools)
         self.read_line: Callable[[str], str | None] = lambda prompt: None
+
+    def banner(self, name: str) -> str:
+        """The start line in tool mode: the tools, their format and how tool calls are answered."""
+        fmt = f" (custom tools in the {self.tool_format} format)" if self.has_custom_tools else ""
+        return (f"Chatting with {name} in TOOL MODE: tools {', '.join(self.tool_names)}{fmt}. When the "
+                f"model calls a tool you are shown the call; type its result (one line) or {SKIP} to "
+                f"leave it unanswered; after {self.max_tool_rounds} calls in a row it is your turn. "
+                "Nothing the model writes is executed.\n" + super().banner(name))
 
     def run(self, read_line: Callable[[str], str | None]) -> None:
         self.read_line = read_line  # tool results are read from the same input
@@ -202,9 +213,11 @@ class ToolChatSession(ChatSession):
         return added
 
     def _complete(self, dialog: list[Message]) -> Message:
+        start = time.perf_counter()
         result = self.generator.chat_completion(
             [dialog], temperature=self.temperature, top_p=self.top_p, max_gen_len=self.max_gen_len
         )[0]["generation"]
+        self.report_timing(result["content"], start, None, time.perf_counter())
         return as_assistant_message(self.generator, result)
 
 

@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import _env  # noqa: F401  (outside the venv: a one-line hint, not a traceback)
 import torch
 
 from llama3.checkpoint import meta_to_hf_state_dict, model_args_to_hf_config

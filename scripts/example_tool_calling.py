@@ -17,6 +17,8 @@ import json
 from datetime import date
 from typing import Any
 
+import _env  # noqa: F401  (outside the venv: a one-line hint, not a traceback)
+
 from llama3.chat_format import (
     TOOL_PROMPT_FORMATS,
     Message,
