@@ -247,14 +247,18 @@ class Llama:
             return [], ([] if logprobs else None), []
         sampling = SamplingParams(temperature, top_p)
         batch = self._prepare(prompt_tokens, max_gen_len, logprobs)
-        steps = batch.tokens.shape[1] - min(batch.prompt_lens)
+        # Progress counts the new tokens every answer has (those of the longest prompt's row), so
+        # "12 of 32 new tokens" and its tok/s are per answer, whatever the prompts' lengths.
+        longest = max(batch.prompt_lens)
         with self._lock:
             self._cache_owner = object()  # overtakes any stream in progress
-            progress = Progress(f"generating (batch of {len(batch.prompt_lens)})", total=steps, unit="tok",
-                                logger=logger, final=False)
-            for _ in decode(self.model, self.decode_step, batch, sampling, self.tokenizer.stop_tokens,
-                            logprobs=logprobs, echo=echo, check_every=self.stop_check_interval):
-                progress.update()
+            progress = Progress(f"generating (batch of {len(batch.prompt_lens)})",
+                                total=batch.tokens.shape[1] - longest, unit="new tokens",
+                                rate_unit="tok/s per answer", logger=logger, final=False)
+            for cur_pos in decode(self.model, self.decode_step, batch, sampling, self.tokenizer.stop_tokens,
+                                  logprobs=logprobs, echo=echo, check_every=self.stop_check_interval):
+                if cur_pos >= longest:
+                    progress.update()
             progress.close()
             all_tokens = batch.tokens.tolist()
             ends = batch.end.tolist()
