@@ -219,9 +219,11 @@ class ChatSession:
         first token, the answer's length in tokens and its speed after the first token."""
         if self.stats is None:
             return
-        # The stream yields text, not ids: the answer is counted by encoding its text again, which
-        # gives back the generated ids for anything a real model writes (the chat format's round trip).
-        n_tokens = len(self.generator.tokenizer.encode(text, bos=False, eos=False)) if text else 0
+        counts = getattr(self.generator, "last_new_tokens", None)  # Llama's; a stand-in may lack it
+        if counts:
+            n_tokens = counts[0]
+        else:  # the text encoded again: the generated ids for what a real model writes
+            n_tokens = len(self.generator.tokenizer.encode(text, bos=False, eos=False)) if text else 0
         line = f"[{n_tokens} token{'s' if n_tokens != 1 else ''} in {end - start:.2f} s"
         if first is not None:
             line += f": first token after {first - start:.2f} s"

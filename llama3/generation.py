@@ -106,6 +106,9 @@ class Llama:
         self.stop_check_interval = 1 if self.device.type == "cpu" else 8
         self._lock = threading.Lock()
         self._cache_owner: object | None = None  # the call whose tokens the KV cache holds
+        # New tokens per row of the latest generate/stream call, so far (stop tokens not counted):
+        # what a timing report counts (a stream yields text, whose re-encoding may differ).
+        self.last_new_tokens: list[int] = []
 
     # ------------------------------------------------------------------------------ building
 
@@ -262,6 +265,7 @@ class Llama:
             progress.close()
             all_tokens = batch.tokens.tolist()
             ends = batch.end.tolist()
+            self.last_new_tokens = [end - n for end, n in zip(ends, batch.prompt_lens, strict=True)]
             all_logprobs = batch.token_logprobs.tolist() if logprobs else None
 
         out_tokens, out_logprobs, stop_tokens = [], [], []
@@ -308,6 +312,7 @@ class Llama:
         me = object()
         first = True
         lo = hi = -1  # positions decoded but not yet read back from the device: lo..hi
+        self.last_new_tokens = [0] * len(batch.prompt_lens)
         finished = False
         while not finished:
             with self._lock:
@@ -342,6 +347,8 @@ class Llama:
                     if pos + 1 >= end:
                         text += decoders[i].flush()
                 deltas.append(text)
+            self.last_new_tokens = [max(0, min(hi + 1, row[-1]) - n)
+                                    for row, n in zip(rows, batch.prompt_lens, strict=True)]
             lo = hi = -1
             if any(deltas):
                 yield deltas

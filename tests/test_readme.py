@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from llama3.presets import write_random_checkpoint
 
@@ -41,8 +42,8 @@ def runnable_groups() -> list[tuple[int, list[str]]]:
 
 def test_every_python_block_is_marked():
     blocks = readme_blocks()
-    unmarked = [line for marker, _, line in blocks
-                if not re.fullmatch(r"<!-- (runnable|runnable: continues the block above|not run: .+) -->", marker)]
+    known = r"<!-- (runnable|runnable: continues the block above|not run: .+) -->"
+    unmarked = [line for marker, _, line in blocks if not re.fullmatch(known, marker)]
     assert not unmarked, f"README.md python blocks without a runnable / not run marker at lines {unmarked}"
     assert sum(marker.startswith("<!-- runnable") for marker, _, _ in blocks) >= 5
 
@@ -51,11 +52,12 @@ def test_every_python_block_is_marked():
 def demo_checkpoint(tmp_path_factory, llama3_tokenizer_path) -> Path:
     # As scripts/demo.sh writes it: the tiny-chat shape, the real tokenizer, weights of std 0.1.
     out = tmp_path_factory.mktemp("readme") / "tiny-random"
-    return write_random_checkpoint(out, "tiny-chat", std=0.1, dtype=__import__("torch").float32,
+    return write_random_checkpoint(out, "tiny-chat", std=0.1, dtype=torch.float32,
                                    tokenizer=llama3_tokenizer_path)
 
 
-@pytest.mark.parametrize("line, codes", runnable_groups(), ids=lambda v: f"line{v}" if isinstance(v, int) else "")
+@pytest.mark.parametrize("line, codes", runnable_groups(),
+                         ids=lambda v: f"line{v}" if isinstance(v, int) else "")
 def test_readme_block_runs(line, codes, demo_checkpoint, monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "readme"}
