@@ -48,7 +48,7 @@ PY
 }
 describe() { [ "$1" = cuda ] && echo "the CUDA build" || echo "the CPU build"; }
 
-install_torch=1
+install_torch=1 switch_from=""
 if have=$(torch_build); then
     have_version=${have% *} have_build=${have#* }
     if [ "$have_build" = "$build" ]; then
@@ -59,11 +59,7 @@ if have=$(torch_build); then
         echo "       To switch: bash scripts/setup.sh --$build${extra:+ $extra}   (replaces it)"
         install_torch=0
     else
-        removed=$(pip list --format=freeze 2>/dev/null | sed 's/==.*//' | grep -E '^(torch|triton|nvidia-.*)$' | tr '\n' ' ')
-        echo "setup: torch $have_version in .venv is $(describe "$have_build"); $why asks for $(describe "$build"):"
-        echo "       uninstalling ${removed}"
-        # shellcheck disable=SC2086
-        pip uninstall -y -q $removed
+        switch_from="torch $have_version in .venv is $(describe "$have_build"); $why asks for $(describe "$build")"
     fi
 fi
 
@@ -76,19 +72,19 @@ if [ "$install_torch" = 1 ]; then
         # PyPI's Linux x86_64 wheel is the CUDA build (GBs of nvidia-* libraries): PyTorch's CPU
         # index has the CPU one. Where that index cannot be reached (a firewall, a local mirror),
         # the package index's torch is used and the plan below says which build it is.
-        if python -c "import sys, urllib.request as u; u.urlopen('$CPU_INDEX/torch/', timeout=5)" 2>/dev/null; then
+        if python -c "import urllib.request as u; u.urlopen('$CPU_INDEX/torch/', timeout=5)" 2>/dev/null; then
             index_args=(--index-url "$CPU_INDEX")
             echo "setup: the CPU build of torch ($why), from $CPU_INDEX"
         else
             echo "setup: $CPU_INDEX cannot be reached (5 s timeout): looking for torch on your package index"
         fi
     fi
-    # What pip would install, and how large, before downloading anything.
+    # What pip would install, and how large, before anything is downloaded or removed.
     plan=$(mktemp)
     trap 'rm -f "$plan"' EXIT
-    pip install -q --dry-run --report "$plan" "torch==$TORCH_VERSION" "${index_args[@]}" >/dev/null
+    pip install -q --dry-run --ignore-installed --report "$plan" "torch==$TORCH_VERSION" "${index_args[@]}" >/dev/null
     plan_build=$(python - "$plan" <<'PY'
-import json, os, sys, urllib.parse, urllib.request
+import importlib.metadata as md, json, os, sys, urllib.parse, urllib.request
 
 items = json.load(open(sys.argv[1]))["install"]
 
@@ -106,6 +102,12 @@ def size(url):
 def mb(n):
     return "? MB" if n is None else (f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB")
 
+def installed(item):
+    try:
+        return md.version(item["metadata"]["name"]) == item["metadata"]["version"]
+    except md.PackageNotFoundError:
+        return False
+
 torch = next(i for i in items if i["metadata"]["name"].lower() == "torch")
 version = torch["metadata"]["version"]
 requires = torch["metadata"].get("requires_dist") or []
@@ -113,10 +115,9 @@ cuda = "+cu" in version or any(r.startswith("nvidia-") for r in requires)
 url = torch["download_info"]["url"]
 n, local = size(url)
 where = f"the local file {urllib.request.url2pathname(urllib.parse.urlsplit(url).path)} (no download)" if local \
-    else f"{mb(n)} to download from {urllib.parse.urlsplit(url).netloc}"
-print(f"setup: installing torch {version}, {'the CUDA' if cuda else 'the CPU'} build: {mb(n)}, {where}",
-      file=sys.stderr)
-rest = [i for i in items if i is not torch]
+    else f"to download from {urllib.parse.urlsplit(url).netloc}"
+print(f"setup: torch {version} is {'the CUDA' if cuda else 'the CPU'} build: {mb(n)}, {where}", file=sys.stderr)
+rest = [i for i in items if i is not torch and not installed(i)]
 if rest:
     sizes = [size(i["download_info"]["url"]) for i in rest]
     fetch = [s for s, is_local in sizes if not is_local]
@@ -129,15 +130,27 @@ PY
 )
     if [ "$plan_build" != "$build" ]; then
         if [ "$build" = cuda ]; then
-            echo "setup: your package index offers only the CPU build of torch==$TORCH_VERSION; for the CUDA" >&2
-            echo "       build name PyTorch's index for your CUDA version, e.g." >&2
+            echo "setup: your package index offers only the CPU build of torch==$TORCH_VERSION: nothing changed." >&2
+            echo "       For the CUDA build name PyTorch's index for your CUDA version, e.g." >&2
             echo "       TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 bash scripts/setup.sh --cuda $extra" >&2
+            exit 1
+        fi
+        if [ -n "$switch_from" ]; then
+            echo "setup: $switch_from, but $CPU_INDEX cannot be reached and your package index" >&2
+            echo "       offers the CUDA build: nothing changed. Name a CPU index: TORCH_INDEX_URL=... --cpu" >&2
             exit 1
         fi
         echo "setup: NOTE: that is the CUDA build, though $why; it works on CPU but takes GBs. When"
         echo "       $CPU_INDEX can be reached, bash scripts/setup.sh --cpu${extra:+ $extra} replaces it."
     fi
-    # No -q: pip shows the download's progress.
+    if [ -n "$switch_from" ]; then
+        removed=$(pip list --format=freeze 2>/dev/null | sed 's/==.*//' | grep -E '^(torch|triton|nvidia-.*)$' | tr '\n' ' ')
+        echo "setup: $switch_from:"
+        echo "       uninstalling $removed"
+        # shellcheck disable=SC2086
+        pip uninstall -y -q $removed
+    fi
+    echo "setup: installing torch==$TORCH_VERSION (pip shows the download's progress)"
     pip install --progress-bar on "torch==$TORCH_VERSION" "${index_args[@]}"
     torch_build >/dev/null || { echo "setup: torch did not install; see pip's messages above" >&2; exit 1; }
 fi
