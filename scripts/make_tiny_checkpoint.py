@@ -1,5 +1,8 @@
 """Same as ``llama3-make-tiny-checkpoint`` (``python -m llama3.make_tiny_checkpoint``)."""
-import _env  # noqa: F401  (outside the venv: a one-line hint, not a traceback)
+try:  # outside the venv: a one-line hint, not a traceback (see _env.py)
+    import _env  # noqa: F401
+except ModuleNotFoundError:  # loaded by path from elsewhere (a test): nothing to check
+    pass
 
 from llama3.make_tiny_checkpoint import main
 
