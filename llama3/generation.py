@@ -250,19 +250,22 @@ class Llama:
             return [], ([] if logprobs else None), []
         sampling = SamplingParams(temperature, top_p)
         batch = self._prepare(prompt_tokens, max_gen_len, logprobs)
-        # Progress counts the new tokens every answer has (those of the longest prompt's row), so
-        # "12 of 32 new tokens" and its tok/s are per answer, whatever the prompts' lengths.
+        # Progress counts the new tokens every answer has (those of the longest prompt's row), from
+        # the first of them: "12 of 32 new tokens", and its tok/s per answer, whatever the prompts.
         longest = max(batch.prompt_lens)
         with self._lock:
             self._cache_owner = object()  # overtakes any stream in progress
-            progress = Progress(f"generating (batch of {len(batch.prompt_lens)})",
-                                total=batch.tokens.shape[1] - longest, unit="new tokens",
-                                rate_unit="tok/s per answer", logger=logger, final=False)
+            progress = None
             for cur_pos in decode(self.model, self.decode_step, batch, sampling, self.tokenizer.stop_tokens,
                                   logprobs=logprobs, echo=echo, check_every=self.stop_check_interval):
                 if cur_pos >= longest:
+                    if progress is None:
+                        progress = Progress(f"generating (batch of {len(batch.prompt_lens)})",
+                                            total=batch.tokens.shape[1] - longest, unit="new tokens",
+                                            rate_unit="tok/s per answer", logger=logger, final=False)
                     progress.update()
-            progress.close()
+            if progress is not None:
+                progress.close()
             all_tokens = batch.tokens.tolist()
             ends = batch.end.tolist()
             self.last_new_tokens = [end - n for end, n in zip(ends, batch.prompt_lens, strict=True)]
