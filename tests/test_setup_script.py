@@ -19,7 +19,8 @@ def test_help_names_the_torch_builds():
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.startswith("Create .venv (if missing) and install llama3 into it")
     assert "bash scripts/setup.sh [--cpu|--cuda] test" in proc.stdout
-    assert "else the CPU build" in proc.stdout and "--cpu / --cuda replace one of the other build" in proc.stdout
+    assert "else the CPU build" in proc.stdout
+    assert "--cpu / --cuda replace one of the other build" in proc.stdout
 
 
 def test_unknown_argument_is_refused_before_anything_is_installed():
