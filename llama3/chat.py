@@ -11,8 +11,12 @@ Type a message and press Enter; the answer streams as it is generated. Commands:
 On a terminal the line is edited with ``readline`` (arrow keys, Ctrl-R search, history kept in
 ``$XDG_STATE_HOME/llama3/chat_history`` or ``~/.llama3_chat_history``; ``LLAMA3_CHAT_HISTORY``
 names another file). A paste arrives whole: bracketed paste when the terminal supports it, and
-otherwise lines that arrive faster than anyone types are joined into one message. Nothing is cut
-silently: where the terminal itself may have cut a very long line, a note says so.
+otherwise lines that arrive faster than anyone types are joined into one message, summarised on
+screen as it is sent (``[pasted: 14 lines, 10,768 characters]``) and kept as one history entry.
+Nothing is cut silently: where the terminal itself may have cut a very long line, a note says so.
+
+After each answer one line on stderr gives its timing: tokens, time to the first token and tokens
+per second after it (``--quiet``: none). Tool mode's first line lists the tools and how to answer.
 
 Ctrl-C while an answer streams stops that answer, not the program. The partial answer is kept in
 the history as the assistant's turn, so the conversation the model sees next is the one shown.
