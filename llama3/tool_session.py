@@ -192,12 +192,16 @@ class ToolChatSession(ChatSession):
         added: list[Message] = []
         encode = self.generator.formatter.encode_dialog_prompt
         for _ in range(self.max_tool_rounds):
+            start = time.perf_counter()
             reply = self._complete(dialog + added)
+            end = time.perf_counter()
             added.append(reply)
             if not reply.get("tool_calls"):
                 self.out.write(reply["content"] + "\n")
                 self.out.flush()
+                self.report_timing(reply["content"], start, None, end)
                 return added
+            self.report_timing(reply["content"], start, None, end)
             for call in reply["tool_calls"]:
                 self._note(f"tool call: {_show_call(call)}")
                 result = self.read_line(f"result of {call['tool_name']} (one line, or {SKIP})> ")
@@ -213,11 +217,9 @@ class ToolChatSession(ChatSession):
         return added
 
     def _complete(self, dialog: list[Message]) -> Message:
-        start = time.perf_counter()
         result = self.generator.chat_completion(
             [dialog], temperature=self.temperature, top_p=self.top_p, max_gen_len=self.max_gen_len
         )[0]["generation"]
-        self.report_timing(result["content"], start, None, time.perf_counter())
         return as_assistant_message(self.generator, result)
 
 
