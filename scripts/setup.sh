@@ -81,8 +81,15 @@ if [ "$install_torch" = 1 ]; then
     fi
     # What pip would install, and how large, before anything is downloaded or removed.
     plan=$(mktemp)
-    trap 'rm -f "$plan"' EXIT
-    pip install -q --dry-run --ignore-installed --report "$plan" "torch==$TORCH_VERSION" "${index_args[@]}" >/dev/null
+    trap 'rm -f "$plan" "$plan.log"' EXIT
+    # pip reads the wheels' metadata; where an index does not serve it apart, pip downloads the
+    # wheel itself (into its cache, so the install below reuses it): that is shown, not hidden.
+    set +e +o pipefail
+    pip install --dry-run --ignore-installed --report "$plan" "torch==$TORCH_VERSION" "${index_args[@]}" 2>&1 \
+        | tee "$plan.log" | { grep -E '^ *Downloading [^ ]+\.whl' | sed 's/^ */setup: (to read its metadata) /'; true; }
+    status=${PIPESTATUS[0]}
+    set -e -o pipefail
+    [ "$status" = 0 ] || { cat "$plan.log" >&2; echo "setup: pip cannot find torch==$TORCH_VERSION (above)" >&2; exit 1; }
     plan_build=$(python - "$plan" <<'PY'
 import importlib.metadata as md, json, os, sys, urllib.parse, urllib.request
 
@@ -167,7 +174,7 @@ case "$extra" in
 esac
 echo "setup: installing $what"
 log=$(mktemp)
-trap 'rm -f "$log" "${plan:-}"' EXIT
+trap 'rm -f "$log" "${plan:-}" "${plan:+$plan.log}"' EXIT
 if ! pip install -q "${targets[@]}" >"$log" 2>&1; then
     cat "$log" >&2
     exit 1
