@@ -89,7 +89,7 @@ if [ "$install_torch" = 1 ]; then
         | tee "$plan.log" | { grep -E '^ *Downloading [^ ]+\.whl' | sed 's/^ */setup: (to read its metadata) /'; true; }
     status=${PIPESTATUS[0]}
     set -e -o pipefail
-    [ "$status" = 0 ] || { cat "$plan.log" >&2; echo "setup: pip cannot find torch==$TORCH_VERSION (above)" >&2; exit 1; }
+    [ "$status" = 0 ] || { cat "$plan.log" >&2; echo "setup: pip found no torch==$TORCH_VERSION it can install (its messages are above)" >&2; exit 1; }
     plan_build=$(python - "$plan" <<'PY'
 import importlib.metadata as md, json, os, sys, urllib.parse, urllib.request
 
