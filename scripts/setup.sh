@@ -86,7 +86,7 @@ if [ "$install_torch" = 1 ]; then
     # wheel itself (into its cache, so the install below reuses it): that is shown, not hidden.
     set +e +o pipefail
     pip install --dry-run --ignore-installed --report "$plan" "torch==$TORCH_VERSION" "${index_args[@]}" 2>&1 \
-        | tee "$plan.log" | { grep -E '^ *Downloading [^ ]+\.whl' | sed 's/^ */setup: (to read its metadata) /'; true; }
+        | tee "$plan.log" | { grep -E '^ *Downloading (torch|nvidia)[^ ]*\.whl' | sed 's/^ */setup: (to read its metadata) /'; true; }
     status=${PIPESTATUS[0]}
     set -e -o pipefail
     [ "$status" = 0 ] || { cat "$plan.log" >&2; echo "setup: pip found no torch==$TORCH_VERSION it can install (its messages are above)" >&2; exit 1; }
