@@ -11,8 +11,12 @@ Type a message and press Enter; the answer streams as it is generated. Commands:
 On a terminal the line is edited with ``readline`` (arrow keys, Ctrl-R search, history kept in
 ``$XDG_STATE_HOME/llama3/chat_history`` or ``~/.llama3_chat_history``; ``LLAMA3_CHAT_HISTORY``
 names another file). A paste arrives whole: bracketed paste when the terminal supports it, and
-otherwise lines that arrive faster than anyone types are joined into one message. Nothing is cut
-silently: where the terminal itself may have cut a very long line, a note says so.
+otherwise lines that arrive faster than anyone types are joined into one message, summarised on
+screen as it is sent (``[pasted: 14 lines, 10,768 characters]``) and kept as one history entry.
+Nothing is cut silently: where the terminal itself may have cut a very long line, a note says so.
+
+After each answer one line on stderr gives its timing: tokens, time to the first token and tokens
+per second after it (``--quiet``: none). Tool mode's first line lists the tools and how to answer.
 
 Ctrl-C while an answer streams stops that answer, not the program. The partial answer is kept in
 the history as the assistant's turn, so the conversation the model sees next is the one shown.
@@ -33,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -55,6 +60,26 @@ BLOCK = '"""'
 TERMINAL_LINE_LIMIT = 4095
 
 ReadLine = Callable[[str], "str | None"]
+HISTORY_LENGTH = 2000
+HISTORY_HEADER = "#llama3-chat history: one entry per line, \\n and \\\\ escaped"
+# Input at least this long, or of several lines, is summarised on screen as it is sent.
+PASTE_SUMMARY_CHARS = 1000
+
+
+def _escape(entry: str) -> str:
+    return entry.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _unescape(line: str) -> str:
+    out, i = [], 0
+    while i < len(line):
+        if line[i] == "\\" and i + 1 < len(line):
+            out.append("\n" if line[i + 1] == "n" else line[i + 1])
+            i += 2
+        else:
+            out.append(line[i])
+            i += 1
+    return "".join(out)
 
 
 class ChatSession:
@@ -68,6 +93,8 @@ class ChatSession:
         reply_room: tokens kept free for the answer when deciding whether the history fits; by default
             ``max_gen_len`` if given, else a quarter of the context.
         out: where answers and notes are written.
+        stats: where the one-line timing after each answer goes (time to first token, tokens,
+            tokens per second); None: nowhere. ``llama3-chat`` sends it to stderr unless ``--quiet``.
 
     Raises:
         ValueError: ``max_gen_len`` leaves no room for a prompt, or the system prompt alone (with
@@ -79,8 +106,9 @@ class ChatSession:
 
     def __init__(self, generator: Llama, *, system_prompt: str | None = None, temperature: float = 0.6,
                  top_p: float = 0.9, max_gen_len: int | None = None, reply_room: int | None = None,
-                 out: TextIO | None = None) -> None:
+                 out: TextIO | None = None, stats: TextIO | None = None) -> None:
         self.generator = generator
+        self.stats = stats
         self.system: list[Message] = [{"role": "system", "content": system_prompt}] if system_prompt else []
         self.temperature = temperature
         self.top_p = top_p
@@ -169,10 +197,14 @@ class ChatSession:
     def stream_answer(self, dialog: list[Message]) -> str:
         """Stream the assistant's answer to ``dialog`` to ``out``; Ctrl-C stops it. Returns the text."""
         pieces: list[str] = []
+        start = time.perf_counter()
+        first: float | None = None
         stream = self.generator.stream_chat_completion(dialog, temperature=self.temperature,
                                                        top_p=self.top_p, max_gen_len=self.max_gen_len)
         try:
             for delta in stream:
+                if first is None and delta:
+                    first = time.perf_counter()
                 pieces.append(delta)
                 self.out.write(delta)
                 self.out.flush()
@@ -183,7 +215,33 @@ class ChatSession:
         else:
             self.out.write("\n")
         self.out.flush()
-        return "".join(pieces)
+        text = "".join(pieces)
+        self.report_timing(text, start, first, time.perf_counter())
+        return text
+
+    def report_timing(self, text: str, start: float, first: float | None, end: float) -> None:
+        """Write the one-line timing of an answer ``text`` to ``stats`` (if any): the time to the
+        first token, the answer's length in tokens and its speed after the first token."""
+        if self.stats is None:
+            return
+        counts = getattr(self.generator, "last_new_tokens", None)  # Llama's; a stand-in may lack it
+        if counts:
+            n_tokens = counts[0]
+        else:  # the text encoded again: the generated ids for what a real model writes
+            n_tokens = len(self.generator.tokenizer.encode(text, bos=False, eos=False)) if text else 0
+        line = f"[{n_tokens} token{'s' if n_tokens != 1 else ''} in {end - start:.2f} s"
+        if first is not None:
+            line += f": first token after {first - start:.2f} s"
+            if n_tokens > 1 and end > first:
+                line += f", then {(n_tokens - 1) / (end - first):.1f} tok/s"
+        elif n_tokens and end > start:  # not streamed: only the whole answer's time is known
+            line += f", {n_tokens / (end - start):.1f} tok/s"
+        self.stats.write(line + "]\n")
+        self.stats.flush()
+
+    def banner(self, name: str) -> str:
+        """The line shown when the chat starts with ``name`` (the checkpoint): the commands."""
+        return f"Chatting with {name}. {HELP}"
 
     def _fit(self, user: Message) -> list[Message] | None:
         """The history plus ``user``, with the oldest exchanges dropped until the prompt fits."""
@@ -300,19 +358,34 @@ class TerminalInput:
         except ImportError:  # e.g. Windows: plain input(), no editing
             return
         self.readline = readline
-        readline.set_history_length(2000)
+        readline.set_history_length(HISTORY_LENGTH)
         if "libedit" not in (readline.__doc__ or ""):
             readline.parse_and_bind("set enable-bracketed-paste on")
-        with contextlib.suppress(OSError):
-            readline.read_history_file(self.history)
+        self._load_history()
+
+    def _load_history(self) -> None:
+        # readline's own file format is one entry per line, so a multi-line message would come back
+        # as one entry per line: entries are written escaped, under a header that says so.
+        try:
+            lines = self.history.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return
+        escaped = bool(lines) and lines[0] == HISTORY_HEADER
+        for line in lines[1:] if escaped else lines:
+            if line:
+                self.readline.add_history(_unescape(line) if escaped else line)
 
     def save_history(self) -> None:
-        """Write the history file (quietly skipped where it cannot be written)."""
+        """Write the history file (quietly skipped where it cannot be written); a multi-line
+        message is kept as one entry."""
         if self.readline is None:
             return
+        n = self.readline.get_current_history_length()
+        entries = [self.readline.get_history_item(i) for i in range(max(1, n - HISTORY_LENGTH + 1), n + 1)]
+        text = "".join(_escape(e) + "\n" for e in entries if e)
         with contextlib.suppress(OSError):
             self.history.parent.mkdir(parents=True, exist_ok=True)
-            self.readline.write_history_file(self.history)
+            self.history.write_text(HISTORY_HEADER + "\n" + text, encoding="utf-8")
 
     def _pending(self) -> bool:
         import select
@@ -348,6 +421,12 @@ class TerminalInput:
             while self.readline.get_current_history_length() > before:
                 self.readline.remove_history_item(self.readline.get_current_history_length() - 1)
             self.readline.add_history(text)
+        if "\n" in text or len(text) >= PASTE_SUMMARY_CHARS:
+            # A terminal may draw only part of a long paste: say what is being sent.
+            n_lines = text.count("\n") + 1
+            plural = "s" if n_lines > 1 else ""
+            self.out.write(f"[pasted: {n_lines} line{plural}, {len(text):,} characters]\n")
+            self.out.flush()
         return text
 
 
@@ -412,7 +491,8 @@ def _parse_args(argv: list[str] | None):
                         help="tool mode: comma-separated brave_search, wolfram_alpha, code_interpreter")
     parser.add_argument("--tool-format", choices=["json", "function_tag", "python_list"], default="json",
                         help="how custom tools are described and called (default json; python_list for 3.2)")
-    parser.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress messages or answer timings on stderr")
     return parser.parse_args(argv)
 
 
@@ -462,13 +542,16 @@ def _chat(argv: list[str] | None) -> int:
         out = sys.stdout if rank == 0 else stack.enter_context(open(os.devnull, "w"))
         try:
             session = session_class(generator, system_prompt=args.system, temperature=temperature,
-                                    top_p=top_p, max_gen_len=args.max_gen_len, out=out, **tool_options)
+                                    top_p=top_p, max_gen_len=args.max_gen_len, out=out,
+                                    stats=None if args.quiet or rank != 0 else sys.stderr, **tool_options)
         except ValueError as exc:  # the system prompt fills the context: said once, at start
             raise UsageError(str(exc).replace("max_seq_len", "--max-seq-len")) from None
         read_line, terminal = make_read_line(out, rank=rank, multi=multi)
         if terminal is not None:
             stack.callback(terminal.save_history)
-            out.write(f"Chatting with {args.ckpt_dir}. {HELP}\n")
+            out.write(session.banner(args.ckpt_dir) + "\n")
+        elif rank == 0 and not args.quiet:  # scripted input: the banner stays out of the answers
+            print(session.banner(args.ckpt_dir), file=sys.stderr)
         session.run(read_line)
     return 0
 

@@ -106,6 +106,9 @@ class Llama:
         self.stop_check_interval = 1 if self.device.type == "cpu" else 8
         self._lock = threading.Lock()
         self._cache_owner: object | None = None  # the call whose tokens the KV cache holds
+        # New tokens per row of the latest generate/stream call, so far (stop tokens not counted):
+        # what a timing report counts (a stream yields text, whose re-encoding may differ).
+        self.last_new_tokens: list[int] = []
 
     # ------------------------------------------------------------------------------ building
 
@@ -242,17 +245,25 @@ class Llama:
             return [], ([] if logprobs else None), []
         sampling = SamplingParams(temperature, top_p)
         batch = self._prepare(prompt_tokens, max_gen_len, logprobs)
-        steps = batch.tokens.shape[1] - min(batch.prompt_lens)
+        # Progress counts the new tokens every answer has (those of the longest prompt's row), from
+        # the first of them: "12 of 32 new tokens", and its tok/s per answer, whatever the prompts.
+        longest = max(batch.prompt_lens)
         with self._lock:
             self._cache_owner = object()  # overtakes any stream in progress
-            progress = Progress(f"generating (batch of {len(batch.prompt_lens)})", total=steps, unit="tok",
-                                logger=logger, final=False)
-            for _ in decode(self.model, self.decode_step, batch, sampling, self.tokenizer.stop_tokens,
-                            logprobs=logprobs, echo=echo, check_every=self.stop_check_interval):
-                progress.update()
-            progress.close()
+            progress = None
+            for cur_pos in decode(self.model, self.decode_step, batch, sampling, self.tokenizer.stop_tokens,
+                                  logprobs=logprobs, echo=echo, check_every=self.stop_check_interval):
+                if cur_pos >= longest:
+                    if progress is None:
+                        progress = Progress(f"generating (batch of {len(batch.prompt_lens)})",
+                                            total=batch.tokens.shape[1] - longest, unit="new tokens",
+                                            rate_unit="tok/s per answer", logger=logger, final=False)
+                    progress.update()
+            if progress is not None:
+                progress.close()
             all_tokens = batch.tokens.tolist()
             ends = batch.end.tolist()
+            self.last_new_tokens = [end - n for end, n in zip(ends, batch.prompt_lens, strict=True)]
             all_logprobs = batch.token_logprobs.tolist() if logprobs else None
 
         out_tokens, out_logprobs, stop_tokens = [], [], []
@@ -299,6 +310,7 @@ class Llama:
         me = object()
         first = True
         lo = hi = -1  # positions decoded but not yet read back from the device: lo..hi
+        self.last_new_tokens = [0] * len(batch.prompt_lens)
         finished = False
         while not finished:
             with self._lock:
@@ -333,6 +345,8 @@ class Llama:
                     if pos + 1 >= end:
                         text += decoders[i].flush()
                 deltas.append(text)
+            self.last_new_tokens = [max(0, min(hi + 1, row[-1]) - n)
+                                    for row, n in zip(rows, batch.prompt_lens, strict=True)]
             lo = hi = -1
             if any(deltas):
                 yield deltas

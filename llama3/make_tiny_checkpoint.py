@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 from .cli import UsageError, make_parser, run_main
@@ -25,6 +26,7 @@ __all__ = ["main"]
 
 PROG = "llama3-make-tiny-checkpoint"
 DEFAULT_PRESET = "tiny-chat"
+LONG_WRITE_BYTES = 200_000_000  # a start line before writes this large
 # ModelArgs fields that describe a run, not a checkpoint.
 _RUN_FIELDS = ("max_batch_size", "max_seq_len")
 _SHAPE_HELP = {
@@ -97,21 +99,48 @@ def _make(argv: list[str] | None) -> int:
     from .progress import configure_logging
     from .tokenizer import llama_models_tokenizer
 
-    configure_logging(True)
+    # Warnings only: this program prints its own start line and one summary line.
+    configure_logging(False)
     dtype = select_dtype(None, args.dtype)  # type: ignore[arg-type]
     model_args = ModelArgs(**{**presets[args.preset], **overrides})
     tokenizer = Path(args.tokenizer).expanduser() if args.tokenizer else llama_models_tokenizer()
     if args.tokenizer and not tokenizer.is_file():
         raise UsageError(f"--tokenizer {args.tokenizer!r} is not a file")
+    n_params, n_bytes = _size(model_args, dtype)
+    what = (f"{args.format} checkpoint ({shape_name(args.preset, presets[args.preset], overrides)}, "
+            f"{n_params / 1e6:,.1f}M random parameters, {str(dtype).removeprefix('torch.')}, "
+            f"{n_bytes / 1e6:,.0f} MB)")
+    if n_bytes >= LONG_WRITE_BYTES:  # seconds of silence otherwise
+        print(f"writing a {what} to {out} ...", flush=True)
+    start = time.perf_counter()
     write_random_checkpoint(out, model_args, format=args.format, num_shards=args.num_shards, seed=args.seed,
                             std=args.std, dtype=dtype, tokenizer=tokenizer, overwrite=args.overwrite)
-    print(f"wrote {args.format} checkpoint ({args.preset}, {args.dtype}, random weights) to {out}")
+    copied = "" if tokenizer is None else f", with {tokenizer.name} from {tokenizer.parent}"
+    print(f"wrote {what} to {out} in {time.perf_counter() - start:.1f} s{copied}")
     if tokenizer is None:
         print("no tokenizer.model copied: pass --tokenizer PATH, or `pip install --no-deps llama-models` "
               "(it ships llama_models/llama3/tokenizer.model) and run again")
-    else:
-        print(f"copied {tokenizer} to {out / 'tokenizer.model'}")
     return 0
+
+
+def shape_name(preset: str, preset_values: dict, overrides: dict) -> str:
+    """How the shape written is named: the preset's name, or, where flags changed it, what changed."""
+    changed = {k: v for k, v in overrides.items() if preset_values.get(k) != v}
+    if not changed:
+        return f"{preset} shape"
+    return f"custom shape: {preset} with " + ", ".join(f"{k}={v}" for k, v in changed.items())
+
+
+def _size(model_args, dtype) -> tuple[int, int]:
+    """Parameters and bytes of a checkpoint of ``model_args`` in ``dtype`` (a tied output counted once)."""
+    import math
+
+    from .checkpoint.layout import canonical_shape, param_names
+
+    names = [n for n in param_names(model_args)
+             if not (n == "output.weight" and model_args.tie_word_embeddings)]
+    n_params = sum(math.prod(canonical_shape(n, model_args)) for n in names)
+    return n_params, n_params * dtype.itemsize
 
 
 def main(argv: list[str] | None = None) -> int:

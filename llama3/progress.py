@@ -60,16 +60,19 @@ class Progress:
     """Progress of one long step, logged at INFO at most every ``interval`` seconds.
 
     ``Progress("loading", total=n_bytes, unit="B")`` then ``update(k)`` as work is done; the
-    closing line gives the elapsed time. Units ``"B"`` are shown as GB and GB/s.
+    closing line gives the elapsed time. Units ``"B"`` are shown as GB and GB/s; other amounts as
+    ``12 of 32 new tokens``, with the rate in ``rate_unit`` (default ``unit/s``).
     Nothing is printed for steps that finish within ``interval`` seconds except the final line
     when ``final=True``. Use as a context manager or call :meth:`close`.
     """
 
     def __init__(self, what: str, total: float | None = None, unit: str = "", *,
-                 logger: logging.Logger | None = None, interval: float = 5.0, final: bool = True) -> None:
+                 logger: logging.Logger | None = None, interval: float = 5.0, final: bool = True,
+                 rate_unit: str | None = None) -> None:
         self.what = what
         self.total = total
         self.unit = unit
+        self.rate_unit = rate_unit or f"{unit or 'it'}/s"
         self.done = 0.0
         self.logger = logger or logging.getLogger(_ROOT)
         self.interval = interval
@@ -86,12 +89,14 @@ class Progress:
     def _line(self, now: float) -> str:
         elapsed = max(now - self.start, 1e-9)
         rate = self.done / elapsed
-        rate_s = f"{rate / 1e9:.2f} GB/s" if self.unit == "B" else f"{rate:.1f} {self.unit or 'it'}/s"
+        rate_s = f"{rate / 1e9:.2f} GB/s" if self.unit == "B" else f"{rate:.1f} {self.rate_unit}"
         if self.total:
             pct = 100.0 * self.done / self.total
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             eta_s = _fmt_duration(eta) if eta != float("inf") else "?"
-            return (f"{self.what}: {self._amount(self.done)} of {self._amount(self.total)} ({pct:.0f}%), "
+            # "0.50 GB of 2.00 GB", but "12 of 32 new tokens": the unit once.
+            done = self._amount(self.done) if self.unit == "B" else f"{self.done:g}"
+            return (f"{self.what}: {done} of {self._amount(self.total)} ({pct:.0f}%), "
                     f"{rate_s}, ETA {eta_s}")
         return f"{self.what}: {self._amount(self.done)}, {rate_s}, {_fmt_duration(elapsed)} so far"
 

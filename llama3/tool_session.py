@@ -11,6 +11,7 @@ the user to run (or not) themselves.
 """
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
@@ -170,7 +171,17 @@ class ToolMode:
         super().__init__(generator, system_prompt=prompt, **kwargs)
         self.tool_format = tool_format
         self.max_tool_rounds = max_tool_rounds
+        self.tool_names = [t.name for t in tools] + list(builtin_tools)
+        self.has_custom_tools = bool(tools)
         self.read_line: Callable[[str], str | None] = lambda prompt: None
+
+    def banner(self, name: str) -> str:
+        """The start line in tool mode: the tools, their format and how tool calls are answered."""
+        fmt = f" (custom tools in the {self.tool_format} format)" if self.has_custom_tools else ""
+        return (f"Chatting with {name} in TOOL MODE: tools {', '.join(self.tool_names)}{fmt}. When the "
+                f"model calls a tool you are shown the call; type its result (one line) or {SKIP} to "
+                f"leave it unanswered; after {self.max_tool_rounds} calls in a row it is your turn. "
+                "Nothing the model writes is executed.\n" + super().banner(name))
 
     def run(self, read_line: Callable[[str], str | None]) -> None:
         self.read_line = read_line  # tool results are read from the same input
@@ -182,12 +193,16 @@ class ToolMode:
         added: list[Message] = []
         encode = self.generator.formatter.encode_dialog_prompt
         for _ in range(self.max_tool_rounds):
+            start = time.perf_counter()
             reply = self._complete(dialog + added)
+            end = time.perf_counter()
             added.append(reply)
             if not reply.get("tool_calls"):
                 self.out.write(reply["content"] + "\n")
                 self.out.flush()
+                self.report_timing(reply["content"], start, None, end)
                 return added
+            self.report_timing(reply["content"], start, None, end)
             for call in reply["tool_calls"]:
                 self._note(f"tool call: {_show_call(call)}")
                 result = self.read_line(f"result of {call['tool_name']} (one line, or {SKIP})> ")

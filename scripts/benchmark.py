@@ -54,6 +54,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+try:  # outside the venv: a one-line hint, not a traceback (see _env.py)
+    import _env  # noqa: F401
+except ModuleNotFoundError:  # loaded by path from elsewhere (a test): nothing to check
+    pass
+
 import torch
 
 from llama3.checkpoint import meta_to_hf_state_dict, model_args_to_hf_config

@@ -2,7 +2,8 @@
 # No weights needed: set up .venv, write a tiny checkpoint with RANDOM weights and Meta's real
 # tokenizer (from the llama-models wheel), then run chat completion on it end to end.
 # Extra arguments go to scripts/example_chat_completion.py (e.g. --temperature 0).
-# CPU-only torch: run `bash scripts/setup.sh --cpu demo` first (a torch already in .venv is kept).
+# torch: the CPU build on a machine without an NVIDIA GPU, else the CUDA build (setup.sh says which,
+# and how large, before downloading; `bash scripts/setup.sh --cpu demo` / `--cuda demo` to choose).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh demo

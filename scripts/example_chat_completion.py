@@ -9,6 +9,11 @@ Every rank runs the model; only rank 0 prints. ``max_gen_len`` defaults to whate
 
 from __future__ import annotations
 
+try:  # outside the venv: a one-line hint, not a traceback (see _env.py)
+    import _env  # noqa: F401
+except ModuleNotFoundError:  # loaded by path from elsewhere (a test): nothing to check
+    pass
+
 from llama3.cli import build_llama, fire_strict
 from llama3.progress import is_rank_zero
 from llama3.tokenizer import Dialog

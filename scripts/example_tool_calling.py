@@ -17,6 +17,11 @@ import json
 from datetime import date
 from typing import Any
 
+try:  # outside the venv: a one-line hint, not a traceback (see _env.py)
+    import _env  # noqa: F401
+except ModuleNotFoundError:  # loaded by path from elsewhere (a test): nothing to check
+    pass
+
 from llama3.chat_format import (
     TOOL_PROMPT_FORMATS,
     Message,

@@ -457,3 +457,140 @@ def test_convert_cli(tmp_path, capsys, llama3_tokenizer_path):
                    "--num_shards", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "wrote 1 shard(s) and params.json" in proc.stdout
+
+
+# --- What the chat shows: timings, pastes, tool mode; hints outside the venv ---------------------
+
+
+def test_answer_timing_line(llama3_tokenizer, monkeypatch):
+    from types import SimpleNamespace
+
+    import llama3.chat as chat
+
+    class Streaming:
+        tokenizer = llama3_tokenizer
+        formatter = ChatFormat(llama3_tokenizer)
+        model = SimpleNamespace(params=SimpleNamespace(max_seq_len=4096))
+
+        def stream_chat_completion(self, dialog, **kwargs):
+            yield ""  # a step that produced no text yet (a character split across tokens)
+            yield "Hello"
+            yield " there friend"
+
+    # perf_counter: the start, the first text, the end.
+    clock = iter([10.0, 10.5, 12.5])
+    monkeypatch.setattr(chat.time, "perf_counter", lambda: next(clock))
+    out, stats = io.StringIO(), io.StringIO()
+    ChatSession(Streaming(), out=out, stats=stats).ask("hi")
+    n = len(llama3_tokenizer.encode("Hello there friend", bos=False, eos=False))
+    assert n == 3
+    assert out.getvalue() == "Hello there friend\n"  # the answer itself is untouched
+    assert stats.getvalue() == "[3 tokens in 2.50 s: first token after 0.50 s, then 1.0 tok/s]\n"
+
+
+def test_chat_shows_timings_and_banner_on_stderr_unless_quiet(generation_checkpoint, monkeypatch, capsys):
+    flags = [str(generation_checkpoint), "--temperature", "0", "--max-seq-len", "128", "--max-gen-len", "5",
+             "--device", "cpu", "--dtype", "float32"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nagain\n"))
+    assert main(flags) == 0
+    captured = capsys.readouterr()
+    timings = re.findall(r"^\[(\d+) tokens? in [\d.]+ s: first token after [\d.]+ s(, then [\d.]+ tok/s)?\]$",
+                         captured.err, re.M)
+    assert len(timings) == 2
+    assert all(0 < int(n) <= 5 for n, _ in timings)
+    assert f"Chatting with {generation_checkpoint}. commands:" in captured.err
+    assert "tok/s" not in captured.out
+    assert "Chatting" not in captured.out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main([*flags, "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.strip()
+
+
+def test_tool_mode_banner_and_timing(llama3_tokenizer):
+    from llama3.chat_format import ToolDefinition, ToolParameter
+    from llama3.tool_session import ToolChatSession
+
+    weather = ToolDefinition("get_weather", "Get the weather", {"city": ToolParameter("string", "A city")})
+    llama = tiny_llama(llama3_tokenizer, max_seq_len=2048)
+    stats = io.StringIO()
+    session = ToolChatSession(llama, tools=[weather], builtin_tools=["brave_search"], tool_format="json",
+                              max_tool_rounds=3, temperature=0, max_gen_len=4, out=io.StringIO(), stats=stats)
+    banner = session.banner("CKPT")
+    first, second = banner.split("\n")
+    assert first.startswith("Chatting with CKPT in TOOL MODE: tools get_weather, brave_search (custom "
+                            "tools in the json format).")
+    assert "/skip" in first
+    assert "after 3 calls in a row" in first
+    assert second == ChatSession.banner(session, "CKPT")  # then the usual commands
+    session.run(lines("hi", "/skip"))
+    assert re.fullmatch(r"(\[\d+ tokens? in [\d.]+ s(, [\d.]+ tok/s)?\]\n)+", stats.getvalue())
+
+
+def test_terminal_paste_is_summarised_and_stays_one_history_entry(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    paste = "\n".join(f"line {i}: " + "z" * 760 for i in range(14))
+    term = Terminal([sys.executable, str(script)], _child_env(tmp_path))
+    seen = term.turn(b"\x1b[200~" + paste.encode() + b"\x1b[201~\r")
+    assert seen.endswith(_got(paste))
+    assert f"[pasted: 14 lines, {len(paste):,} characters]".encode() in seen
+    seen = term.turn(b"short\r")
+    assert seen.endswith(_got("short"))
+    assert b"[pasted" not in seen
+    assert term.turn(b"\x04").endswith(b"<bye>")
+    assert term.close() == 0
+    # A new session: the history file gives the paste back as one entry (Up twice: the paste).
+    term = Terminal([sys.executable, str(script)], _child_env(tmp_path))
+    assert term.turn(b"\x1b[A\x1b[A\r").endswith(_got(paste))
+    assert term.turn(b"\x04").endswith(b"<bye>")
+    assert term.close() == 0
+
+
+def _bare_python(*argv: str, pythonpath: str | None = None) -> subprocess.CompletedProcess:
+    """``python -S``: this interpreter without its site-packages, like a Python outside the venv."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.run([sys.executable, "-S", *argv], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("argv", [["-m", "llama3.chat", "ckpt"], ["-m", "llama3.make_tiny_checkpoint", "x"],
+                                  ["scripts/example_chat_completion.py", "ckpt"],
+                                  ["scripts/make_tiny_checkpoint.py", "x"]])
+def test_outside_the_venv_one_line_says_what_to_do(argv):
+    proc = _bare_python(*argv)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "not installed in this Python" in proc.stderr
+    assert "source .venv/bin/activate" in proc.stderr
+    assert "pip install -e ." in proc.stderr
+
+
+def test_importing_llama3_without_its_dependencies_names_them():
+    proc = _bare_python("-c", "import llama3", pythonpath=str(REPO))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("ModuleNotFoundError: torch")
+    assert "source .venv/bin/activate" in proc.stderr
+
+
+def test_make_tiny_checkpoint_one_summary_line_names_the_shape(tmp_path, capsys, llama3_tokenizer_path):
+    import torch
+
+    from llama3.make_tiny_checkpoint import main as make
+
+    tok = ["--tokenizer", str(llama3_tokenizer_path)]
+    assert make([str(tmp_path / "a"), "--dim", "128", *tok]) == 0
+    captured = capsys.readouterr()
+    sd = torch.load(tmp_path / "a" / "consolidated.00.pth", weights_only=True)
+    n_params = sum(t.numel() for t in sd.values())
+    assert captured.out.count("\n") == 1
+    assert captured.err == ""
+    assert captured.out.startswith(f"wrote meta checkpoint (custom shape: tiny-chat with dim=128, "
+                                   f"{n_params / 1e6:,.1f}M random parameters, float32, "
+                                   f"{4 * n_params / 1e6:,.0f} MB) to {tmp_path / 'a'} in ")
+    assert make([str(tmp_path / "b"), "--dim", "64", *tok]) == 0  # the preset's own value: its name
+    assert "(tiny-chat shape, " in capsys.readouterr().out

@@ -12,6 +12,7 @@ import copy
 import functools
 import logging
 import math
+import re
 import subprocess
 import sys
 import threading
@@ -644,8 +645,17 @@ def test_long_generation_reports_progress_unless_quiet(llama, monkeypatch, llama
     configure_logging(True)
     llama.generate(prompts([3]), 4, temperature=0)
     lines = [r.getMessage() for r in llama3_log.records if r.name == "llama3.generation"]
-    assert lines[-1].startswith("generating (batch of 1): 4 tok of 4 tok (100%)")
+    assert lines[-1].startswith("generating (batch of 1): 4 of 4 new tokens (100%)")
     assert "ETA" in lines[-1]
+    assert "tok/s per answer" in lines[-1]
+    # Prompts of different lengths: the count is of each answer's new tokens (max_gen_len 6), not of
+    # positions after the shortest prompt (6 + 9 - 3).
+    llama3_log.clear()
+    llama.generate(prompts([3, 9, 5]), 6, temperature=0)
+    lines = [r.getMessage() for r in llama3_log.records if r.name == "llama3.generation"]
+    counts = [re.match(r"generating \(batch of 3\): (\d+) of 6 new tokens", line) for line in lines]
+    assert all(counts)
+    assert [int(m.group(1)) for m in counts] == list(range(1, 7))
     llama3_log.clear()
     configure_logging(False)
     llama.generate(prompts([3]), 4, temperature=0)
