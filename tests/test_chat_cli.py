@@ -510,7 +510,7 @@ def test_chat_shows_timings_and_banner_on_stderr_unless_quiet(generation_checkpo
 
 def test_tool_mode_banner_and_timing(llama3_tokenizer):
     from llama3.chat_format import ToolDefinition, ToolParameter
-    from llama3.tool_session import ToolChatSession
+    from llama3.chat import ToolChatSession
 
     weather = ToolDefinition("get_weather", "Get the weather", {"city": ToolParameter("string", "A city")})
     llama = tiny_llama(llama3_tokenizer, max_seq_len=2048)
@@ -564,7 +564,8 @@ def test_outside_the_venv_one_line_says_what_to_do(argv):
     proc = _bare_python(*argv)
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
     assert "not installed in this Python" in proc.stderr
     assert "source .venv/bin/activate" in proc.stderr
     assert "pip install -e ." in proc.stderr
