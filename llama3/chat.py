@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from .cli import UsageError, check_sampling, make_parser, require_dir, run_main
+from .files import FileCheckError, NotTextError, read_text
 
 if TYPE_CHECKING:
     from .generation import Llama
@@ -134,12 +135,10 @@ class ChatSession:
         if not path:
             self._note("usage: /file PATH")
             return None
-        file = Path(path).expanduser()
-        try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or exc
-            self._note(f"cannot read {path}: {reason}")
+        try:  # a pipe, device, directory or huge file is refused, never read (llama3.files)
+            text = read_text(path, "file")
+        except (FileCheckError, NotTextError) as exc:
+            self._note(f"cannot read {path}: {exc.reason}")
             return None
         if not text.strip():
             self._note(f"{path} is empty; nothing sent")

@@ -29,6 +29,8 @@ from .chat_format import (
     json_tools_prompt,
     python_list_tools_prompt,
 )
+from .errors import LlamaError
+from .files import FileCheckError, NotTextError, read_text
 
 __all__ = [
     "ToolChatSession",
@@ -42,6 +44,14 @@ __all__ = [
 SKIP = "/skip"
 
 
+class ToolsFileError(LlamaError, ValueError):
+    """A ``--tools`` file that cannot be used; the message names the file and the problem."""
+
+
+def _no_constant(text: str) -> None:
+    raise ValueError(f"{text} is not a JSON value")
+
+
 def load_tool_definitions(path: str | Path) -> list[ToolDefinition]:
     """Tool definitions from a JSON file: a list of definitions (or ``{"tools": [...]}``), each
     in a form :meth:`ToolDefinition.from_dict` accepts.
@@ -49,28 +59,30 @@ def load_tool_definitions(path: str | Path) -> list[ToolDefinition]:
     Raises:
         ValueError: the file is missing or not valid; the message names the file and the problem.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "tools file"), parse_constant=_no_constant)
     except FileNotFoundError:
-        raise ValueError(f"tools file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"tools file {path} is not readable JSON: {e}") from None
+        raise ToolsFileError(f"tools file {path} does not exist") from None
+    except (FileCheckError, NotTextError) as e:
+        raise ToolsFileError(str(e)) from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ToolsFileError(f"tools file {path} is not readable JSON: {e}") from None
     if isinstance(data, dict) and "tools" in data:
         data = data["tools"]
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not data:
-        raise ValueError(f"tools file {path} must hold a non-empty list of tool definitions")
+        raise ToolsFileError(f"tools file {path} must hold a non-empty list of tool definitions")
     tools = []
     for i, spec in enumerate(data):
         try:
             tools.append(ToolDefinition.from_dict(spec))
         except ValueError as e:
-            raise ValueError(f"tools file {path}, tool {i}: {e}") from None
+            raise ToolsFileError(f"tools file {path}, tool {i}: {e}") from None
     names = [t.name for t in tools]
     if len(set(names)) != len(names):
-        raise ValueError(f"tools file {path} defines a tool name twice: {names}")
+        raise ToolsFileError(f"tools file {path} defines a tool name twice: {names}")
     return tools
 
 

@@ -261,5 +261,9 @@ def test_non_json_default_in_python_is_refused() -> None:
 def test_tools_file_with_nan_default_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "tools.json"
     path.write_text('[{"name": "pick", "parameters": {"a": {"type": "float", "default": NaN}}}]')
-    with pytest.raises(ValueError, match="pick"):
+    with pytest.raises(ValueError, match="NaN"):
+        load_tool_definitions(path)
+    path.write_text('[{"name": "pick", "parameters": {"type": "object", "properties": {}, '
+                    '"required": ["x"]}}]')
+    with pytest.raises(ValueError, match="pick.*'x'"):
         load_tool_definitions(path)

@@ -16,18 +16,25 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..distributed import init_model_parallel, model_parallel_rank, select_device, select_dtype
+from ..files import check_regular_file, copy_checked
 from ..model import ModelArgs, Transformer
 from ..progress import Progress, configure_logging
 
 # Tokenizer discovery lives in llama3.tokenizer; re-exported here for existing imports.
-from ..tokenizer import TokenizerNotFoundError, find_tokenizer, llama_models_tokenizer, require_tokenizer
+from ..tokenizer import (
+    TokenizerNotFoundError,
+    find_tokenizer,
+    llama_models_tokenizer,
+    load_bpe_ranks,
+    require_tokenizer,
+)
 from .base import (
     CheckpointInfo,
     atomic_directory,
@@ -307,9 +314,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, num_shards:
         raise ValueError(f"the output {dst} is the source checkpoint; choose another directory")
     args = read_model_args(info, rope_scale_factor=rope_scale_factor)
     check_shard_layout(1, num_shards, args)  # fail before minutes of reading
+    tokenizer = _checked_tokenizer(root)
     sd = load_rank_state_dict(info, args, 0, 1)
     _check_fits(sd, dtype)
-    tokenizer = find_tokenizer(root)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         if to == "meta":
             paths = save_meta_checkpoint(sd, args, tmp, num_shards=num_shards, dtype=dtype)
@@ -317,5 +324,17 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, num_shards:
             paths = save_hf_checkpoint(sd, args, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
             write_hf_extras(tmp, args, tokenizer)
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+            copy_checked(tokenizer, tmp / "tokenizer.model", "tokenizer file", validate=load_bpe_ranks)
     return [dst / p.name for p in paths]
+
+
+def _checked_tokenizer(root: Path) -> Path | None:
+    """The ``tokenizer.model`` a conversion copies, checked before minutes of work: a symlink is
+    followed, and its target must be a regular file that reads as a tiktoken BPE file (a pipe, a
+    device or some other file is refused, never copied)."""
+    for candidate in (root / "tokenizer.model", root / "original" / "tokenizer.model"):
+        if os.path.lexists(candidate):
+            check_regular_file(candidate, "tokenizer file")
+            load_bpe_ranks(candidate)
+            return candidate
+    return None
