@@ -100,7 +100,8 @@ def add_subparsers(parser: argparse.ArgumentParser, **kwargs: Any) -> Any:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [UsageError, FileNotFoundError, NotADirectoryError,
+    # Every LlamaError is a refusal with a message for a person (NotEnoughMemoryError included).
+    types: list[type[BaseException]] = [LlamaError, FileNotFoundError, NotADirectoryError,
                                         IsADirectoryError, PermissionError, ValueError]
     from .checkpoint import CheckpointError
     from .distributed import ModelParallelError

@@ -135,10 +135,14 @@ def read_bytes(path: str | os.PathLike[str], what: str = "file", limit: int = SI
                      "give the path of an ordinary file") from None
     except OSError as exc:
         raise _error(FileCheckError, path, what, exc.strerror or str(exc)) from None
-    with os.fdopen(fd, "rb") as handle:
-        st = os.fstat(handle.fileno())
+    try:
+        st = os.fstat(fd)
         _refuse_mode(path, st.st_mode, what)
         _refuse_size(path, st.st_size, limit, what)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as handle:
         try:
             data = handle.read(limit + 1)
         except OSError as exc:
