@@ -30,7 +30,13 @@ and prints; every rank generates.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m llama3.chat: Ctrl-C is quiet (status 130) from the first import on
+    from llama3.programs import run_module
+
+    run_module("llama3.chat")
+
 import contextlib
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -351,6 +357,8 @@ def make_read_line(out: TextIO, *, rank: int = 0, multi: bool = False,
     :class:`TerminalInput` on a terminal (returned too, to save its history), plain lines otherwise.
     Under ``torchrun`` (``multi``) rank 0 reads and every rank gets the line."""
     stdin = stdin if stdin is not None else sys.stdin
+    if rank == 0 and not _readable(stdin):  # stdin closed (<&-) or missing: the input has ended
+        stdin = io.StringIO()
     terminal = TerminalInput(out, stdin) if rank == 0 and stdin.isatty() else None
 
     def read_line(prompt: str) -> str | None:
@@ -360,7 +368,10 @@ def make_read_line(out: TextIO, *, rank: int = 0, multi: bool = False,
                 out.write("\n")  # a blank line between an answer and the next prompt
             line = terminal(prompt)
         elif rank == 0:
-            raw = stdin.readline()
+            try:
+                raw = stdin.readline()
+            except (OSError, ValueError):  # closed under us: the input has ended
+                raw = ""
             line = raw.removesuffix("\n") if raw else None
         if multi:
             import torch.distributed as dist
@@ -372,6 +383,13 @@ def make_read_line(out: TextIO, *, rank: int = 0, multi: bool = False,
         return line
 
     return read_line, terminal
+
+
+def _readable(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and not stream.closed and stream.readable()
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _parse_args(argv: list[str] | None):
@@ -472,6 +490,3 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``llama3-chat`` and ``python -m llama3.chat``."""
     return run_main(lambda: _chat(argv), "llama3-chat")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

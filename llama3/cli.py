@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import LlamaError
+from .programs import EXIT_INTERRUPTED, interrupts_raise, quiet_interrupts
 
 __all__ = ["UsageError", "make_parser", "run_main", "check_sampling", "require_dir", "fire_strict"]
 
@@ -123,6 +124,7 @@ def run_main(body: Callable[[], int | None], prog: str) -> int:
     paths), ``ValueError`` (the library's "bad argument" error, which names the argument) and
     ``CheckpointError``. Anything else is a bug and keeps its traceback.
     """
+    own_interrupts = interrupts_raise()  # a program started by llama3.programs: Ctrl-C raises again
     try:
         return int(body() or 0)
     except SystemExit as exc:  # argparse: --help (0) or a usage error, already reported (2)
@@ -132,12 +134,15 @@ def run_main(body: Callable[[], int | None], prog: str) -> int:
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("\n")
-        return 130
+        return EXIT_INTERRUPTED
     except _user_error_types() as exc:
         if os.environ.get("LLAMA3_TRACEBACK"):
             raise
         sys.stderr.write(f"{prog}: error: {_one_line(exc)}\n")
         return EXIT_USAGE
+    finally:
+        if own_interrupts:
+            quiet_interrupts()  # what is left is shutdown: Ctrl-C there ends quietly too
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -15,8 +15,12 @@ wheel). An existing non-empty OUT_DIR is refused unless ``--overwrite``. The wor
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m llama3.make_tiny_checkpoint: Ctrl-C quiet from the first import
+    from llama3.programs import run_module
+
+    run_module("llama3.make_tiny_checkpoint")
+
 import dataclasses
-import sys
 from pathlib import Path
 
 from .cli import UsageError, make_parser, run_main
@@ -118,6 +122,3 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``llama3-make-tiny-checkpoint`` and ``python -m llama3.make_tiny_checkpoint``."""
     return run_main(lambda: _make(argv), PROG)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

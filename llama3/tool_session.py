@@ -4,7 +4,8 @@
 system prompt in Meta's documented format (see :mod:`llama3.chat_format`). When a reply is a
 tool call, the parsed call is shown and the user is asked for the result (one line; ``/skip``
 leaves the call unanswered); the result goes back to the model as an ``ipython`` message and
-the conversation continues until the model answers in text.
+the conversation continues until the model answers in text. A call of a tool that was not
+offered is shown the same way, with a note saying so; the user answers or skips it.
 
 Nothing the model writes is ever executed: a ``code_interpreter`` call is shown as code for
 the user to run (or not) themselves.
@@ -142,6 +143,7 @@ def _show_call(call: dict[str, Any]) -> str:
     if call["tool_name"] == CODE_INTERPRETER:
         code = call["arguments"].get("code", "")
         return f"code_interpreter (not executed; run it yourself if you want its result):\n{code}"
+    # Parsed arguments are JSON values (llama3.tools), so this always writes.
     return f"{call['tool_name']}({json.dumps(call['arguments'], ensure_ascii=False)})"
 
 
@@ -181,6 +183,9 @@ class ToolChatSession(ChatSession):
         super().__init__(generator, system_prompt=prompt, **kwargs)
         self.tool_format = tool_format
         self.max_tool_rounds = max_tool_rounds
+        # A call of a tool not offered is still shown and answered by the user (who may /skip
+        # it): the model's text decides nothing, and a note says the tool was not offered.
+        self.offered = {t.name for t in tools} | set(builtin_tools)
         self.read_line: Callable[[str], str | None] = lambda prompt: None
 
     def run(self, read_line: Callable[[str], str | None]) -> None:
@@ -200,14 +205,20 @@ class ToolChatSession(ChatSession):
                 self.out.flush()
                 return added
             for call in reply["tool_calls"]:
-                self._note(f"tool call: {_show_call(call)}")
+                unknown = "" if call["tool_name"] in self.offered else " (not among the tools offered)"
+                self._note(f"tool call{unknown}: {_show_call(call)}")
                 result = self.read_line(f"result of {call['tool_name']} (one line, or {SKIP})> ")
                 if result is None or result.strip() == SKIP:
                     self.out.write("\n")
                     self._note("tool call left unanswered; type your next message")
                     return added
                 added.append({"role": "ipython", "content": result.strip()})
-            if len(encode(dialog + added)) > self.prompt_budget:
+            try:
+                length = len(encode(dialog + added))
+            except (ValueError, TypeError) as exc:  # never: replies re-encode from their own text
+                self._note(f"cannot continue from this reply ({exc}); type your next message")
+                return added
+            if length > self.prompt_budget:
                 self._note("context full: the tool results do not fit; type your next message")
                 return added
         self._note(f"{self.max_tool_rounds} tool calls in a row; back to you")

@@ -9,6 +9,11 @@ Every rank runs the model; only rank 0 prints. ``max_gen_len`` defaults to whate
 
 from __future__ import annotations
 
+from llama3.programs import quiet_interrupts, run_program
+
+if __name__ == "__main__":
+    quiet_interrupts()  # first: Ctrl-C while the imports below run ends quietly (status 130)
+
 from llama3.cli import build_llama, fire_strict
 from llama3.progress import is_rank_zero
 from llama3.tokenizer import Dialog
@@ -86,4 +91,4 @@ def main(
 
 
 if __name__ == "__main__":
-    raise SystemExit(fire_strict(main))
+    run_program(lambda: fire_strict(main))

@@ -1,5 +1,5 @@
 """Same as ``llama3-make-tiny-checkpoint`` (``python -m llama3.make_tiny_checkpoint``)."""
-from llama3.make_tiny_checkpoint import main
+from llama3.programs import run_module
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_module("llama3.make_tiny_checkpoint")  # Ctrl-C quiet (status 130) from the first import on
