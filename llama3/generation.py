@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict, overload
 
 import torch
 
+from .call_lock import CallLock, ReentrantCallError  # noqa: F401 - ReentrantCallError re-exported
 from .chat_format import ChatFormat, Dialog, Message, validate_dialog
 from .cpu_linear import pack_linear_layers, wants_packing
 from .decoding import (
@@ -104,7 +104,7 @@ class Llama:
         # accelerator's queue; there we check every few steps (the extra steps cost little and are
         # cut from the output). On the CPU the read is free.
         self.stop_check_interval = 1 if self.device.type == "cpu" else 8
-        self._lock = threading.Lock()
+        self._lock = CallLock()  # re-entry raises ReentrantCallError instead of deadlocking
         self._cache_owner: object | None = None  # the call whose tokens the KV cache holds
 
     # ------------------------------------------------------------------------------ building
