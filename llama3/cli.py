@@ -237,6 +237,10 @@ def _check_fire_argv(fn: Callable[..., Any], argv: Sequence[str]) -> None:
                         value = argv[i] if i < len(argv) else None
                         i += 1  # the next token is its value
                     _check_value(key, params[key], value)
+                elif has_value and value not in ("True", "False"):
+                    # fire passes anything else ("no", "false") on as a string, and a string is truthy
+                    raise UsageError(f"--{name} is an on/off flag: give --{name}, --no{name} or "
+                                     f"--{name}=True/False, not {value!r}")
                 continue
             if key.startswith("no") and key[2:] in booleans:
                 given.add(key[2:])

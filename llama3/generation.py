@@ -44,6 +44,7 @@ from .memory import NotEnoughMemoryError, check_fits_device
 from .model import kv_cache_bytes
 from .progress import Progress, configure_logging
 from .tokenizer import StreamDecoder, Tokenizer, require_tokenizer
+from .validation import optional, strict_bool
 
 __all__ = [
     "ChatPrediction", "CompletionPrediction", "ConcurrentUseError", "DecodeStep", "Llama",
@@ -95,6 +96,7 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
+        compile = strict_bool(compile, "compile")
         _check_vocabulary(getattr(tokenizer, "n_words", None), model.params.vocab_size)
         if compile and decode_step is not None:
             raise ValueError("pass compile=True or a decode_step, not both")
@@ -159,6 +161,8 @@ class Llama:
             NotEnoughMemoryError: weights + KV cache exceed the device's free memory.
             ValueError: a bad argument, or a tokenizer whose vocabulary is not the model's.
         """
+        compile, verbose = strict_bool(compile, "compile"), strict_bool(verbose, "verbose")  # "no" is truthy
+        fbgemm = optional(strict_bool, fbgemm, "fbgemm")
         configure_logging(verbose)
         if fbgemm and quantize is not None:
             raise ValueError("fbgemm=True packs bfloat16/float16 weights; it does not combine with quantize")

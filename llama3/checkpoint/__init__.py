@@ -324,17 +324,19 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, num_shards:
             paths = save_hf_checkpoint(sd, args, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
             write_hf_extras(tmp, args, tokenizer)
         if tokenizer is not None:
-            copy_checked(tokenizer, tmp / "tokenizer.model", "tokenizer file", validate=load_bpe_ranks)
+            copy_checked(tokenizer, tmp / "tokenizer.model", "tokenizer file",
+                         validate=load_bpe_ranks if tokenizer.is_symlink() else None)
     return [dst / p.name for p in paths]
 
 
 def _checked_tokenizer(root: Path) -> Path | None:
-    """The ``tokenizer.model`` a conversion copies, checked before minutes of work: a symlink is
-    followed, and its target must be a regular file that reads as a tiktoken BPE file (a pipe, a
-    device or some other file is refused, never copied)."""
+    """The ``tokenizer.model`` a conversion copies, checked before minutes of work: it must be a
+    regular file of sane size (a pipe or device is refused, never read), and a symlink, which may
+    point anywhere, must lead to a file that reads as a tiktoken BPE file (not, say, a key file)."""
     for candidate in (root / "tokenizer.model", root / "original" / "tokenizer.model"):
         if os.path.lexists(candidate):
             check_regular_file(candidate, "tokenizer file")
-            load_bpe_ranks(candidate)
+            if candidate.is_symlink():
+                load_bpe_ranks(candidate)
             return candidate
     return None
