@@ -61,6 +61,7 @@ from .errors import (
     UnsafeCheckpointError,
     UnsafePathError,
 )
+from .finite import FiniteCheck, NonFiniteWeightsError, stored_tensors
 from .hf import (
     HF,
     hf_config_to_model_args,
@@ -83,6 +84,7 @@ __all__ = [
     "ConversionOverflowError",
     "HubError",
     "KVReplicaMismatchError",
+    "NonFiniteWeightsError",
     "NotARegularFileError",
     "ParamsMismatchError",
     "ShardFilesError",
@@ -188,14 +190,19 @@ def load_rank_state_dict(ckpt_dir: str | Path | CheckpointInfo, args: ModelArgs,
                    if not (n == "output.weight" and args.tie_word_embeddings))
     # Lines every few seconds with GB/s and ETA; load_model logs the total time.
     with Progress("loading weights", unit="B", logger=logger, final=False) as progress:
+        finite = FiniteCheck()  # every tensor checked for NaN/inf while it is hot
+
         def convert(t: torch.Tensor) -> torch.Tensor:
             if progress.total is None:
                 progress.total = elements * t.element_size()
             out = t.to(device=device, dtype=dtype or t.dtype).contiguous()
+            finite.see(out)
             progress.update(t.numel() * t.element_size())
             return out
 
-        return info.reader.read_rank(info, args, rank, world_size, convert)
+        sd = info.reader.read_rank(info, args, rank, world_size, convert)
+        finite.verify(sd, info, lambda name: stored_tensors(info, name))
+        return sd
 
 
 def load_full_state_dict(ckpt_dir: str | Path, *, dtype: torch.dtype | None = None,
