@@ -45,7 +45,7 @@ from .memory import NotEnoughMemoryError, check_fits_device
 from .model import kv_cache_bytes
 from .progress import Progress, configure_logging
 from .tokenizer import StreamDecoder, Tokenizer, require_tokenizer
-from .validation import optional, strict_bool
+from .validation import optional, positive_int, strict_bool
 
 __all__ = [
     "ChatPrediction", "CompletionPrediction", "ConcurrentUseError", "DecodeStep", "Llama",
@@ -164,6 +164,7 @@ class Llama:
         """
         compile, verbose = strict_bool(compile, "compile"), strict_bool(verbose, "verbose")  # "no" is truthy
         fbgemm = optional(strict_bool, fbgemm, "fbgemm")
+        model_parallel_size = optional(positive_int, model_parallel_size, "model_parallel_size")
         configure_logging(verbose)
         if fbgemm and quantize is not None:
             raise ValueError("fbgemm=True packs bfloat16/float16 weights; it does not combine with quantize")
