@@ -21,7 +21,8 @@ from typing import Any
 
 from .errors import LlamaError
 
-__all__ = ["RanksDisagreeError", "call_fingerprint", "check_ranks_agree", "load_fingerprint"]
+__all__ = ["RanksDisagreeError", "call_fingerprint", "check_call_agrees", "check_load_agrees",
+           "check_ranks_agree", "load_fingerprint"]
 
 
 class RanksDisagreeError(LlamaError, RuntimeError):
@@ -147,3 +148,15 @@ def check_ranks_agree(fingerprint: Mapping[str, Any], what: str) -> None:
             f"the model-parallel ranks disagree on {what}: {'; '.join(problems)}. Every rank must be given "
             "the same checkpoint, tokenizer and inputs (e.g. the same command line and the same seed); "
             "nothing was generated")
+
+
+def check_load_agrees(info: Any, args: Any, tokenizer_file: str | Path | None) -> None:
+    """:func:`check_ranks_agree` on :func:`load_fingerprint` (computed only when there are ranks)."""
+    if _group() is not None:
+        check_ranks_agree(load_fingerprint(info, args, tokenizer_file), "what was loaded")
+
+
+def check_call_agrees(prompt_tokens: Sequence[Sequence[int]], **settings: Any) -> None:
+    """:func:`check_ranks_agree` on :func:`call_fingerprint` (computed only when there are ranks)."""
+    if _group() is not None:
+        check_ranks_agree(call_fingerprint(prompt_tokens, **settings), "the inputs of this call")

@@ -28,7 +28,7 @@ import torch
 
 from .call_lock import CallLock, ReentrantCallError  # noqa: F401 - ReentrantCallError re-exported
 from .chat_format import ChatFormat, Dialog, Message, validate_dialog
-from .consistency import call_fingerprint, check_ranks_agree, load_fingerprint
+from .consistency import check_call_agrees, check_load_agrees
 from .cpu_linear import pack_linear_layers, wants_packing
 from .decoding import (
     Batch,
@@ -195,7 +195,7 @@ class Llama:
         model = load_model(info, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                            dtype=dtype, model_parallel_size=model_parallel_size,
                            rope_scale_factor=rope_scale_factor, verbose=verbose)
-        check_ranks_agree(load_fingerprint(info, args, tokenizer_file), "what was loaded")
+        check_load_agrees(info, args, tokenizer_file)  # every rank loaded the same (llama3.consistency)
         model.prefill_chunk = prefill_chunk
         if quantize == "int8":
             from .quantize import quantize_int8  # imported only when asked for
@@ -250,9 +250,8 @@ class Llama:
                   top_p: float, logprobs: bool, echo: bool = False
                   ) -> tuple[list[list[int]], list[list[float]] | None, list[int | None]]:
         """:meth:`generate`, plus each row's stop token (``None`` where it ran out of length)."""
-        check_ranks_agree(call_fingerprint(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
-                                           top_p=top_p, logprobs=logprobs, echo=echo),
-                          "the inputs of this call")
+        check_call_agrees(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p,
+                          logprobs=logprobs, echo=echo)  # before validation: every rank takes part
         if len(prompt_tokens) == 0:
             return [], ([] if logprobs else None), []
         sampling = SamplingParams(temperature, top_p)
@@ -297,8 +296,8 @@ class Llama:
         ``Llama`` (another stream, ``generate``...) overtakes it, and its next step raises
         :class:`ConcurrentUseError`.
         """
-        check_ranks_agree(call_fingerprint(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature,
-                                           top_p=top_p, stream=True), "the inputs of this call")
+        check_call_agrees(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p,
+                          stream=True)
         if len(prompt_tokens) == 0:
             return iter(())
         if max_gen_len is None:
