@@ -270,3 +270,58 @@ def test_tools_file_with_nan_default_is_refused(tmp_path: Path) -> None:
                     '"required": ["x"]}}]')
     with pytest.raises(ValueError, match="pick.*'x'"):
         load_tool_definitions(path)
+
+
+# ------------------------------------------------------------------ tool mode of llama3-chat
+
+
+class _Scripted:
+    """Stands in for Llama in tool mode: each chat_completion answers with the next scripted reply
+    (text with special tokens), decoded by the real ChatFormat."""
+
+    def __init__(self, tokenizer, replies: list[str]) -> None:
+        from types import SimpleNamespace
+
+        from llama3.chat_format import ChatFormat
+
+        self.tokenizer, self.formatter = tokenizer, ChatFormat(tokenizer)
+        self.model = SimpleNamespace(params=SimpleNamespace(max_seq_len=4096))
+        self.replies = list(replies)
+
+    def chat_completion(self, dialogs, **kwargs):
+        reply = self.replies.pop(0) if self.replies else "Bye.<|eot_id|>"
+        ids = self.tokenizer.encode(reply, bos=False, eos=False, allowed_special="all")
+        return [{"generation": self.formatter.decode_assistant_message(ids)}]
+
+
+HOSTILE_REPLIES = [
+    '{"name": "delete_everything", "parameters": {"path": "/"}}<|eom_id|>',  # a tool not offered
+    "[f(a={1, 2}), g(b=1, b=2)]<|eot_id|>",
+    '<function=f>{"a": NaN}</function><|eot_id|>',
+    '<|python_tag|>{"name": "x", "parameters": {"a": "\\ud800"}}<|eom_id|>',
+    "<function=" * 5000 + "<|eot_id|>",
+    '<function=get_weather>{"city": "Paris </function>"}<|eom_id|>',
+    "[" * 500 + "<|eot_id|>",
+    "<|python_tag|>import os; os.remove('/etc/passwd')<|eom_id|>",
+    "",
+]
+
+
+def test_tool_mode_never_ends_because_of_what_the_model_wrote(llama3_tokenizer) -> None:
+    import io
+
+    from llama3.tool_session import ToolChatSession
+
+    weather = ToolDefinition("get_weather", "Get the weather", {"city": ToolParameter("string")})
+    for fmt in ("json", "function_tag", "python_list"):
+        llama = _Scripted(llama3_tokenizer, HOSTILE_REPLIES)
+        out = io.StringIO()
+        session = ToolChatSession(llama, tools=[weather], builtin_tools=["code_interpreter"], tool_format=fmt,
+                                  out=out, max_tool_rounds=len(HOSTILE_REPLIES) + 1)
+        answers = iter(["hello"] + ["some result"] * (2 * len(HOSTILE_REPLIES)))
+        session.run(lambda prompt, answers=answers: next(answers, None))
+        text = out.getvalue()
+        assert "[tool call (not among the tools offered): delete_everything(" in text
+        assert '[tool call: get_weather({"city": "Paris </function>"})]' in text
+        assert "not executed" in text and text.rstrip().endswith("Bye.")
+        assert llama.replies == []  # every hostile reply was answered, and the chat went on
