@@ -96,17 +96,20 @@ def _make(argv: list[str] | None) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"{args.out_dir} is not empty; choose a new directory or pass --overwrite")
     from .distributed import select_dtype
+    from .files import check_regular_file
     from .model import ModelArgs
     from .presets import write_random_checkpoint
     from .progress import configure_logging
-    from .tokenizer import llama_models_tokenizer
+    from .tokenizer import llama_models_tokenizer, load_bpe_ranks
 
     configure_logging(True)
     dtype = select_dtype(None, args.dtype)  # type: ignore[arg-type]
     model_args = ModelArgs(**{**presets[args.preset], **overrides})
     tokenizer = Path(args.tokenizer).expanduser() if args.tokenizer else llama_models_tokenizer()
-    if args.tokenizer and not tokenizer.is_file():
-        raise UsageError(f"--tokenizer {args.tokenizer!r} is not a file")
+    if args.tokenizer:  # copied in: a regular file (never a pipe or device); a symlink must lead to
+        check_regular_file(tokenizer, "--tokenizer file")  # a tokenizer (as conversion checks it)
+        if tokenizer.is_symlink():
+            load_bpe_ranks(tokenizer)
     write_random_checkpoint(out, model_args, format=args.format, num_shards=args.num_shards, seed=args.seed,
                             std=args.std, dtype=dtype, tokenizer=tokenizer, overwrite=args.overwrite)
     print(f"wrote {args.format} checkpoint ({args.preset}, {args.dtype}, random weights) to {out}")

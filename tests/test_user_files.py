@@ -146,3 +146,23 @@ def test_conversion_copies_a_symlinked_real_tokenizer(tmp_path: Path, tiny_meta:
     convert_checkpoint(tiny_meta, tmp_path / "dst", to="meta")
     copied = tmp_path / "dst" / "tokenizer.model"
     assert not copied.is_symlink() and copied.read_bytes() == llama3_tokenizer_path.read_bytes()
+
+
+@pytest.mark.parametrize("target", ["device", "named pipe", "not a tokenizer"])
+def test_make_tiny_checkpoint_checks_the_tokenizer_it_copies(tmp_path: Path, target: str, capsys) -> None:
+    from llama3.make_tiny_checkpoint import main as make
+
+    link = tmp_path / "tok.model"
+    if target == "device":
+        link.symlink_to("/dev/zero")
+    elif target == "named pipe":
+        os.mkfifo(tmp_path / "pipe")
+        link.symlink_to(tmp_path / "pipe")
+    else:
+        (tmp_path / "key.txt").write_text("secret\n")
+        link.symlink_to(tmp_path / "key.txt")
+    status = _finishes(lambda: make([str(tmp_path / "out"), "--dim", "32", "--n-heads", "4",
+                                     "--tokenizer", str(link)]))
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "tok" in err
+    assert not (tmp_path / "out").exists()
