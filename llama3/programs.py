@@ -3,9 +3,11 @@
 A program's imports (torch alone takes seconds) run before its ``main`` can catch anything, and a
 Ctrl-C there would print a traceback of import machinery. So a program installs
 :func:`quiet_interrupts` first, before any heavy import: until :func:`~llama3.cli.run_main` takes
-over (it restores Python's ``KeyboardInterrupt``, which the chat uses to stop an answer), and again
-after it returns (interpreter shutdown), Ctrl-C ends the process at once with status 130 and
-nothing but a newline on stderr.
+over, and again after it returns (interpreter shutdown), Ctrl-C ends the process at once with
+status 130 and nothing but a newline on stderr. Inside ``run_main`` Ctrl-C is Python's
+``KeyboardInterrupt`` again (the chat uses it to stop an answer, a conversion to remove its
+half-written folder), except while an import is running: interrupting an import can leave broken
+half-imported modules behind, so there it still ends the process at once.
 
 The console scripts (``llama3-chat``, ``llama3-convert``, ``llama3-make-tiny-checkpoint``) start
 here; ``python -m llama3.chat`` and the ``scripts/`` programs call the same functions first thing.
@@ -20,7 +22,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 __all__ = ["EXIT_INTERRUPTED", "quiet_interrupts", "interrupts_raise", "run_program", "run_module",
            "chat", "convert", "make_tiny_checkpoint"]
@@ -47,11 +49,24 @@ def quiet_interrupts() -> None:
         signal.signal(signal.SIGINT, _exit_quietly)
 
 
+def _raise_unless_importing(signum: int, frame: Any) -> None:
+    # A KeyboardInterrupt in the middle of an import (torch imports lazily, long after start) can
+    # leave half-initialised modules behind, and code that touches them later fails in strange
+    # ways (a RecursionError in numpy's module __getattr__ was seen). So while any import is
+    # running, Ctrl-C ends the process at once; elsewhere it is Python's KeyboardInterrupt.
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            _exit_quietly(signum, frame)
+        frame = frame.f_back
+    raise KeyboardInterrupt
+
+
 def interrupts_raise() -> bool:
-    """If :func:`quiet_interrupts` is in force, give Ctrl-C back to Python (``KeyboardInterrupt``)
-    and return True; otherwise (e.g. ``main()`` called from a test) change nothing, return False."""
+    """If :func:`quiet_interrupts` is in force, give Ctrl-C back to Python (``KeyboardInterrupt``,
+    except while an import runs) and return True; otherwise (e.g. ``main()`` called from a test)
+    change nothing, return False."""
     if _main_thread() and signal.getsignal(signal.SIGINT) is _exit_quietly:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, _raise_unless_importing)
         return True
     return False
 

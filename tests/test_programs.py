@@ -110,6 +110,7 @@ def test_ctrl_c_at_any_moment_is_quiet(program: str, generation_checkpoint: Path
         assert started.wait(60), "the program never started"
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
+        proc.stdin.close()  # a chat already at its prompt (where Ctrl-C does not quit) sees the end
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
