@@ -22,6 +22,7 @@ from pathlib import Path
 import tiktoken
 
 from .errors import LlamaError
+from .files import read_bytes
 
 __all__ = [
     "HSPACE_CLASS",
@@ -109,7 +110,7 @@ def load_bpe_ranks(model_path: str | Path) -> dict[bytes, int]:
     def bad(reason: str) -> TokenizerFileError:
         return TokenizerFileError(f"{str(path)!r} is not a tiktoken BPE file: {reason}. {TOKENIZER_HELP}")
 
-    data = path.read_bytes()
+    data = read_bytes(path, "tokenizer file")  # a pipe or device is refused, not read forever
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:

@@ -34,7 +34,13 @@ and prints; every rank generates.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m llama3.chat: Ctrl-C is quiet (status 130) from the first import on
+    from llama3.programs import run_module
+
+    run_module("llama3.chat")
+
 import contextlib
+import io
 import os
 import sys
 import time
@@ -43,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from .cli import UsageError, check_sampling, make_parser, require_dir, run_main
+from .files import FileCheckError, NotTextError, read_text
 from .tool_session import ToolMode, tool_options_from_flags
 
 if TYPE_CHECKING:
@@ -163,12 +170,10 @@ class ChatSession:
         if not path:
             self._note("usage: /file PATH")
             return None
-        file = Path(path).expanduser()
-        try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or exc
-            self._note(f"cannot read {path}: {reason}")
+        try:  # a pipe, device, directory or huge file is refused, never read (llama3.files)
+            text = read_text(path, "file")
+        except (FileCheckError, NotTextError) as exc:
+            self._note(f"cannot read {path}: {exc.reason}")
             return None
         if not text.strip():
             self._note(f"{path} is empty; nothing sent")
@@ -436,6 +441,8 @@ def make_read_line(out: TextIO, *, rank: int = 0, multi: bool = False,
     :class:`TerminalInput` on a terminal (returned too, to save its history), plain lines otherwise.
     Under ``torchrun`` (``multi``) rank 0 reads and every rank gets the line."""
     stdin = stdin if stdin is not None else sys.stdin
+    if rank == 0 and not _readable(stdin):  # stdin closed (<&-) or missing: the input has ended
+        stdin = io.StringIO()
     terminal = TerminalInput(out, stdin) if rank == 0 and stdin.isatty() else None
 
     def read_line(prompt: str) -> str | None:
@@ -445,7 +452,10 @@ def make_read_line(out: TextIO, *, rank: int = 0, multi: bool = False,
                 out.write("\n")  # a blank line between an answer and the next prompt
             line = terminal(prompt)
         elif rank == 0:
-            raw = stdin.readline()
+            try:
+                raw = stdin.readline()
+            except (OSError, ValueError):  # closed under us: the input has ended
+                raw = ""
             line = raw.removesuffix("\n") if raw else None
         if multi:
             import torch.distributed as dist
@@ -457,6 +467,13 @@ def make_read_line(out: TextIO, *, rank: int = 0, multi: bool = False,
         return line
 
     return read_line, terminal
+
+
+def _readable(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and not stream.closed and stream.readable()
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _parse_args(argv: list[str] | None):
@@ -560,6 +577,3 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``llama3-chat`` and ``python -m llama3.chat``."""
     return run_main(lambda: _chat(argv), "llama3-chat")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

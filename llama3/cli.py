@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import LlamaError
+from .programs import EXIT_INTERRUPTED, interrupts_raise, quiet_interrupts
 
 __all__ = ["UsageError", "make_parser", "run_main", "check_sampling", "require_dir", "fire_strict"]
 
@@ -100,7 +101,8 @@ def add_subparsers(parser: argparse.ArgumentParser, **kwargs: Any) -> Any:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [UsageError, FileNotFoundError, NotADirectoryError,
+    # Every LlamaError is a refusal with a message for a person (NotEnoughMemoryError included).
+    types: list[type[BaseException]] = [LlamaError, FileNotFoundError, NotADirectoryError,
                                         IsADirectoryError, PermissionError, ValueError]
     from .checkpoint import CheckpointError
     from .distributed import ModelParallelError
@@ -122,6 +124,7 @@ def run_main(body: Callable[[], int | None], prog: str) -> int:
     paths), ``ValueError`` (the library's "bad argument" error, which names the argument) and
     ``CheckpointError``. Anything else is a bug and keeps its traceback.
     """
+    own_interrupts = interrupts_raise()  # a program started by llama3.programs: Ctrl-C raises again
     try:
         return int(body() or 0)
     except SystemExit as exc:  # argparse: --help (0) or a usage error, already reported (2)
@@ -131,12 +134,15 @@ def run_main(body: Callable[[], int | None], prog: str) -> int:
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("\n")
-        return 130
+        return EXIT_INTERRUPTED
     except _user_error_types() as exc:
         if os.environ.get("LLAMA3_TRACEBACK"):
             raise
         sys.stderr.write(f"{prog}: error: {_one_line(exc)}\n")
         return EXIT_USAGE
+    finally:
+        if own_interrupts:
+            quiet_interrupts()  # what is left is shutdown: Ctrl-C there ends quietly too
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -231,6 +237,10 @@ def _check_fire_argv(fn: Callable[..., Any], argv: Sequence[str]) -> None:
                         value = argv[i] if i < len(argv) else None
                         i += 1  # the next token is its value
                     _check_value(key, params[key], value)
+                elif has_value and value not in ("True", "False"):
+                    # fire passes anything else ("no", "false") on as a string, and a string is truthy
+                    raise UsageError(f"--{name} is an on/off flag: give --{name}, --no{name} or "
+                                     f"--{name}=True/False, not {value!r}")
                 continue
             if key.startswith("no") and key[2:] in booleans:
                 given.add(key[2:])

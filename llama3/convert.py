@@ -14,7 +14,11 @@ by :func:`llama3.checkpoint.convert_checkpoint`; ``to_hf`` / ``to_meta`` and eve
 
 from __future__ import annotations
 
-import sys
+if __name__ == "__main__":  # python -m llama3.convert: Ctrl-C is quiet (status 130) from the first import on
+    from llama3.programs import run_module
+
+    run_module("llama3.convert")
+
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +100,3 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``llama3-convert`` and ``python -m llama3.convert``."""
     return run_main(lambda: _convert(argv), PROG)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

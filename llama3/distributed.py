@@ -30,6 +30,7 @@ from fairscale.nn.model_parallel import layers as fs_layers
 from fairscale.nn.model_parallel import mappings as fs_mappings
 
 from .errors import LlamaError
+from .teardown import tear_down_at_exit
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def init_model_parallel(model_parallel_size: int | None = None, *, backend: str 
         else:
             # Single process: a HashStore needs no address, port or environment variables.
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        tear_down_at_exit()  # destroyed in order at exit: no abort in the C++ teardown
 
     world_size = dist.get_world_size()
     if model_parallel_size is None:

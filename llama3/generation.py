@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict, overload
 
 import torch
 
+from .call_lock import CallLock, ReentrantCallError  # noqa: F401 - ReentrantCallError re-exported
 from .chat_format import ChatFormat, Dialog, Message, validate_dialog
+from .consistency import check_call_agrees, check_load_agrees
 from .decoding import (
     Batch,
     DecodeStep,
@@ -44,7 +45,7 @@ from .memory import NotEnoughMemoryError, check_fits
 from .model import PREFILL_CHUNK
 from .progress import Progress, configure_logging
 from .tokenizer import StreamDecoder, Tokenizer, require_tokenizer
-from .validation import positive_int
+from .validation import optional, positive_int, strict_bool
 
 __all__ = [
     "ChatPrediction", "CompletionPrediction", "ConcurrentUseError", "DecodeStep", "Llama",
@@ -95,6 +96,7 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
+        compile = strict_bool(compile, "compile")
         _check_vocabulary(getattr(tokenizer, "n_words", None), model.params.vocab_size)
         if compile and decode_step is not None:
             raise ValueError("pass compile=True or a decode_step, not both")
@@ -104,7 +106,7 @@ class Llama:
         # accelerator's queue; there we check every few steps (the extra steps cost little and are
         # cut from the output). On the CPU the read is free.
         self.stop_check_interval = 1 if self.device.type == "cpu" else 8
-        self._lock = threading.Lock()
+        self._lock = CallLock()  # re-entry raises ReentrantCallError instead of deadlocking
         self._cache_owner: object | None = None  # the call whose tokens the KV cache holds
         # New tokens per row of the latest generate/stream call, so far (stop tokens not counted):
         # what a timing report counts (a stream yields text, whose re-encoding may differ).
@@ -162,6 +164,9 @@ class Llama:
             NotEnoughMemoryError: weights + KV cache exceed the device's free memory.
             ValueError: a bad argument, or a tokenizer whose vocabulary is not the model's.
         """
+        compile, verbose = strict_bool(compile, "compile"), strict_bool(verbose, "verbose")  # "no" is truthy
+        fbgemm = optional(strict_bool, fbgemm, "fbgemm")
+        model_parallel_size = optional(positive_int, model_parallel_size, "model_parallel_size")
         configure_logging(verbose)
         if fbgemm and quantize is not None:
             raise ValueError("fbgemm=True packs bfloat16/float16 weights; it does not combine with quantize")
@@ -192,6 +197,7 @@ class Llama:
         model = load_model(info, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                            dtype=dtype, model_parallel_size=model_parallel_size,
                            rope_scale_factor=rope_scale_factor, verbose=verbose)
+        check_load_agrees(info, args, tokenizer_file)  # every rank loaded the same (llama3.consistency)
         model.prefill_chunk = prefill_chunk
         apply_kernels(model, plan)
         # Seeded after loading, so whatever the loader drew does not shift the sampling stream.
@@ -241,6 +247,8 @@ class Llama:
                   top_p: float, logprobs: bool, echo: bool = False
                   ) -> tuple[list[list[int]], list[list[float]] | None, list[int | None]]:
         """:meth:`generate`, plus each row's stop token (``None`` where it ran out of length)."""
+        check_call_agrees(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p,
+                          logprobs=logprobs, echo=echo)  # before validation: every rank takes part
         if len(prompt_tokens) == 0:
             return [], ([] if logprobs else None), []
         sampling = SamplingParams(temperature, top_p)
@@ -293,6 +301,8 @@ class Llama:
         ``Llama`` (another stream, ``generate``...) overtakes it, and its next step raises
         :class:`ConcurrentUseError`.
         """
+        check_call_agrees(prompt_tokens, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p,
+                          stream=True)
         if len(prompt_tokens) == 0:
             return iter(())
         if max_gen_len is None:

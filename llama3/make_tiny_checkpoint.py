@@ -15,8 +15,12 @@ wheel). An existing non-empty OUT_DIR is refused unless ``--overwrite``. The wor
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m llama3.make_tiny_checkpoint: Ctrl-C quiet from the first import
+    from llama3.programs import run_module
+
+    run_module("llama3.make_tiny_checkpoint")
+
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -93,8 +97,10 @@ def _make(argv: list[str] | None) -> int:
         raise UsageError(f"{args.out_dir} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"{args.out_dir} is not empty; choose a new directory or pass --overwrite")
+    from .bpe import load_bpe_ranks
     from .checkpoint import write_random_checkpoint
     from .distributed import select_dtype
+    from .files import check_regular_file
     from .model import ModelArgs
     from .progress import configure_logging
     from .tokenizer import llama_models_tokenizer
@@ -104,8 +110,10 @@ def _make(argv: list[str] | None) -> int:
     dtype = select_dtype(None, args.dtype)  # type: ignore[arg-type]
     model_args = ModelArgs(**{**presets[args.preset], **overrides})
     tokenizer = Path(args.tokenizer).expanduser() if args.tokenizer else llama_models_tokenizer()
-    if args.tokenizer and not tokenizer.is_file():
-        raise UsageError(f"--tokenizer {args.tokenizer!r} is not a file")
+    if args.tokenizer:  # copied in: a regular file (never a pipe or device); a symlink must lead to
+        check_regular_file(tokenizer, "--tokenizer file")  # a tokenizer (as conversion checks it)
+        if tokenizer.is_symlink():
+            load_bpe_ranks(tokenizer)
     n_params, n_bytes = _size(model_args, dtype)
     what = (f"{args.format} checkpoint ({shape_name(args.preset, presets[args.preset], overrides)}, "
             f"{n_params / 1e6:,.1f}M random parameters, {str(dtype).removeprefix('torch.')}, "
@@ -147,6 +155,3 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``llama3-make-tiny-checkpoint`` and ``python -m llama3.make_tiny_checkpoint``."""
     return run_main(lambda: _make(argv), PROG)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -42,7 +42,7 @@ from .distributed import (
     model_parallel_world_size,
 )
 from .memory import check_kv_cache
-from .validation import check_kv_len, check_tokens, optional, positive_int
+from .validation import check_kv_len, check_tokens, finite_float, optional, positive_int, strict_bool
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,14 @@ class ModelArgs:
         if self.head_dim % 2 != 0:
             raise ValueError(f"RoPE rotates pairs of dimensions: head_dim (dim / n_heads = "
                              f"{self.head_dim}) must be even")
-        if self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise ValueError("norm_eps and rope_theta must be positive")
+        # Flags are real bools ("false" is truthy) and every number that must be positive is.
+        for name in ("use_scaled_rope", "tie_word_embeddings"):
+            strict_bool(getattr(self, name), f"ModelArgs.{name}")
+        positive_int(self.rope_original_max_seq_len, "ModelArgs.rope_original_max_seq_len")
+        for name in ("norm_eps", "rope_theta", "rope_scale_factor", "rope_low_freq_factor",
+                     "rope_high_freq_factor"):
+            finite_float(getattr(self, name), f"ModelArgs.{name}", positive=True)
+        optional(finite_float, self.ffn_dim_multiplier, "ModelArgs.ffn_dim_multiplier", positive=True)
         if self.use_scaled_rope and not (
             self.rope_scale_factor > 0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
         ):

@@ -4,7 +4,8 @@
 system prompt in Meta's documented format (see :mod:`llama3.chat_format`). When a reply is a
 tool call, the parsed call is shown and the user is asked for the result (one line; ``/skip``
 leaves the call unanswered); the result goes back to the model as an ``ipython`` message and
-the conversation continues until the model answers in text.
+the conversation continues until the model answers in text. A call of a tool that was not
+offered is shown the same way, with a note saying so; the user answers or skips it.
 
 Nothing the model writes is ever executed: a ``code_interpreter`` call is shown as code for
 the user to run (or not) themselves.
@@ -29,6 +30,8 @@ from .chat_format import (
     json_tools_prompt,
     python_list_tools_prompt,
 )
+from .errors import LlamaError
+from .files import FileCheckError, NotTextError, read_text
 
 __all__ = [
     "ToolMode",
@@ -42,6 +45,14 @@ __all__ = [
 SKIP = "/skip"
 
 
+class ToolsFileError(LlamaError, ValueError):
+    """A ``--tools`` file that cannot be used; the message names the file and the problem."""
+
+
+def _no_constant(text: str) -> None:
+    raise ValueError(f"{text} is not a JSON value")
+
+
 def load_tool_definitions(path: str | Path) -> list[ToolDefinition]:
     """Tool definitions from a JSON file: a list of definitions (or ``{"tools": [...]}``), each
     in a form :meth:`ToolDefinition.from_dict` accepts.
@@ -49,28 +60,30 @@ def load_tool_definitions(path: str | Path) -> list[ToolDefinition]:
     Raises:
         ValueError: the file is missing or not valid; the message names the file and the problem.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "tools file"), parse_constant=_no_constant)
     except FileNotFoundError:
-        raise ValueError(f"tools file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"tools file {path} is not readable JSON: {e}") from None
+        raise ToolsFileError(f"tools file {path} does not exist") from None
+    except (FileCheckError, NotTextError) as e:
+        raise ToolsFileError(str(e)) from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ToolsFileError(f"tools file {path} is not readable JSON: {e}") from None
     if isinstance(data, dict) and "tools" in data:
         data = data["tools"]
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not data:
-        raise ValueError(f"tools file {path} must hold a non-empty list of tool definitions")
+        raise ToolsFileError(f"tools file {path} must hold a non-empty list of tool definitions")
     tools = []
     for i, spec in enumerate(data):
         try:
             tools.append(ToolDefinition.from_dict(spec))
         except ValueError as e:
-            raise ValueError(f"tools file {path}, tool {i}: {e}") from None
+            raise ToolsFileError(f"tools file {path}, tool {i}: {e}") from None
     names = [t.name for t in tools]
     if len(set(names)) != len(names):
-        raise ValueError(f"tools file {path} defines a tool name twice: {names}")
+        raise ToolsFileError(f"tools file {path} defines a tool name twice: {names}")
     return tools
 
 
@@ -130,6 +143,7 @@ def _show_call(call: dict[str, Any]) -> str:
     if call["tool_name"] == CODE_INTERPRETER:
         code = call["arguments"].get("code", "")
         return f"code_interpreter (not executed; run it yourself if you want its result):\n{code}"
+    # Parsed arguments are JSON values (llama3.tools), so this always writes.
     return f"{call['tool_name']}({json.dumps(call['arguments'], ensure_ascii=False)})"
 
 
@@ -173,6 +187,9 @@ class ToolMode:
         self.max_tool_rounds = max_tool_rounds
         self.tool_names = [t.name for t in tools] + list(builtin_tools)
         self.has_custom_tools = bool(tools)
+        # A call of a tool not offered is still shown and answered by the user (who may /skip
+        # it): the model's text decides nothing, and a note says the tool was not offered.
+        self.offered = {t.name for t in tools} | set(builtin_tools)
         self.read_line: Callable[[str], str | None] = lambda prompt: None
 
     def banner(self, name: str) -> str:
@@ -204,14 +221,20 @@ class ToolMode:
                 return added
             self.report_timing(reply["content"], start, None, end)
             for call in reply["tool_calls"]:
-                self._note(f"tool call: {_show_call(call)}")
+                unknown = "" if call["tool_name"] in self.offered else " (not among the tools offered)"
+                self._note(f"tool call{unknown}: {_show_call(call)}")
                 result = self.read_line(f"result of {call['tool_name']} (one line, or {SKIP})> ")
                 if result is None or result.strip() == SKIP:
                     self.out.write("\n")
                     self._note("tool call left unanswered; type your next message")
                     return added
                 added.append({"role": "ipython", "content": result.strip()})
-            if len(encode(dialog + added)) > self.prompt_budget:
+            try:
+                length = len(encode(dialog + added))
+            except (ValueError, TypeError) as exc:  # never: replies re-encode from their own text
+                self._note(f"cannot continue from this reply ({exc}); type your next message")
+                return added
+            if length > self.prompt_budget:
                 self._note("context full: the tool results do not fit; type your next message")
                 return added
         self._note(f"{self.max_tool_rounds} tool calls in a row; back to you")

@@ -13,6 +13,11 @@ try:  # outside the venv: a one-line hint, not a traceback (see _env.py)
 except ModuleNotFoundError:  # loaded by path from elsewhere (a test): nothing to check
     pass
 
+from llama3.programs import quiet_interrupts, run_program
+
+if __name__ == "__main__":
+    quiet_interrupts()  # first: Ctrl-C while the imports below run ends quietly (status 130)
+
 from llama3.cli import build_llama, fire_strict
 from llama3.progress import is_rank_zero
 
@@ -89,4 +94,4 @@ def main(
 
 
 if __name__ == "__main__":
-    raise SystemExit(fire_strict(main))
+    run_program(lambda: fire_strict(main))

@@ -13,6 +13,11 @@ checkpoint runs too; it just will not call the tool. Every rank runs the model; 
 
 from __future__ import annotations
 
+from llama3.programs import quiet_interrupts, run_program
+
+if __name__ == "__main__":
+    quiet_interrupts()  # first: Ctrl-C while the imports below run ends quietly (status 130)
+
 import json
 from datetime import date
 from typing import Any
@@ -148,4 +153,4 @@ def main(
 
 
 if __name__ == "__main__":
-    raise SystemExit(fire_strict(main))
+    run_program(lambda: fire_strict(main))

@@ -4,7 +4,7 @@ try:  # outside the venv: a one-line hint, not a traceback (see _env.py)
 except ModuleNotFoundError:  # loaded by path from elsewhere (a test): nothing to check
     pass
 
-from llama3.make_tiny_checkpoint import main
+from llama3.programs import run_module
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_module("llama3.make_tiny_checkpoint")  # Ctrl-C quiet (status 130) from the first import on

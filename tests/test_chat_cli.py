@@ -509,8 +509,8 @@ def test_chat_shows_timings_and_banner_on_stderr_unless_quiet(generation_checkpo
 
 
 def test_tool_mode_banner_and_timing(llama3_tokenizer):
-    from llama3.chat_format import ToolDefinition, ToolParameter
     from llama3.chat import ToolChatSession
+    from llama3.chat_format import ToolDefinition, ToolParameter
 
     weather = ToolDefinition("get_weather", "Get the weather", {"city": ToolParameter("string", "A city")})
     llama = tiny_llama(llama3_tokenizer, max_seq_len=2048)

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..bpe import load_bpe_ranks
 from ..distributed import init_model_parallel, model_parallel_rank, select_device, select_dtype
 from ..errors import InvalidArgumentError
+from ..files import check_regular_file, copy_checked
 from ..model import ModelArgs, Transformer
 from ..progress import Progress, configure_logging
-from ..tokenizer import find_tokenizer
 from ..validation import optional, positive_int
 from .base import (
     CheckpointInfo,
@@ -54,6 +55,7 @@ from .errors import (
     UnsafeCheckpointError,
     UnsafePathError,
 )
+from .finite import FiniteCheck, NonFiniteWeightsError, stored_tensors
 from .hf import (
     HF,
     hf_config_to_model_args,
@@ -78,6 +80,7 @@ __all__ = [
     "ConversionOverflowError",
     "HubError",
     "KVReplicaMismatchError",
+    "NonFiniteWeightsError",
     "NotARegularFileError",
     "ParamsMismatchError",
     "ShardFilesError",
@@ -174,14 +177,19 @@ def load_rank_state_dict(ckpt_dir: str | Path | CheckpointInfo, args: ModelArgs,
                    if not (n == "output.weight" and args.tie_word_embeddings))
     # Lines every few seconds with GB/s and ETA; load_model logs the total time.
     with Progress("loading weights", unit="B", logger=logger, final=False) as progress:
+        finite = FiniteCheck()  # every tensor checked for NaN/inf while it is hot
+
         def convert(t: torch.Tensor) -> torch.Tensor:
             if progress.total is None:
                 progress.total = elements * t.element_size()
             out = t.to(device=device, dtype=dtype or t.dtype).contiguous()
+            finite.see(out)
             progress.update(t.numel() * t.element_size())
             return out
 
-        return info.reader.read_rank(info, args, rank, world_size, convert)
+        sd = info.reader.read_rank(info, args, rank, world_size, convert)
+        finite.verify(sd, info, lambda name: stored_tensors(info, name))
+        return sd
 
 
 def load_full_state_dict(ckpt_dir: str | Path, *, dtype: torch.dtype | None = None,
@@ -300,9 +308,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, num_shards:
         raise InvalidArgumentError(f"the output {dst} is the source checkpoint; choose another directory")
     args = read_model_args(info, rope_scale_factor=rope_scale_factor)
     check_shard_layout(1, num_shards, args)  # fail before minutes of reading
+    tokenizer = _checked_tokenizer(root)
     sd = load_rank_state_dict(info, args, 0, 1)
     _check_fits(sd, dtype)
-    tokenizer = find_tokenizer(root)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         if to == "meta":
             paths = save_meta_checkpoint(sd, args, tmp, num_shards=num_shards, dtype=dtype)
@@ -310,5 +318,19 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, num_shards:
             paths = save_hf_checkpoint(sd, args, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
             write_hf_extras(tmp, args, tokenizer)
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+            copy_checked(tokenizer, tmp / "tokenizer.model", "tokenizer file",
+                         validate=load_bpe_ranks if tokenizer.is_symlink() else None)
     return [dst / p.name for p in paths]
+
+
+def _checked_tokenizer(root: Path) -> Path | None:
+    """The ``tokenizer.model`` a conversion copies, checked before minutes of work: it must be a
+    regular file of sane size (a pipe or device is refused, never read), and a symlink, which may
+    point anywhere, must lead to a file that reads as a tiktoken BPE file (not, say, a key file)."""
+    for candidate in (root / "tokenizer.model", root / "original" / "tokenizer.model"):
+        if os.path.lexists(candidate):
+            check_regular_file(candidate, "tokenizer file")
+            if candidate.is_symlink():
+                load_bpe_ranks(candidate)
+            return candidate
+    return None

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import InvalidArgumentError
+from ..files import read_text
 from ..model import ModelArgs
 from ..validation import finite_float, positive_int, strict_bool
 from .errors import CheckpointError, CheckpointFormatError, ConfigValueError, NotARegularFileError
@@ -102,7 +103,7 @@ def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from a regular file; errors name the file."""
     regular_file(path, path.name)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, path.name))  # size-limited: never a MemoryError
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointFormatError(f"cannot read {path}: {e}") from e
     if not isinstance(data, dict):
