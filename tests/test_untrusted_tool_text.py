@@ -317,7 +317,7 @@ HOSTILE_REPLIES = [
 def test_tool_mode_never_ends_because_of_what_the_model_wrote(llama3_tokenizer) -> None:
     import io
 
-    from llama3.tool_session import ToolChatSession
+    from llama3.chat import ToolChatSession
 
     weather = ToolDefinition("get_weather", "Get the weather", {"city": ToolParameter("string")})
     for fmt in ("json", "function_tag", "python_list"):
