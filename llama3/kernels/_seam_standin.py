@@ -1,0 +1,65 @@
+"""TEMP stand-in for the kernel seam (``llama3/kernels/base.py``, being built on another branch).
+
+Delete this module when the seam is merged: ``fp8.py`` and ``int4.py`` then import ``LinearKernel``
+from ``llama3.kernels.base`` instead (one line each). It holds only what the quantized kernels need
+to be built and tested before the seam exists:
+
+* :class:`LinearKernel`, the contract's mixin (``name``, ``applies``, ``from_float``, ``empty``,
+  ``local_product``, ``weight_nbytes``), with no behaviour of its own;
+* :func:`shell`, a new, empty layer of a kernel class that keeps the float layer's plain attributes
+  (in/out features, its model-parallel role and sizes) and none of its tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["LinearKernel", "shell"]
+
+
+class LinearKernel:
+    """A family of linear-layer kernels: mixed in before a Column/RowParallelLinear class."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def applies(cls, layer: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this family can serve ``layer`` on ``device`` in ``dtype``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, **settings: Any) -> nn.Module:
+        """The swapped layer, its weight converted from ``layer``'s float weight."""
+        raise NotImplementedError
+
+    @classmethod
+    def empty(cls, layer: nn.Module, **settings: Any) -> nn.Module:
+        """The swapped layer with uninitialised buffers of a checkpoint's shapes (meta device)."""
+        raise NotImplementedError
+
+    def local_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in_local] -> [..., out_local]`` in x's dtype, before any communication."""
+        raise NotImplementedError
+
+    def weight_nbytes(self) -> int:
+        """Bytes a decoding step reads for this layer's weights (scales included)."""
+        raise NotImplementedError
+
+
+def shell(cls: type, layer: nn.Module) -> Any:
+    """A new ``cls`` module carrying ``layer``'s plain attributes but none of its tensors.
+
+    The Column/Row constructors differ (``gather_output``, world size read from the process
+    group); copying the attributes keeps exactly the layer's model-parallel role without calling
+    them, so a kernel can be swapped in on any rank, and on the meta device.
+    """
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for key, value in vars(layer).items():
+        if not key.startswith("_") and not isinstance(value, (torch.Tensor, nn.Module)):
+            setattr(new, key, value)
+    new.train(layer.training)
+    return new
