@@ -63,3 +63,34 @@ def shell(cls: type, layer: nn.Module) -> Any:
             setattr(new, key, value)
     new.train(layer.training)
     return new
+
+
+def _combined(kernel_cls: type, layer_cls: type) -> type:
+    """``kernel_cls`` mixed in before ``layer_cls`` with the seam's forward: the local product,
+    then the model-parallel communication of the layer's role (TEMP: the seam writes it once)."""
+    from ..distributed import ColumnParallelLinear, RowParallelLinear, all_reduce_sum, gather_last_dim
+
+    def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+        y = self.local_product(x)
+        if isinstance(self, ColumnParallelLinear):
+            split = self.output_size_per_partition != self.out_features
+            return gather_last_dim(y) if split and self.gather_output else y
+        if isinstance(self, RowParallelLinear) and self.input_size_per_partition != self.in_features:
+            return all_reduce_sum(y)
+        return y
+
+    name = f"{kernel_cls.__name__}{layer_cls.__name__}"
+    return type(name, (kernel_cls, layer_cls), {"forward": forward, "__module__": __name__})
+
+
+def swap_layers(model: nn.Module, names: list[str], kernel_cls: type, *, empty: bool = False,
+                **settings: Any) -> nn.Module:
+    """Replace each named linear layer of ``model`` by ``kernel_cls`` (``from_float`` of its weight,
+    or ``empty`` buffers on the meta device to assign a checkpoint's tensors into), in place."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = getattr(parent, child)
+        cls = _combined(kernel_cls, type(layer))
+        setattr(parent, child, cls.empty(layer, **settings) if empty else cls.from_float(layer, **settings))
+    return model
