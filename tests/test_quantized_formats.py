@@ -275,7 +275,8 @@ def _unpacked(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def test_int4_weight_only_refuses_unsupported_group_sizes():
     with pytest.raises(UnsupportedGroupSizeError, match="one of 32, 64, 128, 256"):
-        swap_layers(torch.nn.ModuleDict({"l": _column(512, 32, 0)}), ["l"], Int4WeightOnlyLinear, group_size=48)
+        swap_layers(torch.nn.ModuleDict({"l": _column(512, 32, 0)}), ["l"], Int4WeightOnlyLinear,
+                    group_size=48)
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -301,7 +302,8 @@ def test_detects_each_format_and_its_settings(tmp_path):
     args = tiny_args()
     sd = float_state_dict(args)
     fp8 = inspect_checkpoint(write_fp8_mixed_checkpoint(sd, args, tmp_path / "fp8", num_shards=2))
-    hf = inspect_checkpoint(write_fbgemm_fp8_checkpoint(sd, args, tmp_path / "hf", activation_scale_ub=1000.0))
+    hf = inspect_checkpoint(write_fbgemm_fp8_checkpoint(sd, args, tmp_path / "hf",
+                                                        activation_scale_ub=1000.0))
     qlora = inspect_checkpoint(write_int4_eo8_checkpoint(sd, args, tmp_path / "qlora", group_size=32,
                                                          lora_rank=4, lora_scale=2.0))
     spin = inspect_checkpoint(write_int4_eo8_checkpoint(sd, args, tmp_path / "spin", group_size=64))
@@ -310,7 +312,8 @@ def test_detects_each_format_and_its_settings(tmp_path):
     assert detect_quantization(fp8).quantized_layers(args) == meta_fp8_layers(4)
     h = detect_quantization(hf)
     assert (h.scheme, h.activation_scale_ub) == (FBGEMM_FP8, 1000.0)
-    assert h.quantized_layers(args) == [f"layers.{i}.feed_forward.{w}" for i in (1, 2) for w in ("w1", "w2", "w3")]
+    assert h.quantized_layers(args) == [f"layers.{i}.feed_forward.{w}" for i in (1, 2)
+                                        for w in ("w1", "w2", "w3")]
     q = detect_quantization(qlora)
     assert (q.scheme, q.group_size, q.lora_rank, q.lora_scale) == (INT4_EO8, 32, 4, 2.0)
     s = detect_quantization(spin)
@@ -423,6 +426,11 @@ def _assert_logits_close(got: torch.Tensor, want: torch.Tensor) -> None:
     # a few such flips and is ten times below the error of quantizing (measured ~10 %).
     span = (want.max() - want.min()).item()
     assert (got - want).abs().max().item() <= 0.01 * span
+    # Until the first flip, positions agree to float32 rounding (a flip reaches later positions
+    # through attention). Measured: 100 % / 98 % / 100 % / 73 % of positions for fp8_mixed /
+    # fbgemm_fp8 / QLoRA / SpinQuant, the largest difference 0.6 % of the range.
+    exact = ((got - want).abs().amax(-1) <= 1e-5 * span).float().mean().item()
+    assert exact >= 0.5
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.95
 
 
@@ -443,13 +451,20 @@ def test_fp8_mixed_rank_slices_are_the_shards_and_resharding_keeps_scales_with_r
                 assert torch.equal(ranks[r][key + ".weight"].float(), shards[r][key + ".weight"].float())
                 assert torch.equal(ranks[r][key + ".weight_scale"], scales[r][f"1_feed_forward.{w}_{r}"])
         else:  # merged: the rows keep their values; w2's two column halves are requantized per row
-            deq = torch.cat([shards[s][key + ".weight"].float() * scales[s][f"1_feed_forward.{w}_{s}"][:, None]
-                             for s in range(2)], dim)
+            deq = torch.cat([shards[s][key + ".weight"].float()
+                             * scales[s][f"1_feed_forward.{w}_{s}"][:, None] for s in range(2)], dim)
             got = ranks[0][key + ".weight"].float() * ranks[0][key + ".weight_scale"][:, None]
             if dim == 0:
                 assert torch.equal(got, deq)
             else:
-                assert ((got - deq).abs() <= 2**-4 * deq.abs() + 2**-9 * ranks[0][key + ".weight_scale"][:, None]).all()
+                step = 2**-9 * ranks[0][key + ".weight_scale"][:, None]  # e4m3 subnormal half step
+                assert ((got - deq).abs() <= 2**-4 * deq.abs() + step).all()
+
+
+def _fp8_linear_oracle(q, s):
+    def forward(x):
+        return emulate_fp8_linear(x.reshape(-1, x.shape[-1]), q, s, 1200.0).float().reshape(*x.shape[:-1], -1)
+    return forward
 
 
 def test_fbgemm_fp8_logits_equal_metas_computation(tmp_path):
@@ -472,8 +487,7 @@ def test_fbgemm_fp8_logits_equal_metas_computation(tmp_path):
             if heads:  # HF's rotate-half row order back to Meta's, scales with their rows
                 q, s = unpermute_rotate_half(q, heads), unpermute_rotate_half(s, heads)
             module = ref.layers[i].get_submodule(name)
-            module.forward = (lambda q, s: lambda x: emulate_fp8_linear(
-                x.reshape(-1, x.shape[-1]), q, s.reshape(-1), 1200.0).float().reshape(*x.shape[:-1], -1))(q, s)
+            module.forward = _fp8_linear_oracle(q, s.reshape(-1))
     with torch.no_grad():
         want = ref(TOKENS, 0)
         got = build_quantized(ckpt)(TOKENS, 0)
@@ -502,7 +516,8 @@ def _swap_meta_int4(ref: torch.nn.Module, shard: dict, prefix: str, group_size: 
                 lora = (shard[f"{full}.adaptor.A.weight"].float(), shard[f"{full}.adaptor.B.weight"].float(),
                         lora_scale)
             setattr(ref, name, _MetaInt4Oracle(_torchao_8da4w(
-                shard[f"{full}.weight"], shard[f"{full}.scales"], shard.get(f"{full}.zeros"), group_size, lora)))
+                shard[f"{full}.weight"], shard[f"{full}.scales"], shard.get(f"{full}.zeros"), group_size,
+                lora)))
         else:
             _swap_meta_int4(child, shard, full + ".", group_size, lora_scale)
 
@@ -545,7 +560,8 @@ def test_int4_eo8_two_ranks_add_up_to_one(tmp_path):
                                if k.startswith("layers.1.feed_forward.w1.")}, assign=True, strict=True)
         n = local.weight.shape[0]
         rows = slice(r * n, (r + 1) * n)
-        torch.testing.assert_close(local.local_product(x), layer.local_product(x)[:, rows], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(local.local_product(x), layer.local_product(x)[:, rows],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def _with_shape(layer, shape):
@@ -579,8 +595,9 @@ def test_quantize_at_load_stays_close_to_the_float_model(mode):
             swap_layers(model, meta_fp8_layers(args.n_layers), Fp8RowwiseLinear)
         else:  # every block linear, group 32 (the tiny model's 64 inputs)
             swap_layers(model, [f"layers.{i}.{p}" for i in range(args.n_layers) for p in
-                                ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
-                                 "feed_forward.w2", "feed_forward.w3")], Int4WeightOnlyLinear, group_size=32)
+                                ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")],
+                        Int4WeightOnlyLinear, group_size=32)
         got = model(prompts, 0)
     rel = ((got - want).norm() / want.norm()).item()
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()

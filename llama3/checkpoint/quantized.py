@@ -35,7 +35,12 @@ from typing import Any
 
 import torch
 
-from ..kernels.fp8 import DEFAULT_ACTIVATION_SCALE_UB, fp8_bytes_per_weight, meta_fp8_layers, quantize_fp8_rowwise
+from ..kernels.fp8 import (
+    DEFAULT_ACTIVATION_SCALE_UB,
+    fp8_bytes_per_weight,
+    meta_fp8_layers,
+    quantize_fp8_rowwise,
+)
 from ..kernels.int4 import dequantize_int8_rows, int4_bytes_per_weight
 from ..model import ModelArgs
 from .base import CheckpointInfo, ConfigReader, file_mode, regular_file
@@ -281,7 +286,8 @@ def _pieces(name: str, args: ModelArgs, rank: int, world: int, num_shards: int, 
             if ((lo - s_start) * unit) % div or ((hi - lo) * unit) % div:
                 raise QuantizedCheckpointError(
                     f"{name}: the slice for rank {rank} of {world} does not fall on whole groups of {div}; "
-                    "choose a model-parallel size that keeps each rank's columns a multiple of the group size")
+                    "choose a model-parallel size that keeps each rank's columns a multiple of the group "
+                    "size")
             out.append((s, (lo - s_start) * unit // div, (hi - lo) * unit // div))
             covered = hi
     return out
@@ -356,9 +362,9 @@ def _read_meta(info: CheckpointInfo, args: ModelArgs, fmt: QuantizedFormat, rank
         t = _gather(shards, name, name, dim, args, rank, world)
         _refuse_unknown(first, name, t, fmt)
         out[name] = t.to(dtype)
-    for name, t in out.items():
-        if name.endswith(".weight") and name.removesuffix(".weight") not in quantized and "adaptor" not in name:
-            _check_shape(first, name, t, _local_shape(name, args, rank, world))
+    for name in param_names(args):
+        if name.removesuffix(".weight") not in quantized:
+            _check_shape(first, name, out[name], _local_shape(name, args, rank, world))
     return out
 
 
@@ -387,7 +393,7 @@ def _meta_fp8(shards: _Shards, name: str, args: ModelArgs, rank: int, world: int
         return torch.cat(weights, 0), torch.cat(scales, 0)
     # Row-parallel slices merged onto one rank: each was quantized with its own row scales; one
     # row scale per merged row needs requantizing (dequantized exactly in float32 first).
-    merged = torch.cat([w.float() * sc[:, None] for w, sc in zip(weights, scales)], dim=1)
+    merged = torch.cat([w.float() * sc[:, None] for w, sc in zip(weights, scales, strict=True)], dim=1)
     return quantize_fp8_rowwise(merged)
 
 
@@ -480,7 +486,8 @@ def _read_hf_fp8(info: CheckpointInfo, args: ModelArgs, fmt: QuantizedFormat, ra
         _refuse_unknown(where[hf_name], hf_name, t, fmt)
         out[name] = t.to(dtype)
     for name in param_names(args):
-        _check_shape(where.get(to_hf_name(name), info.path), name, out[name], _local_shape(name, args, rank, world))
+        want = _local_shape(name, args, rank, world)
+        _check_shape(where.get(to_hf_name(name), info.path), name, out[name], want)
     return out
 
 
@@ -598,10 +605,10 @@ def write_int4_eo8_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelAr
             if with_zeros:
                 shard[module + ".zeros"] = torch.randint(-2, 3, scale.shape, generator=gen).float()
             if lora_rank is not None:
-                shard[module + ".adaptor.A.weight"] = (torch.randn(lora_rank, t.shape[1], generator=gen) * 0.05
-                                                       ).to(torch.bfloat16)
-                shard[module + ".adaptor.B.weight"] = (torch.randn(t.shape[0], lora_rank, generator=gen) * 0.05
-                                                       ).to(torch.bfloat16)
+                a = torch.randn(lora_rank, t.shape[1], generator=gen) * 0.05
+                b = torch.randn(t.shape[0], lora_rank, generator=gen) * 0.05
+                shard[module + ".adaptor.A.weight"] = a.to(torch.bfloat16)
+                shard[module + ".adaptor.B.weight"] = b.to(torch.bfloat16)
         elif module in ("tok_embeddings", "output"):
             scale = (t.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-8)
             shard[name] = torch.round(t / scale).clamp(-127, 127).to(torch.int8)

@@ -162,7 +162,8 @@ class Fp8RowwiseLinear(LinearKernel):
 
     def extra_repr(self) -> str:
         out_local, in_local = self.weight.shape
-        return f"local {in_local} -> {out_local}, float8_e4m3fn row-wise, activation ub {self.activation_scale_ub}"
+        return (f"local {in_local} -> {out_local}, float8_e4m3fn row-wise, "
+                f"activation ub {self.activation_scale_ub}")
 
 
 def _check_ub(value: Any) -> float | None:

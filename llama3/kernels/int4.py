@@ -143,7 +143,8 @@ class Int4WeightOnlyLinear(LinearKernel):
         device = torch.device(device)
         if device.type == "cuda":
             return k % (_CUDA_INNER_K_TILES * 16) == 0 and n % 8 == 0
-        return device.type == "cpu" and k % 32 == 0 and dtype in (torch.float32, torch.bfloat16, torch.float16)
+        cpu_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+        return device.type == "cpu" and k % 32 == 0 and dtype in cpu_dtypes
 
     @classmethod
     @torch.no_grad()
@@ -256,13 +257,16 @@ class Int8DynActInt4Linear(LinearKernel):
     def weight_nbytes(self) -> int:
         """Half a byte per weight as shipped for mobile (stored here one per byte: see
         :func:`int4_bytes_per_weight`), float32 scales and zeros, and the adaptor."""
-        adaptor = 0 if self.adaptor is None else sum(p.numel() * p.element_size() for p in self.adaptor.parameters())
+        adaptor = 0 if self.adaptor is None else sum(
+            p.numel() * p.element_size() for p in self.adaptor.parameters())
         return self.weight.numel() + (self.scales.numel() + self.zeros.numel()) * 4 + adaptor
 
     def extra_repr(self) -> str:
         out_local, in_local = self.weight.shape
-        lora = "" if self.adaptor is None else f", LoRA rank {self.adaptor.A.out_features} scale {self.lora_scale}"
-        return f"local {in_local} -> {out_local}, int4 group {self.group_size}, int8 per-token activations{lora}"
+        lora = ("" if self.adaptor is None
+                else f", LoRA rank {self.adaptor.A.out_features} scale {self.lora_scale}")
+        return (f"local {in_local} -> {out_local}, int4 group {self.group_size}, "
+                f"int8 per-token activations{lora}")
 
 
 def dequantize_int8_rows(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
