@@ -18,13 +18,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _quantized_mp_worker import build_quantized
 
 from llama3 import ModelArgs, Transformer
-from llama3.checkpoint import inspect_checkpoint, load_model, read_model_args
+from llama3.checkpoint import inspect_checkpoint, load_model
 from llama3.checkpoint.errors import CheckpointFormatError, TensorDtypeError
 from llama3.checkpoint.quantized import (
     FBGEMM_FP8,
@@ -362,25 +368,6 @@ def test_float_loader_refuses_float8_tensors_instead_of_casting_them(tmp_path):
 # --- checkpoints: whole models against Meta's computation -------------------------------------------
 
 
-def build_quantized(ckpt, rank: int = 0, world: int = 1, dtype=torch.float32) -> Transformer:
-    """What load_model does for a quantized checkpoint once the seam is merged: layers swapped to
-    the format's kernel on the meta device, the rank's tensors assigned."""
-    info = inspect_checkpoint(ckpt)
-    args = read_model_args(info, max_seq_len=ARGS["max_seq_len"], max_batch_size=ARGS["max_batch_size"])
-    fmt = detect_quantization(info)
-    with torch.device("meta"):
-        model = Transformer(args)
-    kernel = Int8DynActInt4Linear if fmt.kernel == "int4-int8act" else Fp8RowwiseLinear
-    settings = fmt.kernel_settings() | ({"dtype": dtype} if fmt.scheme == INT4_EO8 else {})
-    swap_layers(model, fmt.quantized_layers(args), kernel, empty=True, **settings)
-    sd = read_quantized_rank(info, args, fmt, rank, world, dtype=dtype)
-    model.load_state_dict(sd, assign=True, strict=True)
-    if args.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    model.setup_kv_cache(device="cpu", dtype=dtype)
-    return model.eval()
-
-
 def meta_reference(args: ModelArgs, float_sd: dict[str, torch.Tensor]) -> torch.nn.Module:
     meta_model = pytest.importorskip("llama_models.llama3.model")
     from llama_models.llama3.args import ModelArgs as MetaModelArgs
@@ -392,13 +379,21 @@ def meta_reference(args: ModelArgs, float_sd: dict[str, torch.Tensor]) -> torch.
 
 
 def _fp8_ffn_oracle(w1, w3, w2, ub):
-    """Meta's ffn_swiglu_dynamic (quantize_impls.py) in float64: three row-scaled fp8 products."""
+    """Meta's ffn_swiglu_dynamic (quantize_impls.py) in float64: three row-scaled fp8 products.
+    ``w2`` is one (weight, scale) pair, or a list of them, one per model-parallel rank: each rank
+    quantizes its slice of z and the partial sums are all-reduced (Meta's row-parallel w2)."""
+    w2 = w2 if isinstance(w2, list) else [w2]
+
     def forward(x):
         flat = x.reshape(-1, x.shape[-1])
         x1 = emulate_fp8_linear(flat, *w1, ub)
         x3 = emulate_fp8_linear(flat, *w3, ub)
         z = (F.silu(x1) * x3).float()
-        return emulate_fp8_linear(z, *w2, ub).float().reshape(*x.shape[:-1], -1)
+        out, start = 0, 0
+        for q, scale in w2:
+            out = out + emulate_fp8_linear(z[:, start:start + q.shape[1]], q, scale, ub)
+            start += q.shape[1]
+        return out.float().reshape(*x.shape[:-1], -1)
     return forward
 
 
@@ -611,3 +606,98 @@ def test_quantize_at_load_stays_close_to_the_float_model(mode):
 def test_quantized_errors_are_llama_errors():
     assert issubclass(UnsupportedQuantizationError, LlamaError)
     assert issubclass(UnsupportedGroupSizeError, ValueError)
+
+
+# --- two model-parallel ranks (torchrun, gloo) ------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Logits of each tiny quantized checkpoint loaded on 2 ranks (one torchrun job for all)."""
+    root = tmp_path_factory.mktemp("quantized-mp")
+    args = tiny_args()
+    sd = float_state_dict(args)
+    ckpts = {"fp8-1": write_fp8_mixed_checkpoint(sd, args, root / "fp8-1", num_shards=1),
+             "fp8-2": write_fp8_mixed_checkpoint(sd, args, root / "fp8-2", num_shards=2),
+             "fbgemm": write_fbgemm_fp8_checkpoint(sd, args, root / "fbgemm"),
+             "qlora": write_int4_eo8_checkpoint(sd, args, root / "qlora", group_size=32, lora_rank=4,
+                                                with_zeros=True)}
+    torch.save(TOKENS, root / "tokens.pt")
+    jobs = [{"ckpt": str(d), "out": str(root / f"{k}.pt")} for k, d in ckpts.items()]
+    (root / "jobs.json").write_text(json.dumps({"tokens": str(root / "tokens.pt"), "jobs": jobs}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), str(REPO / "tests" / "_quantized_mp_worker.py"),
+           str(root / "jobs.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return args, sd, ckpts, {k: torch.load(root / f"{k}.pt", weights_only=True) for k in ckpts}
+
+
+@pytest.mark.parametrize("name", ["fp8-1", "fp8-2"])
+def test_fp8_mixed_on_two_ranks_is_metas_computation_at_two_ranks(two_ranks, name):
+    """Meta's 405B runs its 8-shard checkpoint on 8 ranks: w1/w3 rows and scales split, w2's
+    columns split with each rank quantizing its slice of the activations. From a 2-shard
+    checkpoint the ranks hold the shards' own scales; from a 1-shard one, w2's halves keep the
+    whole rows' scales."""
+    args, sd, ckpts, logits = two_ranks
+    ckpt = ckpts[name]
+    shards = sorted(ckpt.glob("consolidated.*.pth"))
+    loaded = [torch.load(p, weights_only=True) for p in shards]
+    scales = [torch.load(ckpt / f"fp8_scales_{s}.pt", weights_only=True) for s in range(len(shards))]
+    ref = meta_reference(args, {k: sd[k].to(torch.bfloat16).float() for k in sd})  # the shards' bf16
+    for i in range(1, args.n_layers - 1):
+        def pair(w, s, i=i):
+            return loaded[s][f"layers.{i}.feed_forward.{w}.weight"], scales[s][f"{i}_feed_forward.{w}_{s}"]
+        if len(shards) == 2:
+            w1, w3 = ([torch.cat(t) for t in zip(pair(w, 0), pair(w, 1), strict=True)] for w in ("w1", "w3"))
+            w2 = [pair("w2", 0), pair("w2", 1)]
+        else:
+            w1, w3 = pair("w1", 0), pair("w3", 0)
+            q, scale = pair("w2", 0)
+            half = q.shape[1] // 2
+            w2 = [(q[:, :half], scale), (q[:, half:], scale)]
+        ref.layers[i].feed_forward.forward = _fp8_ffn_oracle(w1, w3, w2, 1200.0)
+    with torch.no_grad():
+        want = ref(TOKENS, 0)
+    _assert_logits_close(logits[name], want)
+
+
+def test_fbgemm_fp8_on_two_ranks_is_the_formula_at_two_ranks(two_ranks):
+    from safetensors.torch import load_file
+
+    args, sd, ckpts, logits = two_ranks
+    hf = load_file(ckpts["fbgemm"] / "model.safetensors")
+    ref = meta_reference(args, {k: v.to(torch.bfloat16).float() for k, v in sd.items()})
+    for i in range(1, args.n_layers - 1):  # the writer's default: Meta's 405B-FP8 selection
+        mlp = {w: (hf[f"model.layers.{i}.mlp.{n}.weight"],
+                   hf[f"model.layers.{i}.mlp.{n}.weight_scale"].reshape(-1))
+               for w, n in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))}
+        q, scale = mlp["w2"]
+        half = q.shape[1] // 2
+        w2 = [(q[:, :half], scale), (q[:, half:], scale)]
+        ref.layers[i].feed_forward.forward = _fp8_ffn_oracle(mlp["w1"], mlp["w3"], w2, 1200.0)
+    with torch.no_grad():
+        want = ref(TOKENS, 0)
+    _assert_logits_close(logits["fbgemm"], want)
+
+
+def test_int4_eo8_on_two_ranks_stays_with_one_rank(two_ranks):
+    """Meta runs INT4_EO8 on one rank only. On two, the row-parallel layers (wo, w2) quantize each
+    rank's half of the activations to int8 with its own range, a slightly finer rounding than
+    Meta's; the logits stay within the rounding tolerance of the one-rank model."""
+    _, _, ckpts, logits = two_ranks
+    with torch.no_grad():
+        want = build_quantized(ckpts["qlora"])(TOKENS, 0)
+    span = (want.max() - want.min()).item()
+    assert (logits["qlora"] - want).abs().max().item() <= 0.02 * span
+    assert (logits["qlora"].argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
