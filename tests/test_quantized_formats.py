@@ -39,6 +39,7 @@ from llama3.checkpoint.quantized import (
     QuantizedCheckpointError,
     UnsupportedQuantizationError,
     detect_quantization,
+    fit_note,
     read_quantized_rank,
     weight_bytes_per_rank,
     write_fbgemm_fp8_checkpoint,
@@ -299,6 +300,9 @@ def test_bytes_per_rank_405b_on_8_ranks():
     scales = (2 * args.ffn_hidden_dim // 8 + args.dim) * 4 * (args.n_layers - 2)
     assert bf16 - fp8 == ffn - scales
     assert int4_bytes_per_weight(128) == 0.53125
+    note = fit_note(args, 8, free_bytes=80 * 10**9)
+    assert note.startswith("weights per rank on 8 ranks: bf16 101.5 GB; fp8_mixed 60.9 GB; int4 ")
+    assert note.endswith("80.0 GB free: fp8_mixed, int4 would fit")
 
 
 # --- checkpoints: detection and refusal --------------------------------------------------------

@@ -62,6 +62,7 @@ __all__ = [
     "read_quantized_rank",
     "block_linears",
     "weight_bytes_per_rank",
+    "fit_note",
     "write_fp8_mixed_checkpoint",
     "write_fbgemm_fp8_checkpoint",
     "write_int4_eo8_checkpoint",
@@ -521,6 +522,21 @@ def weight_bytes_per_rank(args: ModelArgs, scheme: str | None, world: int = 1, *
         else:
             total += n * (1 + 8 / group_size)
     return int(total)
+
+
+def fit_note(args: ModelArgs, world: int, free_bytes: int | None = None) -> str:
+    """One line for a fit check's message: the weights per rank in bf16 and in each quantized
+    format, e.g. "weights per rank on 8 ranks: bf16 101.5 GB; fp8_mixed 60.9 GB; int4 27.3 GB",
+    followed by which formats fit ``free_bytes`` (the KV cache not counted) when it is given."""
+    sizes = {"bf16": weight_bytes_per_rank(args, None, world), "fp8_mixed": weight_bytes_per_rank(
+        args, "fp8_mixed", world), "int4": weight_bytes_per_rank(args, "int4", world)}
+    line = f"weights per rank on {world} rank{'s' if world != 1 else ''}: " + "; ".join(
+        f"{k} {v / 1e9:.1f} GB" for k, v in sizes.items())
+    if free_bytes is not None:
+        fitting = [k for k, v in sizes.items() if v <= free_bytes]
+        line += (f"; {free_bytes / 1e9:.1f} GB free: " + (f"{', '.join(fitting)} would fit" if fitting
+                                                          else "none fits; add ranks"))
+    return line
 
 
 # --- tiny checkpoints for tests ----------------------------------------------------------------
