@@ -345,6 +345,9 @@ def _read_meta(info: CheckpointInfo, args: ModelArgs, fmt: QuantizedFormat, rank
         if name == "output.weight" and args.tie_word_embeddings and fmt.scheme != INT4_EO8:
             out[name] = out["tok_embeddings.weight"]
             continue
+        if name == "output.weight" and fmt.scheme == INT4_EO8 and name not in shards.sd(0):
+            out[name] = out["tok_embeddings.weight"]  # tied and stored once (Llama 3.2 1B/3B)
+            continue
         if fmt.scheme == INT4_EO8 and module in ("tok_embeddings", "output"):
             # Meta's loader multiplies the int8 rows by their scales at load; so do we (rows first).
             weight = _gather(shards, name, name, dim, args, rank, world)
