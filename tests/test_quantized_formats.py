@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from _quantized_mp_worker import build_quantized
 
 from llama3 import ModelArgs, Transformer
-from llama3.checkpoint import inspect_checkpoint, load_model
+from llama3.checkpoint import inspect_checkpoint, load_model, read_model_args
 from llama3.checkpoint.errors import CheckpointFormatError, TensorDtypeError
 from llama3.checkpoint.quantized import (
     FBGEMM_FP8,
@@ -41,6 +41,7 @@ from llama3.checkpoint.quantized import (
     detect_quantization,
     fit_note,
     read_quantized_rank,
+    reshard_fp8_mixed,
     weight_bytes_per_rank,
     write_fbgemm_fp8_checkpoint,
     write_fp8_mixed_checkpoint,
@@ -465,6 +466,27 @@ def _fp8_linear_oracle(q, s):
     def forward(x):
         return emulate_fp8_linear(x.reshape(-1, x.shape[-1]), q, s, 1200.0).float().reshape(*x.shape[:-1], -1)
     return forward
+
+
+@pytest.mark.parametrize(("src", "dst"), [(1, 2), (2, 1)])
+def test_fp8_mixed_reshards_to_another_shard_count(tmp_path, src, dst):
+    """The written shards and scale files hold exactly what each rank of ``dst`` would read from
+    the source, so the resharded checkpoint loads on ``dst`` ranks as the source does."""
+    args = tiny_args()
+    ckpt = write_fp8_mixed_checkpoint(float_state_dict(args), args, tmp_path / "src", num_shards=src)
+    info = inspect_checkpoint(ckpt)
+    out = reshard_fp8_mixed(info, read_model_args(info), tmp_path / "dst", dst)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"consolidated.{r:02d}.pth" for r in range(dst)] + [f"fp8_scales_{r}.pt" for r in range(dst)]
+        + ["params.json"])
+    before, after = inspect_checkpoint(ckpt), inspect_checkpoint(out)
+    assert detect_quantization(after).scheme == FP8_MIXED
+    for rank in range(dst):
+        want = read_quantized_rank(before, args, detect_quantization(before), rank, dst, dtype=torch.bfloat16)
+        got = read_quantized_rank(after, args, detect_quantization(after), rank, dst, dtype=torch.bfloat16)
+        assert want.keys() == got.keys()
+        for k in want:
+            assert want[k].dtype == got[k].dtype and torch.equal(want[k].float(), got[k].float()), k
 
 
 def test_fbgemm_fp8_logits_equal_metas_computation(tmp_path):

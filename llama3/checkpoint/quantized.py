@@ -43,10 +43,10 @@ from ..kernels.fp8 import (
 )
 from ..kernels.int4 import dequantize_int8_rows, int4_bytes_per_weight
 from ..model import ModelArgs
-from .base import CheckpointInfo, ConfigReader, file_mode, regular_file
+from .base import CheckpointInfo, ConfigReader, atomic_directory, check_positive_int, file_mode, regular_file
 from .errors import CheckpointFormatError
 from .hf import meta_to_hf_state_dict, model_args_to_hf_config, to_hf_name, unpermute_rotate_half
-from .layout import canonical_shape, interval, param_names, source_shards, split_dim
+from .layout import canonical_shape, check_shard_layout, interval, param_names, source_shards, split_dim
 from .meta import meta_params, save_meta_checkpoint, torch_load
 
 __all__ = [
@@ -63,6 +63,7 @@ __all__ = [
     "block_linears",
     "weight_bytes_per_rank",
     "fit_note",
+    "reshard_fp8_mixed",
     "write_fp8_mixed_checkpoint",
     "write_fbgemm_fp8_checkpoint",
     "write_int4_eo8_checkpoint",
@@ -493,6 +494,39 @@ def _read_hf_fp8(info: CheckpointInfo, args: ModelArgs, fmt: QuantizedFormat, ra
         want = _local_shape(name, args, rank, world)
         _check_shape(where.get(to_hf_name(name), info.path), name, out[name], want)
     return out
+
+
+def reshard_fp8_mixed(info: CheckpointInfo, args: ModelArgs, dst: str | Path, num_shards: int, *,
+                      overwrite: bool = False) -> Path:
+    """Rewrite the Meta fp8_mixed checkpoint ``info`` (``inspect_checkpoint``'s result; ``args``
+    from ``read_model_args``) as ``num_shards`` shards in ``dst`` (same
+    layout: bfloat16 shards with float8 feed-forward weights, ``fp8_scales_{rank}.pt``), each
+    shard exactly what :func:`read_quantized_rank` gives that rank; written atomically. Splitting
+    keeps every stored value; merging requantizes w2 rows (see the module docstring)."""
+    check_positive_int("num_shards", num_shards)
+    fmt = detect_quantization(info)
+    if fmt is None or fmt.scheme != FP8_MIXED:
+        raise QuantizedCheckpointError(f"{info.path} is not a Meta fp8_mixed checkpoint (no fp8_scales_N.pt)")
+    check_shard_layout(info.num_shards, num_shards, args)
+    fp8_layers = set(fmt.quantized_layers(args))
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        for rank in range(num_shards):
+            sd = read_quantized_rank(info, args, fmt, rank, num_shards, dtype=torch.bfloat16)
+            scales = {}
+            for module in sorted(fp8_layers):
+                layer, w = module.split(".")[1], module.rsplit(".", 1)[1]
+                scales[f"{layer}_feed_forward.{w}_{rank}"] = sd.pop(module + ".weight_scale").clone()
+            if args.tie_word_embeddings:
+                sd["output.weight"] = sd["tok_embeddings.weight"]
+            torch.save({k: v.clone() for k, v in sd.items()}, tmp / f"consolidated.{rank:02d}.pth")
+            torch.save(scales, tmp / f"fp8_scales_{rank}.pt")
+            for name in (f"consolidated.{rank:02d}.pth", f"fp8_scales_{rank}.pt"):
+                (tmp / name).chmod(file_mode())
+        (tmp / "params.json").write_text(json.dumps(info.config, indent=2) + "\n")
+        tokenizer = info.path / "tokenizer.model"
+        if tokenizer.is_file():
+            (tmp / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+    return Path(dst)
 
 
 # --- memory ------------------------------------------------------------------------------------

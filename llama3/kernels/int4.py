@@ -127,8 +127,7 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_ze
 class Int4WeightOnlyLinear(LinearKernel):
     """Kernel family "int4": group-wise int4 weights read by torch's int4 kernels, activations in
     bfloat16 (results in the model's dtype). Buffers: ``weight`` (packed, device-specific) and
-    ``scales_and_zeros``
-    (float32 [in_local / group_size, out_local, 2], torch's layout)."""
+    ``scales_and_zeros`` (float32 [in_local / group_size, out_local, 2], torch's layout)."""
 
     name: ClassVar[str] = "int4"
     weight: torch.Tensor
