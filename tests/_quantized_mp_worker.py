@@ -17,7 +17,7 @@ import torch
 
 from llama3 import Transformer
 from llama3.checkpoint import inspect_checkpoint, read_model_args
-from llama3.checkpoint.quantized import INT4_EO8, detect_quantization, read_quantized_rank
+from llama3.checkpoint.quantized import detect_quantization, read_quantized_rank
 from llama3.distributed import init_model_parallel, model_parallel_rank, model_parallel_world_size
 from llama3.kernels._seam_standin import swap_layers
 from llama3.kernels.fp8 import Fp8RowwiseLinear
@@ -35,8 +35,7 @@ def build_quantized(ckpt: str | Path, *, max_seq_len: int = 64, max_batch_size: 
     with torch.device("meta"):
         model = Transformer(args)
     kernel = Int8DynActInt4Linear if fmt.kernel == "int4-int8act" else Fp8RowwiseLinear
-    settings = fmt.kernel_settings() | ({"dtype": dtype} if fmt.scheme == INT4_EO8 else {})
-    swap_layers(model, fmt.quantized_layers(args), kernel, empty=True, **settings)
+    swap_layers(model, fmt.quantized_layers(args), kernel, empty=True, **fmt.kernel_settings(dtype))
     sd = read_quantized_rank(info, args, fmt, model_parallel_rank(), model_parallel_world_size(), dtype=dtype)
     model.load_state_dict(sd, assign=True, strict=True)
     if args.tie_word_embeddings:

@@ -109,10 +109,12 @@ class QuantizedFormat:
         """The kernel family (``LinearKernel.name``) its quantized layers need."""
         return "int4-int8act" if self.scheme == INT4_EO8 else "fp8-rowwise"
 
-    def kernel_settings(self) -> dict[str, Any]:
-        """Keyword arguments of that kernel's ``empty``."""
+    def kernel_settings(self, dtype: torch.dtype) -> dict[str, Any]:
+        """Keyword arguments of that kernel's ``empty`` for a model run in ``dtype`` (the LoRA
+        adaptor's dtype; fp8 needs none)."""
         if self.scheme == INT4_EO8:
-            return {"group_size": self.group_size, "lora_rank": self.lora_rank, "lora_scale": self.lora_scale}
+            return {"group_size": self.group_size, "lora_rank": self.lora_rank, "lora_scale": self.lora_scale,
+                    "dtype": dtype}
         return {"activation_scale_ub": self.activation_scale_ub}
 
     def quantized_layers(self, args: ModelArgs) -> list[str]:
@@ -535,14 +537,14 @@ def reshard_fp8_mixed(info: CheckpointInfo, args: ModelArgs, dst: str | Path, nu
 def weight_bytes_per_rank(args: ModelArgs, scheme: str | None, world: int = 1, *,
                           float_bytes: int = 2, group_size: int = 128) -> int:
     """Bytes of weights one of ``world`` model-parallel ranks holds in ``scheme``: None (the
-    model's ``float_bytes`` dtype), ``"fp8_mixed"`` (Meta's selection float8 + row scales),
-    ``"fp8"`` (every block linear float8; quantize-at-load), ``"int4"`` (every block linear int4
+    model's ``float_bytes`` dtype), ``"fp8_mixed"`` or ``"fp8"`` (Meta's selection float8 + row
+    scales, as shipped or quantized at load), ``"int4"`` (every block linear int4
     group-wise, bfloat16 scale + offset per group; quantize-at-load) or ``"int4_eo8"`` (Meta's
     mobile layout as we hold it: int4 values one per int8 byte, float32 scales, int8 embedding and
     output multiplied out to ``float_bytes``). Layers not quantized stay ``float_bytes``."""
     if scheme not in (None, "fp8_mixed", "fp8", "int4", "int4_eo8"):
         raise ValueError(f"scheme must be None, 'fp8_mixed', 'fp8', 'int4' or 'int4_eo8', got {scheme!r}")
-    quant = {"fp8_mixed": set(meta_fp8_layers(args.n_layers)), "fp8": set(block_linears(args)),
+    quant = {"fp8_mixed": set(meta_fp8_layers(args.n_layers)), "fp8": set(meta_fp8_layers(args.n_layers)),
              "int4": set(block_linears(args)), "int4_eo8": set(block_linears(args))}.get(scheme or "", set())
     total = 0.0
     for name in param_names(args):

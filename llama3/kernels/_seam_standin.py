@@ -7,7 +7,32 @@ to be built and tested before the seam exists:
 * :class:`LinearKernel`, the contract's mixin (``name``, ``applies``, ``from_float``, ``empty``,
   ``local_product``, ``weight_nbytes``), with no behaviour of its own;
 * :func:`shell`, a new, empty layer of a kernel class that keeps the float layer's plain attributes
-  (in/out features, its model-parallel role and sizes) and none of its tensors.
+  (in/out features, its model-parallel role and sizes) and none of its tensors;
+* :func:`swap_layers`, the seam's ``swap_linears`` for the tests (a combined class whose forward is
+  ``local_product`` + the layer's communication).
+
+Wiring once the seam is merged (phase 2):
+
+1. ``fp8.py`` / ``int4.py``: import ``LinearKernel`` from ``.base``; keep :func:`shell` (move it to
+   base.py) or use the seam's equivalent in ``empty`` / ``from_float``; delete this module and
+   replace ``swap_layers`` in tests/_quantized_mp_worker.py and the tests by the seam's
+   ``swap_linears(model, kernel_cls, select=...)`` (``empty=True`` -> the seam's meta-device path).
+2. Chooser table: "fp8-rowwise" -> ``Fp8RowwiseLinear`` (settings ``activation_scale_ub``),
+   "int4" -> ``Int4WeightOnlyLinear`` (``group_size``, default 128), "int4-int8act" ->
+   ``Int8DynActInt4Linear`` (``group_size``, ``lora_rank``, ``lora_scale``, ``dtype``).
+   ``choose_kernels(..., quantize="fp8")``: Meta's selection ``fp8.meta_fp8_layers(n_layers)``,
+   the rest as without quantize; ``quantize="int4"``: every block linear
+   (``checkpoint.quantized.block_linears``), output and embedding left as they are.
+3. ``checkpoint.load_model``: after ``inspect_checkpoint``, ``fmt = detect_quantization(info)``;
+   when not None: build the Transformer on meta, swap ``fmt.quantized_layers(args)`` to the
+   kernel named ``fmt.kernel`` with ``empty(**fmt.kernel_settings(dtype))``, then
+   ``load_state_dict(read_quantized_rank(info, args, fmt, rank, world, dtype=, device=),
+   assign=True, strict=True)`` instead of ``load_rank_state_dict`` (tests/_quantized_mp_worker.py
+   ``build_quantized`` is exactly this). ``quantize=`` given for a quantized checkpoint: refuse.
+4. ``memory.check_fits_device``: weights from ``checkpoint.quantized.weight_bytes_per_rank(args,
+   scheme, world)``; append ``fit_note(args, world, free)`` to NotEnoughMemoryError's message.
+5. ``convert_checkpoint(..., to="meta", num_shards=N)`` of an fp8_mixed source:
+   ``reshard_fp8_mixed(info, args, dst, N)``; any other quantized source: refuse by name.
 """
 
 from __future__ import annotations
