@@ -16,32 +16,16 @@ from pathlib import Path
 import torch
 
 from llama3 import Transformer
-from llama3.checkpoint import inspect_checkpoint, read_model_args
-from llama3.checkpoint.quantized import detect_quantization, read_quantized_rank
-from llama3.distributed import init_model_parallel, model_parallel_rank, model_parallel_world_size
-from llama3.kernels._seam_standin import swap_layers
-from llama3.kernels.fp8 import Fp8RowwiseLinear
-from llama3.kernels.int4 import Int8DynActInt4Linear
+from llama3.checkpoint import load_model
+from llama3.distributed import init_model_parallel, model_parallel_rank
 
 
 def build_quantized(ckpt: str | Path, *, max_seq_len: int = 64, max_batch_size: int = 2,
                     dtype: torch.dtype = torch.float32) -> Transformer:
-    """What load_model does for a quantized checkpoint once the seam is merged (TEMP, for tests):
-    the layers of the format swapped to its kernel on the meta device, this rank's tensors
-    assigned."""
-    info = inspect_checkpoint(ckpt)
-    args = read_model_args(info, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    fmt = detect_quantization(info)
-    with torch.device("meta"):
-        model = Transformer(args)
-    kernel = Int8DynActInt4Linear if fmt.kernel == "int4-int8act" else Fp8RowwiseLinear
-    swap_layers(model, fmt.quantized_layers(args), kernel, empty=True, **fmt.kernel_settings(dtype))
-    sd = read_quantized_rank(info, args, fmt, model_parallel_rank(), model_parallel_world_size(), dtype=dtype)
-    model.load_state_dict(sd, assign=True, strict=True)
-    if args.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    model.setup_kv_cache(device="cpu", dtype=dtype)
-    return model.eval()
+    """The quantized checkpoint ``ckpt`` loaded on this rank by ``load_model`` (which recognises
+    the format, swaps its layers to the kernel on the meta device and assigns this rank's tensors)."""
+    return load_model(ckpt, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device="cpu", dtype=dtype,
+                      verbose=False)
 
 
 def main(jobs_file: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from llama3.distributed import ColumnParallelLinear
-from llama3.kernels._seam_standin import swap_layers
+from llama3.kernels.base import swap_linear
 from llama3.kernels.fp8 import (
     Fp8RowwiseLinear,
     fp8_reference_linear,
@@ -39,7 +39,7 @@ def test_fp8_scaled_mm_matches_the_reference_path(rows):
     if not scaled_mm_supported("cuda"):
         pytest.skip("float8 row-wise scaled matmul needs compute capability 8.9+")
     layer = _layer(1024, 512).cuda().to(torch.bfloat16)
-    fp8 = swap_layers(torch.nn.ModuleDict({"l": layer}), ["l"], Fp8RowwiseLinear)["l"]
+    fp8 = swap_linear(layer, Fp8RowwiseLinear)
     x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16) * 2
     got = fp8(x)
     xq, sx = quantize_fp8_rowwise(x, 1200.0)
@@ -53,8 +53,7 @@ def test_fp8_scaled_mm_matches_the_reference_path(rows):
 def test_int4_cuda_kernel_matches_the_dequantized_product(group_size):
     layer = _layer(1024, 256).cuda().to(torch.bfloat16)
     q, scales, zeros = quantize_int4_groupwise(layer.weight, group_size)
-    int4 = swap_layers(torch.nn.ModuleDict({"l": layer}), ["l"], Int4WeightOnlyLinear,
-                       group_size=group_size)["l"]
+    int4 = swap_linear(layer, Int4WeightOnlyLinear, group_size=group_size)
     x = torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16)
     got = int4(x)
     w_hat = dequantize_int4_groupwise(q, scales.to(torch.bfloat16).float(), zeros.to(torch.bfloat16).float())

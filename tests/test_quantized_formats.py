@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from _quantized_mp_worker import build_quantized
 
 from llama3 import ModelArgs, Transformer
-from llama3.checkpoint import inspect_checkpoint, load_model, read_model_args
+from llama3.checkpoint import inspect_checkpoint, load_model, load_rank_state_dict, read_model_args
 from llama3.checkpoint.errors import CheckpointFormatError, TensorDtypeError
 from llama3.checkpoint.quantized import (
     FBGEMM_FP8,
@@ -49,7 +49,8 @@ from llama3.checkpoint.quantized import (
 )
 from llama3.distributed import ColumnParallelLinear, RowParallelLinear, init_model_parallel
 from llama3.errors import LlamaError
-from llama3.kernels._seam_standin import swap_layers
+from llama3.kernels import apply_kernels, choose_kernels, kernels_in
+from llama3.kernels.base import swap_linear
 from llama3.kernels.fp8 import (
     Fp8RowwiseLinear,
     fp8_rowwise_linear,
@@ -64,7 +65,8 @@ from llama3.kernels.int4 import (
     dequantize_int4_groupwise,
     int4_bytes_per_weight,
 )
-from llama3.presets import preset_args, random_state_dict
+from llama3.checkpoint import random_state_dict
+from llama3.presets import preset_args
 
 # n_kv_heads 2 (GQA), ffn hidden 256 (multiple_of 64: splits into 2 ranks in whole int4 groups of 32).
 ARGS = dict(dim=64, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=256, multiple_of=64, norm_eps=1e-5,
@@ -148,7 +150,7 @@ def _column(in_f: int, out_f: int, seed: int) -> ColumnParallelLinear:
 
 def test_fp8_quantize_at_load_error_is_within_the_rounding_bound():
     layer = _column(256, 128, seed=2)
-    fp8 = swap_layers(torch.nn.ModuleDict({"l": layer}), ["l"], Fp8RowwiseLinear)["l"]
+    fp8 = swap_linear(layer, Fp8RowwiseLinear)
     assert isinstance(fp8, Fp8RowwiseLinear) and isinstance(fp8, ColumnParallelLinear)
     assert fp8.weight_nbytes() == 128 * 256 + 128 * 4
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(3))
@@ -250,8 +252,7 @@ def test_int4_eo8_bad_settings_are_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_weight_only_cpu_kernel(group_size, dtype):
     layer = _column(512, 96, seed=7)
-    int4 = swap_layers(torch.nn.ModuleDict({"l": layer}), ["l"], Int4WeightOnlyLinear,
-                       group_size=group_size)["l"]
+    int4 = swap_linear(layer, Int4WeightOnlyLinear, group_size=group_size)
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(8))
     y = int4(x.to(dtype))
     assert y.dtype == dtype and y.shape == (5, 96)
@@ -284,8 +285,7 @@ def _unpacked(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def test_int4_weight_only_refuses_unsupported_group_sizes():
     with pytest.raises(UnsupportedGroupSizeError, match="one of 32, 64, 128, 256"):
-        swap_layers(torch.nn.ModuleDict({"l": _column(512, 32, 0)}), ["l"], Int4WeightOnlyLinear,
-                    group_size=48)
+        swap_linear(_column(512, 32, 0), Int4WeightOnlyLinear, group_size=48)
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -364,9 +364,13 @@ def test_fp8_mixed_with_a_missing_scale_file_is_refused(tmp_path):
 
 def test_float_loader_refuses_float8_tensors_instead_of_casting_them(tmp_path):
     """Before: a fp8_mixed checkpoint loaded silently with its float8 weights cast up and its
-    scales ignored. The float loader now refuses any float8 tensor by name."""
+    scales ignored. The float loader now refuses any float8 tensor by name: the float reader
+    itself, and load_model when the scale files that make it fp8_mixed are gone."""
     args = tiny_args()
     ckpt = write_fp8_mixed_checkpoint(float_state_dict(args), args, tmp_path / "c")
+    with pytest.raises(TensorDtypeError, match="float8_e4m3fn.*fp8_scales"):
+        load_rank_state_dict(ckpt, args, 0, 1)
+    (ckpt / "fp8_scales_0.pt").unlink()
     with pytest.raises(TensorDtypeError, match="float8_e4m3fn.*fp8_scales"):
         load_model(ckpt, max_seq_len=32, max_batch_size=1, device="cpu", dtype="float32", verbose=False)
 
@@ -613,13 +617,10 @@ def test_quantize_at_load_stays_close_to_the_float_model(mode):
     prompts = _prompts(4, 32, 12)
     with torch.no_grad():
         want = model(prompts, 0)
-        if mode == "fp8":  # Meta's selection: FFN of the middle layers
-            swap_layers(model, meta_fp8_layers(args.n_layers), Fp8RowwiseLinear)
-        else:  # every block linear, group 32 (the tiny model's 64 inputs)
-            swap_layers(model, [f"layers.{i}.{p}" for i in range(args.n_layers) for p in
-                                ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")],
-                        Int4WeightOnlyLinear, group_size=32)
+        # The chooser's selection: fp8 = Meta's (FFN of the middle layers), int4 = every block
+        # linear, group 32 (the tiny model's 64 inputs).
+        apply_kernels(model, choose_kernels(model, "cpu", torch.float32, mode, int4_group_size=32))
+        assert kernels_in(model) == {name: _expected_kernel(mode, name, args.n_layers) for name in kernels_in(model)}
         got = model(prompts, 0)
     rel = ((got - want).norm() / want.norm()).item()
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
@@ -628,6 +629,15 @@ def test_quantize_at_load_stays_close_to_the_float_model(mode):
     # equal; int4 group 32 on every block linear 0.30 and 68 %.
     assert rel <= {"fp8": 0.06, "int4": 0.4}[mode]
     assert agree >= {"fp8": 0.9, "int4": 0.6}[mode]
+
+
+def _expected_kernel(mode: str, name: str, n_layers: int) -> str:
+    if name == "output":
+        return "torch"
+    if mode == "int4":
+        return "int4"
+    layer = int(name.split(".")[1])
+    return "fp8-rowwise" if "feed_forward" in name and 0 < layer < n_layers - 1 else "torch"
 
 
 def test_quantized_errors_are_llama_errors():

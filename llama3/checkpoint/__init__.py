@@ -25,6 +25,7 @@ import torch
 
 from ..distributed import init_model_parallel, model_parallel_rank, select_device, select_dtype
 from ..errors import InvalidArgumentError
+from ..kernels import KERNELS, swap_linears
 from ..model import ModelArgs, Transformer
 from ..progress import Progress, configure_logging
 from ..tokenizer import find_tokenizer
@@ -68,6 +69,15 @@ from .hf_tokenizer import write_hf_extras
 from .hub import resolve_checkpoint_dir
 from .layout import check_shard_layout, param_names, shard_shape
 from .meta import META, save_meta_checkpoint
+from .quantized import (
+    QuantizedCheckpointError,
+    QuantizedFormat,
+    UnknownQuantizedTensorError,
+    UnsupportedQuantizationError,
+    detect_quantization,
+    read_quantized_rank,
+    reshard_fp8_mixed,
+)
 from .random_weights import random_state_dict, write_random_checkpoint
 
 __all__ = [
@@ -86,6 +96,11 @@ __all__ = [
     "TiedWeightsMismatchError",
     "UnsafeCheckpointError",
     "UnsafePathError",
+    "QuantizedCheckpointError",
+    "UnsupportedQuantizationError",
+    "UnknownQuantizedTensorError",
+    "QuantizedFormat",
+    "detect_quantization",
     "CheckpointInfo",
     "inspect_checkpoint",
     "read_model_args",
@@ -230,7 +245,17 @@ def load_model(ckpt_dir: str | Path | CheckpointInfo, *, max_seq_len: int, max_b
                         args.rope_low_freq_factor, args.rope_high_freq_factor, args.rope_original_max_seq_len)
         with torch.device("meta"):
             model = Transformer(args)
-        sd = load_rank_state_dict(info, args, rank, world, dtype=target_dtype, device=target_device)
+        fmt = detect_quantization(info)
+        if fmt is None:
+            sd = load_rank_state_dict(info, args, rank, world, dtype=target_dtype, device=target_device)
+        else:
+            # Shipped quantized: those layers become their kernel's empty buffers, then the
+            # checkpoint's tensors (and scales) are assigned as they are stored.
+            logger.info("  %s", fmt.describe())
+            layers = set(fmt.quantized_layers(args))
+            swap_linears(model, KERNELS[fmt.kernel], select=lambda name, _m: name in layers, empty=True,
+                         **fmt.kernel_settings(target_dtype))
+            sd = read_quantized_rank(info, args, fmt, rank, world, dtype=target_dtype, device=target_device)
         expected = model.state_dict()
         for name, t in sd.items():
             if tuple(t.shape) != tuple(expected[name].shape):  # the shard checks make this unreachable

@@ -43,7 +43,8 @@ from ..kernels.fp8 import (
 )
 from ..kernels.int4 import dequantize_int8_rows, int4_bytes_per_weight
 from ..model import ModelArgs
-from .base import CheckpointInfo, ConfigReader, atomic_directory, check_positive_int, file_mode, regular_file
+from ..validation import positive_int
+from .base import CheckpointInfo, ConfigReader, atomic_directory, file_mode, regular_file
 from .errors import CheckpointFormatError
 from .hf import meta_to_hf_state_dict, model_args_to_hf_config, to_hf_name, unpermute_rotate_half
 from .layout import canonical_shape, check_shard_layout, interval, param_names, source_shards, split_dim
@@ -505,7 +506,7 @@ def reshard_fp8_mixed(info: CheckpointInfo, args: ModelArgs, dst: str | Path, nu
     layout: bfloat16 shards with float8 feed-forward weights, ``fp8_scales_{rank}.pt``), each
     shard exactly what :func:`read_quantized_rank` gives that rank; written atomically. Splitting
     keeps every stored value; merging requantizes w2 rows (see the module docstring)."""
-    check_positive_int("num_shards", num_shards)
+    positive_int(num_shards, "num_shards")
     fmt = detect_quantization(info)
     if fmt is None or fmt.scheme != FP8_MIXED:
         raise QuantizedCheckpointError(f"{info.path} is not a Meta fp8_mixed checkpoint (no fp8_scales_N.pt)")

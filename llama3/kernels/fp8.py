@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..validation import finite_float
-from ._seam_standin import LinearKernel, shell  # TEMP: becomes `from .base import LinearKernel` + seam helper
+from .base import LinearKernel
 
 __all__ = [
     "FP8_E4M3_MAX",
@@ -120,22 +120,30 @@ class Fp8RowwiseLinear(LinearKernel):
     """
 
     name: ClassVar[str] = "fp8-rowwise"
+    shares_float_weight: ClassVar[bool] = False
     weight: torch.Tensor
     weight_scale: torch.Tensor
     activation_scale_ub: float | None
 
     @classmethod
-    def applies(cls, layer: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    def applies(cls, layer: nn.Module | None, device: torch.device, dtype: torch.dtype) -> bool:
         """Any 2-D weight: where float8 tensor cores are missing the reference path computes it."""
+        if layer is None:
+            return dtype.is_floating_point
         weight = getattr(layer, "weight", None)
         return isinstance(weight, torch.Tensor) and weight.dim() == 2 and dtype.is_floating_point
+
+    @classmethod
+    def nbytes_for(cls, out_features: int, in_features: int, dtype: torch.dtype) -> int:
+        """1 byte per weight plus a float32 scale per row."""
+        return out_features * in_features + out_features * 4
 
     @classmethod
     def empty(cls, layer: nn.Module, *,
               activation_scale_ub: float | None = DEFAULT_ACTIVATION_SCALE_UB) -> Fp8RowwiseLinear:
         """The layer with meta-device buffers of ``layer.weight``'s local shape, for a checkpoint's
         float8 tensors to be assigned (``load_state_dict(..., assign=True)``)."""
-        new = shell(cls, layer)
+        new = cls.blank(layer)
         out_local, in_local = layer.weight.shape
         new.register_buffer("weight", torch.empty(out_local, in_local, dtype=FP8_DTYPE, device="meta"))
         new.register_buffer("weight_scale", torch.empty(out_local, dtype=torch.float32, device="meta"))

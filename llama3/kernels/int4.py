@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..validation import finite_float, optional, positive_int
-from ._seam_standin import LinearKernel, shell  # TEMP: becomes `from .base import LinearKernel` + seam helper
+from .base import LinearKernel
 
 __all__ = [
     "INT4_GROUP_SIZES",
@@ -130,6 +130,7 @@ class Int4WeightOnlyLinear(LinearKernel):
     ``scales_and_zeros`` (float32 [in_local / group_size, out_local, 2], torch's layout)."""
 
     name: ClassVar[str] = "int4"
+    shares_float_weight: ClassVar[bool] = False
     weight: torch.Tensor
     scales_and_zeros: torch.Tensor
     group_size: int
@@ -137,9 +138,11 @@ class Int4WeightOnlyLinear(LinearKernel):
     local_in: int
 
     @classmethod
-    def applies(cls, layer: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    def applies(cls, layer: nn.Module | None, device: torch.device, dtype: torch.dtype) -> bool:
         """CPU and CUDA (computed in bfloat16 on both); inputs that split into groups of 32 and,
         on CUDA, the kernel's tile of 128 columns and 8 rows."""
+        if layer is None:
+            return torch.device(device).type in ("cpu", "cuda") and dtype.is_floating_point
         weight = getattr(layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             return False
@@ -150,6 +153,12 @@ class Int4WeightOnlyLinear(LinearKernel):
         return device.type == "cpu" and k % 32 == 0 and dtype.is_floating_point
 
     @classmethod
+    def nbytes_for(cls, out_features: int, in_features: int, dtype: torch.dtype,
+                   group_size: int = DEFAULT_GROUP_SIZE) -> int:
+        """Half a byte per weight plus a bfloat16 scale and offset per group (see weight_nbytes)."""
+        return int(out_features * in_features * int4_bytes_per_weight(group_size))
+
+    @classmethod
     @torch.no_grad()
     def from_float(cls, layer: nn.Module, *, group_size: int = DEFAULT_GROUP_SIZE) -> Int4WeightOnlyLinear:
         """Quantize ``layer``'s float weight where it lies (CPU or CUDA)."""
@@ -157,7 +166,7 @@ class Int4WeightOnlyLinear(LinearKernel):
         n, k = weight.shape
         group_size = _check_group_size(group_size, k, allowed=INT4_GROUP_SIZES)
         q, scales, zeros = quantize_int4_groupwise(weight, group_size)
-        new = shell(cls, layer)
+        new = cls.blank(layer)
         new.register_buffer("weight", _pack_for(weight.device, q))
         new.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).contiguous())
         new.group_size, new.local_out, new.local_in = group_size, n, k
@@ -209,6 +218,7 @@ class Int8DynActInt4Linear(LinearKernel):
     ``adaptor.A.weight``, ``adaptor.B.weight``."""
 
     name: ClassVar[str] = "int4-int8act"
+    shares_float_weight: ClassVar[bool] = False
     weight: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
@@ -216,10 +226,18 @@ class Int8DynActInt4Linear(LinearKernel):
     lora_scale: float | None
 
     @classmethod
-    def applies(cls, layer: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    def applies(cls, layer: nn.Module | None, device: torch.device, dtype: torch.dtype) -> bool:
         """Any 2-D weight: the computation is plain tensor arithmetic."""
+        if layer is None:
+            return True
         weight = getattr(layer, "weight", None)
         return isinstance(weight, torch.Tensor) and weight.dim() == 2
+
+    @classmethod
+    def nbytes_for(cls, out_features: int, in_features: int, dtype: torch.dtype, group_size: int = 32) -> int:
+        """As held here: one int8 byte per int4 value, float32 scale and zero per group (adaptor
+        not counted: rank x (in + out), small)."""
+        return out_features * in_features + out_features * (in_features // group_size) * 8
 
     @classmethod
     def empty(cls, layer: nn.Module, *, group_size: int, lora_rank: int | None = None,
@@ -233,7 +251,7 @@ class Int8DynActInt4Linear(LinearKernel):
         if (lora_rank is None) != (lora_scale is None):
             raise InvalidArgumentError("lora_args needs both rank and scale (got "
                                        f"rank={lora_rank!r}, scale={lora_scale!r})")
-        new = shell(cls, layer)
+        new = cls.blank(layer)
         meta = torch.device("meta")
         new.register_buffer("weight", torch.empty(out_local, in_local, dtype=torch.int8, device=meta))
         groups = in_local // group_size
