@@ -191,8 +191,8 @@ class Llama:
         # Which kernel computes each linear layer (logged with the reason); the weights' formats
         # decide how many bytes they take.
         stored = detect_quantization(info)  # a checkpoint shipped quantized: its layers keep their format
-        plan = choose_kernels(args, target, run_dtype, quantize, fbgemm=fbgemm, int4_group_size=int4_group_size,
-                              stored=stored)
+        plan = choose_kernels(args, target, run_dtype, quantize, fbgemm=fbgemm,
+                              int4_group_size=int4_group_size, stored=stored)
         check_fits(args, run_dtype, target, world, plan, alternatives=None if quantize or stored
                    else quantized_alternatives(args, target, run_dtype))
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import resource
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,7 +60,8 @@ def weight_bytes(args: Any, dtype: torch.dtype, plan: Any = None) -> int:
     kv_dim = args.n_kv_heads * args.head_dim
     shapes = {"attention.wq": (args.dim, args.dim), "attention.wk": (kv_dim, args.dim),
               "attention.wv": (kv_dim, args.dim), "attention.wo": (args.dim, args.dim),
-              "feed_forward.w1": (args.ffn_hidden_dim, args.dim), "feed_forward.w3": (args.ffn_hidden_dim, args.dim),
+              "feed_forward.w1": (args.ffn_hidden_dim, args.dim),
+              "feed_forward.w3": (args.ffn_hidden_dim, args.dim),
               "feed_forward.w2": (args.dim, args.ffn_hidden_dim)}
     blocks = sum(linear(f"layers.{i}.{name}", out_f, in_f) for i in range(args.n_layers)
                  for name, (out_f, in_f) in shapes.items())
@@ -151,8 +152,8 @@ def check_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size: 
     except NotEnoughMemoryError as e:
         if not alternatives:
             raise
-        raise NotEnoughMemoryError(f"{e} {_smaller_formats(args, dtype, world_size, weights // ranks_here, alternatives)}"
-                                   ) from None
+        advice = _smaller_formats(args, dtype, world_size, weights // ranks_here, alternatives)
+        raise NotEnoughMemoryError(f"{e} {advice}") from None
 
 
 def _smaller_formats(args: Any, dtype: torch.dtype, world_size: int, weights_per_rank: int,

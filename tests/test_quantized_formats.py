@@ -30,7 +30,13 @@ import torch.nn.functional as F
 from _quantized_mp_worker import build_quantized
 
 from llama3 import ModelArgs, Transformer
-from llama3.checkpoint import inspect_checkpoint, load_model, load_rank_state_dict, read_model_args
+from llama3.checkpoint import (
+    inspect_checkpoint,
+    load_model,
+    load_rank_state_dict,
+    random_state_dict,
+    read_model_args,
+)
 from llama3.checkpoint.errors import CheckpointFormatError, TensorDtypeError
 from llama3.checkpoint.quantized import (
     FBGEMM_FP8,
@@ -65,7 +71,6 @@ from llama3.kernels.int4 import (
     dequantize_int4_groupwise,
     int4_bytes_per_weight,
 )
-from llama3.checkpoint import random_state_dict
 from llama3.presets import preset_args
 
 # n_kv_heads 2 (GQA), ffn hidden 256 (multiple_of 64: splits into 2 ranks in whole int4 groups of 32).
@@ -119,10 +124,12 @@ def test_fp8_quantization_is_fbgemms_rowwise_rounding():
     x[3, 7] = 5000.0  # above the bound: this row saturates
     q, scale = quantize_fp8_rowwise(x, 1200.0)
     want_q, want_scale = emulate_quantize(x, 1200.0)
-    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+    assert q.dtype == torch.float8_e4m3fn
+    assert scale.dtype == torch.float32
     assert torch.equal(q.double(), want_q)
     torch.testing.assert_close(scale.double(), want_scale, rtol=1e-7, atol=0)
-    assert scale[3].item() == pytest.approx(1200.0 / 448.0) and q[3, 7].float().item() == 448.0
+    assert scale[3].item() == pytest.approx(1200.0 / 448.0)
+    assert q[3, 7].float().item() == 448.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -132,7 +139,8 @@ def test_fp8_linear_is_metas_formula(dtype):
     x = (torch.randn(2, 5, 256, generator=gen) * 3).to(dtype)
     wq, ws = quantize_fp8_rowwise(w)
     y = fp8_rowwise_linear(x, wq, ws, 1200.0)
-    assert y.dtype == dtype and y.shape == (2, 5, 96)
+    assert y.dtype == dtype
+    assert y.shape == (2, 5, 96)
     want = emulate_fp8_linear(x.reshape(-1, 256), wq, ws).reshape(2, 5, 96)
     # float32 sums of 256 exact products: error <= 256 * 2^-24 of the sum of |terms|;
     # bfloat16 out (like fbgemm's f8f8bf16) adds half a bf16 ulp, 2^-9 relative.
@@ -151,7 +159,8 @@ def _column(in_f: int, out_f: int, seed: int) -> ColumnParallelLinear:
 def test_fp8_quantize_at_load_error_is_within_the_rounding_bound():
     layer = _column(256, 128, seed=2)
     fp8 = swap_linear(layer, Fp8RowwiseLinear)
-    assert isinstance(fp8, Fp8RowwiseLinear) and isinstance(fp8, ColumnParallelLinear)
+    assert isinstance(fp8, Fp8RowwiseLinear)
+    assert isinstance(fp8, ColumnParallelLinear)
     assert fp8.weight_nbytes() == 128 * 256 + 128 * 4
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(3))
     y, exact = fp8(x), x @ layer.weight.t()
@@ -255,7 +264,8 @@ def test_int4_weight_only_cpu_kernel(group_size, dtype):
     int4 = swap_linear(layer, Int4WeightOnlyLinear, group_size=group_size)
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(8))
     y = int4(x.to(dtype))
-    assert y.dtype == dtype and y.shape == (5, 96)
+    assert y.dtype == dtype
+    assert y.shape == (5, 96)
     # The kernel computes x times the dequantized weight, (q - 8) * scale + zero group by group,
     # with activations, scales and offsets in bfloat16 (see int4_weight_only_linear).
     s = int4.scales_and_zeros.to(torch.bfloat16).float()
@@ -296,7 +306,8 @@ def test_bytes_per_rank_405b_on_8_ranks():
     args = preset_args("llama-3.1-405b")
     bf16 = weight_bytes_per_rank(args, None, 8)
     fp8 = weight_bytes_per_rank(args, "fp8_mixed", 8)
-    assert round(bf16 / 1e9) == 101 and round(fp8 / 1e9) == 61
+    assert round(bf16 / 1e9) == 101
+    assert round(fp8 / 1e9) == 61
     # Every FFN weight Meta quantizes costs 1 byte + its row's 4-byte scale instead of 2 bytes.
     ffn = 3 * args.dim * args.ffn_hidden_dim // 8 * (args.n_layers - 2)
     scales = (2 * args.ffn_hidden_dim // 8 + args.dim) * 4 * (args.n_layers - 2)
@@ -345,7 +356,8 @@ def test_other_schemes_are_refused_by_name(tmp_path):
     (meta / "params.json").write_text(json.dumps(params))
     with pytest.raises(UnsupportedQuantizationError, match="'int8_weight_only' is not supported") as e:
         detect_quantization(inspect_checkpoint(meta))
-    assert isinstance(e.value, CheckpointFormatError) and isinstance(e.value, ValueError)
+    assert isinstance(e.value, CheckpointFormatError)
+    assert isinstance(e.value, ValueError)
     hf = write_fbgemm_fp8_checkpoint(sd, args, tmp_path / "h")
     config = json.loads((hf / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
@@ -490,7 +502,8 @@ def test_fp8_mixed_reshards_to_another_shard_count(tmp_path, src, dst):
         got = read_quantized_rank(after, args, detect_quantization(after), rank, dst, dtype=torch.bfloat16)
         assert want.keys() == got.keys()
         for k in want:
-            assert want[k].dtype == got[k].dtype and torch.equal(want[k].float(), got[k].float()), k
+            assert want[k].dtype == got[k].dtype, k
+            assert torch.equal(want[k].float(), got[k].float()), k
 
 
 def test_fbgemm_fp8_logits_equal_metas_computation(tmp_path):
@@ -620,7 +633,8 @@ def test_quantize_at_load_stays_close_to_the_float_model(mode):
         # The chooser's selection: fp8 = Meta's (FFN of the middle layers), int4 = every block
         # linear, group 32 (the tiny model's 64 inputs).
         apply_kernels(model, choose_kernels(model, "cpu", torch.float32, mode, int4_group_size=32))
-        assert kernels_in(model) == {name: _expected_kernel(mode, name, args.n_layers) for name in kernels_in(model)}
+        chosen = kernels_in(model)
+        assert chosen == {name: _expected_kernel(mode, name, args.n_layers) for name in chosen}
         got = model(prompts, 0)
     rel = ((got - want).norm() / want.norm()).item()
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()

@@ -325,6 +325,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, num_shards:
         raise InvalidArgumentError(f"the output {dst} is the source checkpoint; choose another directory")
     args = read_model_args(info, rope_scale_factor=rope_scale_factor)
     check_shard_layout(1, num_shards, args)  # fail before minutes of reading
+    fmt = detect_quantization(info)
+    if fmt is not None:
+        return _convert_quantized(info, args, fmt, dst, to=to, num_shards=num_shards, dtype=dtype,
+                                  overwrite=overwrite)
     sd = load_rank_state_dict(info, args, 0, 1)
     _check_fits(sd, dtype)
     tokenizer = find_tokenizer(root)
@@ -337,3 +341,16 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, num_shards:
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
     return [dst / p.name for p in paths]
+
+
+def _convert_quantized(info: CheckpointInfo, args: ModelArgs, fmt: QuantizedFormat, dst: Path, *, to: str,
+                       num_shards: int, dtype: torch.dtype | None, overwrite: bool) -> list[Path]:
+    """A quantized source: Meta's fp8_mixed reshards to ``num_shards`` (scales with their rows);
+    any other conversion would have to dequantize, which is refused by name."""
+    if fmt.scheme != "fp8_mixed" or to != "meta" or dtype is not None:
+        raise UnsupportedQuantizationError(
+            f"{info.path} is a quantized checkpoint ({fmt.describe()}); convert_checkpoint only reshards "
+            "Meta fp8_mixed checkpoints (to='meta', num_shards=N, no dtype). Load it as it is, or convert "
+            "the model's bf16 release instead.")
+    out = reshard_fp8_mixed(info, args, dst, num_shards, overwrite=overwrite)
+    return sorted(out.glob("consolidated.*.pth"))

@@ -22,10 +22,10 @@ from .choose import (
     kernels_in,
     quantized_alternatives,
 )
-from .fp8 import Fp8RowwiseLinear
-from .int4 import Int4WeightOnlyLinear, Int8DynActInt4Linear
 from .cpu_gemv import CpuGemvKernel
 from .fbgemm import FbgemmFp16Kernel, cpu_has_bf16_matrix_units, fbgemm_available
+from .fp8 import Fp8RowwiseLinear
+from .int4 import Int4WeightOnlyLinear, Int8DynActInt4Linear
 from .int8 import Int8Kernel, quantize_per_channel
 from .torch_default import TorchKernel
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,7 +32,8 @@ from .int8 import Int8Kernel
 from .torch_default import TorchKernel
 
 __all__ = ["ENV_OVERRIDE", "FAMILIES", "KERNELS", "KernelChoice", "KernelPlan", "MIN_FBGEMM_DIM",
-           "QUANTIZED_FAMILIES", "QUANTIZE_MODES", "StoredQuantization", "UnknownKernelError", "apply_kernels",
+           "QUANTIZED_FAMILIES", "QUANTIZE_MODES", "StoredQuantization", "UnknownKernelError",
+           "apply_kernels",
            "check_int4_group_size", "choose_kernels", "decide", "fbgemm_is_the_fast_path",
            "quantized_alternatives", "quantized_layers"]
 
@@ -215,8 +216,9 @@ def quantized_layers(quantize: str, args: Any) -> frozenset[str] | None:
 def check_int4_group_size(group_size: Any) -> int:
     """``group_size`` if torch's int4 kernels take it, else :class:`UnsupportedGroupSizeError`."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in INT4_GROUP_SIZES:
-        raise UnsupportedGroupSizeError(f"int4_group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))} "
-                                        f"(torch's int4 kernels), got {group_size!r}")
+        sizes = ", ".join(map(str, INT4_GROUP_SIZES))
+        raise UnsupportedGroupSizeError(f"int4_group_size must be one of {sizes} (torch's int4 kernels), "
+                                        f"got {group_size!r}")
     return group_size
 
 
@@ -262,8 +264,9 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
         for family in FAMILIES:
             mine = frozenset(n for n in names if _family_of(n) == family)
             if mine:
-                chosen[family] = KernelChoice(KERNELS[stored.kernel], f"the checkpoint ships {stored.describe()}",
-                                              mine, stored.kernel_settings(dtype))
+                chosen[family] = KernelChoice(KERNELS[stored.kernel],
+                                              f"the checkpoint ships {stored.describe()}", mine,
+                                              stored.kernel_settings(dtype))
     if override is None:
         override = os.environ.get(ENV_OVERRIDE) or None
     for family, name in _parse_override(override).items():
@@ -291,13 +294,15 @@ def apply_kernels(model: nn.Module, plan: KernelPlan) -> dict[str, int]:
         if choice.kernel is TorchKernel:
             swapped[family] = 0
             continue
-        swapped[family] = swap_linears(
-            model, choice.kernel, **choice.settings,
-            select=lambda name, _m, family=family, choice=choice: _family_of(name) == family and choice.computes(name))
+        def select(name: str, _module: nn.Module, family: str = family, choice: KernelChoice = choice) -> bool:
+            return _family_of(name) == family and choice.computes(name)
+
+        swapped[family] = swap_linears(model, choice.kernel, select=select, **choice.settings)
     return swapped
 
 
-def quantized_alternatives(args: Any, device: torch.device | str, dtype: torch.dtype) -> dict[str, KernelPlan]:
+def quantized_alternatives(args: Any, device: torch.device | str, dtype: torch.dtype
+                           ) -> dict[str, KernelPlan]:
     """The plan of each quantize mode that would shrink a float model (for the fit check's advice)."""
     plans = {}
     for mode in ("fp8", "int4"):
