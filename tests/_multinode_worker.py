@@ -25,8 +25,8 @@ from llama3.distributed import init_model_parallel
 def greedy(ckpt: str, tokens: torch.Tensor, steps: int, model_parallel_size: int | None = None) -> dict:
     """Prompt logits and ``steps`` greedy tokens of the checkpoint on this job's ranks (also used
     by the test in one process, as the reference)."""
-    model = load_model(ckpt, max_seq_len=tokens.shape[1] + steps, max_batch_size=tokens.shape[0], device="cpu",
-                       dtype="float32", model_parallel_size=model_parallel_size, verbose=False)
+    model = load_model(ckpt, max_seq_len=tokens.shape[1] + steps, max_batch_size=tokens.shape[0],
+                       device="cpu", dtype="float32", model_parallel_size=model_parallel_size, verbose=False)
     logits = model(tokens, 0)
     out, pos = [logits[:, -1].argmax(-1)], tokens.shape[1]
     for _ in range(steps - 1):

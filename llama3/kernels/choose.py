@@ -294,7 +294,8 @@ def apply_kernels(model: nn.Module, plan: KernelPlan) -> dict[str, int]:
         if choice.kernel is TorchKernel:
             swapped[family] = 0
             continue
-        def select(name: str, _module: nn.Module, family: str = family, choice: KernelChoice = choice) -> bool:
+        def select(name: str, _module: nn.Module, family: str = family,
+                   choice: KernelChoice = choice) -> bool:
             return _family_of(name) == family and choice.computes(name)
 
         swapped[family] = swap_linears(model, choice.kernel, select=select, **choice.settings)
