@@ -47,8 +47,10 @@ from llama3.checkpoint.quantized import (
     detect_quantization,
     fit_note,
     read_quantized_rank,
-    reshard_fp8_mixed,
     weight_bytes_per_rank,
+)
+from llama3.checkpoint.quantized_write import (
+    reshard_fp8_mixed,
     write_fbgemm_fp8_checkpoint,
     write_fp8_mixed_checkpoint,
     write_int4_eo8_checkpoint,

@@ -24,6 +24,8 @@ from llama3.checkpoint import (
 from llama3.checkpoint.quantized import (
     block_linears,
     weight_bytes_per_rank,
+)
+from llama3.checkpoint.quantized_write import (
     write_fbgemm_fp8_checkpoint,
     write_fp8_mixed_checkpoint,
     write_int4_eo8_checkpoint,

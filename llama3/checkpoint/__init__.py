@@ -76,8 +76,8 @@ from .quantized import (
     UnsupportedQuantizationError,
     detect_quantization,
     read_quantized_rank,
-    reshard_fp8_mixed,
 )
+from .quantized_write import reshard_fp8_mixed
 from .random_weights import random_state_dict, write_random_checkpoint
 
 __all__ = [

@@ -1,21 +1,6 @@
-"""Quantized checkpoints: recognise Meta's and Hugging Face's quantized formats, read a rank's
-slice of their tensors and scales, refuse every other scheme by name; tiny writers for tests.
-
-Formats understood (:func:`detect_quantization`):
-
-* Meta ``fp8_mixed`` (Llama 3.1 405B on one 8-GPU node): ``consolidated.NN.pth`` shards whose
-  feed-forward w1/w2/w3 of layers 1 .. n-2 are float8 e4m3, plus ``fp8_scales_{rank}.pt`` beside
-  them holding one float32 scale per output row of each, keyed ``"{layer}_feed_forward.{w}_{rank}"``.
-* Meta ``INT4_EO8`` (Llama 3.2 1B/3B QLoRA and SpinQuant): ``params.json`` has
-  ``quantization_args`` (``scheme: "int4_weight_int8_dynamic_activation"``, ``group_size``) and,
-  for QLoRA, ``lora_args`` (``rank``, ``scale``). Every linear layer of the blocks has ``weight``
-  (int8 holding int4), ``scales`` [out, in/group], optional ``zeros``, and for QLoRA
-  ``adaptor.A.weight`` / ``adaptor.B.weight``; ``tok_embeddings`` and ``output`` are int8
-  ``weight`` with per-row ``scales``.
-* Hugging Face ``fbgemm_fp8`` (``Llama-3.1-405B-Instruct-FP8``): ``config.json``'s
-  ``quantization_config.quant_method == "fbgemm_fp8"``; each converted linear has a float8
-  ``weight`` and float32 ``weight_scale`` [out, 1]; ``activation_scale_ub``;
-  ``modules_to_not_convert`` names the layers left in bfloat16.
+"""Quantized checkpoints: read a model-parallel rank's slice of their tensors and scales; their
+weight bytes per rank. The formats and their detection are :mod:`.quantized_format` (re-exported
+here); writing them (resharding, tiny test checkpoints) is :mod:`.quantized_write`.
 
 :func:`read_quantized_rank` returns the state dict of the model *after* its layers are swapped to
 the kernels of ``llama3.kernels.fp8`` / ``llama3.kernels.int4`` (names ``<layer>.weight`` +
@@ -27,28 +12,31 @@ quantized each with their own row scales, requantizes the merged rows (one scale
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ..kernels.fp8 import (
-    DEFAULT_ACTIVATION_SCALE_UB,
-    fp8_bytes_per_weight,
-    meta_fp8_layers,
-    quantize_fp8_rowwise,
-)
+from ..kernels.fp8 import fp8_bytes_per_weight, meta_fp8_layers, quantize_fp8_rowwise
 from ..kernels.int4 import dequantize_int8_rows, int4_bytes_per_weight
 from ..model import ModelArgs
-from ..validation import positive_int
-from .base import CheckpointInfo, ConfigReader, atomic_directory, file_mode, regular_file
-from .errors import CheckpointFormatError
-from .hf import meta_to_hf_state_dict, model_args_to_hf_config, to_hf_name, unpermute_rotate_half
-from .layout import canonical_shape, check_shard_layout, interval, param_names, source_shards, split_dim
-from .meta import meta_params, save_meta_checkpoint, torch_load
+from .base import CheckpointInfo
+from .hf import to_hf_name, unpermute_rotate_half
+from .layout import canonical_shape, interval, param_names, source_shards, split_dim
+from .meta import torch_load
+from .quantized_format import (
+    _FP8_DTYPES,
+    FBGEMM_FP8,
+    FP8_MIXED,
+    INT4_EO8,
+    INT4_EO8_SCHEME,
+    QuantizedCheckpointError,
+    QuantizedFormat,
+    UnknownQuantizedTensorError,
+    UnsupportedQuantizationError,
+    block_linears,
+    detect_quantization,
+)
 
 __all__ = [
     "QuantizedCheckpointError",
@@ -64,168 +52,9 @@ __all__ = [
     "block_linears",
     "weight_bytes_per_rank",
     "fit_note",
-    "reshard_fp8_mixed",
-    "write_fp8_mixed_checkpoint",
-    "write_fbgemm_fp8_checkpoint",
-    "write_int4_eo8_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
-
-FP8_MIXED, FBGEMM_FP8, INT4_EO8 = "fp8_mixed", "fbgemm_fp8", "int4_eo8"
-INT4_EO8_SCHEME = "int4_weight_int8_dynamic_activation"
-_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-            "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-                                                 "float8_e5m2fnuz") if hasattr(torch, n))
-
-
-class QuantizedCheckpointError(CheckpointFormatError):
-    """A quantized checkpoint that is incomplete or inconsistent (a scale file or tensor missing,
-    a shape that disagrees with the config)."""
-
-
-class UnsupportedQuantizationError(QuantizedCheckpointError):
-    """The checkpoint uses a quantization scheme this package does not read (named in the message)."""
-
-
-class UnknownQuantizedTensorError(QuantizedCheckpointError):
-    """A float8 or integer tensor where the loader expects ordinary floating-point weights: casting
-    it would silently compute wrong numbers, so it is refused."""
-
-
-@dataclass(frozen=True)
-class QuantizedFormat:
-    """What :func:`detect_quantization` found: the scheme and its settings."""
-
-    scheme: str  # FP8_MIXED, FBGEMM_FP8 or INT4_EO8
-    activation_scale_ub: float | None = None  # fp8
-    group_size: int | None = None  # int4
-    lora_rank: int | None = None  # int4 QLoRA
-    lora_scale: float | None = None
-    modules_to_not_convert: tuple[str, ...] = ()  # fbgemm_fp8, Hugging Face names
-
-    @property
-    def kernel(self) -> str:
-        """The kernel family (``LinearKernel.name``) its quantized layers need."""
-        return "int4-int8act" if self.scheme == INT4_EO8 else "fp8-rowwise"
-
-    def kernel_settings(self, dtype: torch.dtype) -> dict[str, Any]:
-        """Keyword arguments of that kernel's ``empty`` for a model run in ``dtype`` (the LoRA
-        adaptor's dtype; fp8 needs none)."""
-        if self.scheme == INT4_EO8:
-            return {"group_size": self.group_size, "lora_rank": self.lora_rank, "lora_scale": self.lora_scale,
-                    "dtype": dtype}
-        return {"activation_scale_ub": self.activation_scale_ub}
-
-    def quantized_layers(self, args: ModelArgs) -> list[str]:
-        """Our names of the linear layers stored quantized (``layers.3.feed_forward.w1``...)."""
-        if self.scheme == FP8_MIXED:
-            return meta_fp8_layers(args.n_layers)
-        if self.scheme == INT4_EO8:
-            return block_linears(args)
-        return [m for m in block_linears(args) + ["output"] if not _hf_not_converted(m, self)]
-
-    def describe(self) -> str:
-        if self.scheme == INT4_EO8:
-            lora = (f", LoRA rank {self.lora_rank} scale {self.lora_scale}" if self.lora_rank is not None
-                    else " (no LoRA: SpinQuant)")
-            return f"Meta INT4_EO8: int4 weights group {self.group_size}, int8 dynamic activations{lora}"
-        what = "Meta fp8_mixed" if self.scheme == FP8_MIXED else "Hugging Face fbgemm_fp8"
-        return f"{what}: float8 row-wise weights, activation scale bound {self.activation_scale_ub}"
-
-
-def block_linears(args: ModelArgs) -> list[str]:
-    """Our names of every linear layer inside the transformer blocks."""
-    return [f"layers.{i}.{p}" for i in range(args.n_layers) for p in _LINEARS]
-
-
-def _hf_not_converted(module: str, fmt: QuantizedFormat) -> bool:
-    # transformers' should_convert_module: a listed name matches the module or any module under it.
-    hf = to_hf_name(module + ".weight").removesuffix(".weight")
-    return any(hf == n or hf.startswith(n + ".") or n == hf.removeprefix("model.")
-               or hf.removeprefix("model.").startswith(n + ".") for n in fmt.modules_to_not_convert)
-
-
-# --- detection ---------------------------------------------------------------------------------
-
-
-def _fp8_scale_files(root: Path) -> list[Path]:
-    return sorted(root.glob("fp8_scales_*.pt"), key=lambda p: p.name)
-
-
-def detect_quantization(info: CheckpointInfo) -> QuantizedFormat | None:
-    """The quantized format of the checkpoint ``info`` describes, or None for a float checkpoint.
-
-    Raises :class:`UnsupportedQuantizationError` for any other scheme (named), and
-    :class:`QuantizedCheckpointError` when a recognised format is incomplete. Reads no weights.
-    """
-    if info.format == "hf":
-        return _detect_hf(info)
-    cfg = ConfigReader(info.config, info.path / "params.json")
-    scale_files = _fp8_scale_files(info.path)
-    qargs = info.config.get("quantization_args")
-    if qargs is not None:
-        if scale_files:
-            raise QuantizedCheckpointError(f"{info.path} has both quantization_args in params.json and "
-                                           f"{scale_files[0].name}; they are different formats")
-        return _detect_int4(info, cfg, qargs)
-    if info.config.get("lora_args") is not None:
-        raise QuantizedCheckpointError(f"{info.path / 'params.json'} has lora_args but no quantization_args; "
-                                       "only Meta's quantized QLoRA checkpoints (INT4_EO8) carry an adaptor")
-    if not scale_files:
-        return None
-    expected = [info.path / f"fp8_scales_{r}.pt" for r in range(len(info.files))]
-    if [p.name for p in scale_files] != sorted(p.name for p in expected):
-        raise QuantizedCheckpointError(
-            f"{info.path} is a Meta fp8_mixed checkpoint ({scale_files[0].name} found) with "
-            f"{len(info.files)} shard(s), so it needs {', '.join(p.name for p in expected)}; found "
-            f"{', '.join(p.name for p in scale_files)}. Re-download the fp8_scales files.")
-    for p in expected:
-        regular_file(p, "fp8 scale file")
-    return QuantizedFormat(FP8_MIXED, activation_scale_ub=DEFAULT_ACTIVATION_SCALE_UB)
-
-
-def _detect_int4(info: CheckpointInfo, cfg: ConfigReader, qargs: Any) -> QuantizedFormat:
-    source = info.path / "params.json"
-    if not isinstance(qargs, dict):
-        raise cfg._bad("quantization_args", "an object", qargs)
-    scheme = qargs.get("scheme")
-    if scheme != INT4_EO8_SCHEME:
-        raise UnsupportedQuantizationError(
-            f"{source}: quantization_args scheme {scheme!r} is not supported; this package reads Meta's "
-            f"{INT4_EO8_SCHEME!r} (Llama 3.2 QLoRA/SpinQuant INT4_EO8) and fp8_mixed checkpoints. Use "
-            "the bf16 release of this model instead.")
-    group_size = cfg.int("group_size", data=qargs)
-    lora = info.config.get("lora_args")
-    rank = scale = None
-    if lora is not None:
-        if not isinstance(lora, dict):
-            raise cfg._bad("lora_args", "an object", lora)
-        rank = cfg.int("rank", data=lora)
-        scale = cfg.float("scale", data=lora, positive=False)
-    return QuantizedFormat(INT4_EO8, group_size=group_size, lora_rank=rank, lora_scale=scale)
-
-
-def _detect_hf(info: CheckpointInfo) -> QuantizedFormat | None:
-    qc = info.config.get("quantization_config")
-    if qc is None:
-        return None
-    source = info.path / "config.json"
-    cfg = ConfigReader(info.config, source)
-    if not isinstance(qc, dict):
-        raise cfg._bad("quantization_config", "an object", qc)
-    method = qc.get("quant_method")
-    if method != FBGEMM_FP8:
-        raise UnsupportedQuantizationError(
-            f"{source}: quantization_config.quant_method {method!r} is not supported; this package reads "
-            "'fbgemm_fp8' (Llama-3.1-405B-Instruct-FP8) among Hugging Face's quantized formats. Use the "
-            "bf16 release of this model, or a Meta fp8_mixed / INT4_EO8 checkpoint.")
-    ub = cfg.float("activation_scale_ub", DEFAULT_ACTIVATION_SCALE_UB, data=qc)
-    skip = qc.get("modules_to_not_convert") or []
-    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
-        raise cfg._bad("modules_to_not_convert", "a list of module names", skip)
-    return QuantizedFormat(FBGEMM_FP8, activation_scale_ub=ub, modules_to_not_convert=tuple(skip))
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -499,39 +328,6 @@ def _read_hf_fp8(info: CheckpointInfo, args: ModelArgs, fmt: QuantizedFormat, ra
     return out
 
 
-def reshard_fp8_mixed(info: CheckpointInfo, args: ModelArgs, dst: str | Path, num_shards: int, *,
-                      overwrite: bool = False) -> Path:
-    """Rewrite the Meta fp8_mixed checkpoint ``info`` (``inspect_checkpoint``'s result; ``args``
-    from ``read_model_args``) as ``num_shards`` shards in ``dst`` (same
-    layout: bfloat16 shards with float8 feed-forward weights, ``fp8_scales_{rank}.pt``), each
-    shard exactly what :func:`read_quantized_rank` gives that rank; written atomically. Splitting
-    keeps every stored value; merging requantizes w2 rows (see the module docstring)."""
-    positive_int(num_shards, "num_shards")
-    fmt = detect_quantization(info)
-    if fmt is None or fmt.scheme != FP8_MIXED:
-        raise QuantizedCheckpointError(f"{info.path} is not a Meta fp8_mixed checkpoint (no fp8_scales_N.pt)")
-    check_shard_layout(info.num_shards, num_shards, args)
-    fp8_layers = set(fmt.quantized_layers(args))
-    with atomic_directory(dst, overwrite=overwrite) as tmp:
-        for rank in range(num_shards):
-            sd = read_quantized_rank(info, args, fmt, rank, num_shards, dtype=torch.bfloat16)
-            scales = {}
-            for module in sorted(fp8_layers):
-                layer, w = module.split(".")[1], module.rsplit(".", 1)[1]
-                scales[f"{layer}_feed_forward.{w}_{rank}"] = sd.pop(module + ".weight_scale").clone()
-            if args.tie_word_embeddings:
-                sd["output.weight"] = sd["tok_embeddings.weight"]
-            torch.save({k: v.clone() for k, v in sd.items()}, tmp / f"consolidated.{rank:02d}.pth")
-            torch.save(scales, tmp / f"fp8_scales_{rank}.pt")
-            for name in (f"consolidated.{rank:02d}.pth", f"fp8_scales_{rank}.pt"):
-                (tmp / name).chmod(file_mode())
-        (tmp / "params.json").write_text(json.dumps(info.config, indent=2) + "\n")
-        tokenizer = info.path / "tokenizer.model"
-        if tokenizer.is_file():
-            (tmp / "tokenizer.model").write_bytes(tokenizer.read_bytes())
-    return Path(dst)
-
-
 # --- memory ------------------------------------------------------------------------------------
 
 
@@ -577,106 +373,3 @@ def fit_note(args: ModelArgs, world: int, free_bytes: int | None = None) -> str:
         line += (f"; {free_bytes / 1e9:.1f} GB free: " + (f"{', '.join(fitting)} would fit" if fitting
                                                           else "none fits; add ranks"))
     return line
-
-
-# --- tiny checkpoints for tests ----------------------------------------------------------------
-
-
-def write_fp8_mixed_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path,
-                               num_shards: int = 1) -> Path:
-    """Meta's fp8_mixed layout from a whole float state dict: ``save_meta_checkpoint``'s bf16
-    shards, then each shard's slice of Meta's fp8 layers quantized row-wise on its own (as each
-    rank of Meta's 8-shard release is) and its scales written to ``fp8_scales_{rank}.pt``."""
-    out = Path(out_dir)
-    save_meta_checkpoint(state_dict, args, out, num_shards=num_shards, dtype=torch.bfloat16)
-    for s in range(num_shards):
-        path = out / f"consolidated.{s:02d}.pth"
-        shard = torch.load(path, weights_only=True)
-        scales: dict[str, torch.Tensor] = {}
-        for module in meta_fp8_layers(args.n_layers):
-            q, scale = quantize_fp8_rowwise(shard[module + ".weight"])
-            shard[module + ".weight"] = q
-            layer, w = module.split(".")[1], module.rsplit(".", 1)[1]
-            scales[f"{layer}_feed_forward.{w}_{s}"] = scale
-        torch.save(shard, path)
-        torch.save(scales, out / f"fp8_scales_{s}.pt")
-        (out / f"fp8_scales_{s}.pt").chmod(file_mode())
-    return out
-
-
-def write_fbgemm_fp8_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path,
-                                *, modules_to_not_convert: list[str] | None = None,
-                                activation_scale_ub: float = DEFAULT_ACTIVATION_SCALE_UB) -> Path:
-    """Hugging Face's fbgemm_fp8 layout (one ``model.safetensors``) from a whole float state dict:
-    every block linear and ``lm_head`` not in ``modules_to_not_convert`` (default: Meta's 405B-FP8
-    choice, i.e. attention, the first and last layers' MLP and ``lm_head`` stay bfloat16)."""
-    from safetensors.torch import save_file
-
-    if modules_to_not_convert is None:
-        modules_to_not_convert = ["lm_head"] + [f"model.layers.{i}.self_attn" for i in range(args.n_layers)]
-        modules_to_not_convert += [f"model.layers.{i}.mlp" for i in (0, args.n_layers - 1)]
-    fmt = QuantizedFormat(FBGEMM_FP8, activation_scale_ub=activation_scale_ub,
-                          modules_to_not_convert=tuple(modules_to_not_convert))
-    hf_sd = {k: v.to(torch.bfloat16).contiguous() for k, v in meta_to_hf_state_dict(state_dict, args).items()}
-    for module in fmt.quantized_layers(args):
-        key = to_hf_name(module + ".weight")
-        if key in hf_sd:
-            q, scale = quantize_fp8_rowwise(hf_sd[key])
-            hf_sd[key], hf_sd[key + "_scale"] = q.contiguous(), scale[:, None].contiguous()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = model_args_to_hf_config(args, torch.bfloat16)
-    config["quantization_config"] = {"quant_method": FBGEMM_FP8, "activation_scale_ub": activation_scale_ub,
-                                     "modules_to_not_convert": modules_to_not_convert}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
-
-
-def _int4_symmetric(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int4 per group (SpinQuant/QLoRA export style): q in -8..7, scale = max|w| / 7.5."""
-    n, k = w.shape
-    wg = w.float().reshape(n, k // group_size, group_size)
-    scale = (wg.abs().amax(dim=-1) / 7.5).clamp(min=1e-8)
-    q = torch.round(wg / scale[..., None]).clamp(-8, 7).to(torch.int8)
-    return q.reshape(n, k), scale
-
-
-def write_int4_eo8_checkpoint(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path, *,
-                              group_size: int = 32, lora_rank: int | None = None, lora_scale: float = 2.0,
-                              with_zeros: bool = False, seed: int = 0) -> Path:
-    """Meta's INT4_EO8 layout (one shard) from a whole float state dict: block linears as int4 in
-    int8 with group scales (and ``zeros`` when ``with_zeros``: a random offset per group), random
-    LoRA adaptors when ``lora_rank`` (QLoRA; none = SpinQuant), int8 embedding and output with
-    per-row scales, and params.json with ``quantization_args`` / ``lora_args``."""
-    gen = torch.Generator().manual_seed(seed)
-    shard: dict[str, torch.Tensor] = {}
-    linears = set(block_linears(args))
-    for name in param_names(args):
-        module = name.removesuffix(".weight")
-        t = state_dict[name].float()
-        if module in linears:
-            q, scale = _int4_symmetric(t, group_size)
-            shard[name], shard[module + ".scales"] = q, scale
-            if with_zeros:
-                shard[module + ".zeros"] = torch.randint(-2, 3, scale.shape, generator=gen).float()
-            if lora_rank is not None:
-                a = torch.randn(lora_rank, t.shape[1], generator=gen) * 0.05
-                b = torch.randn(t.shape[0], lora_rank, generator=gen) * 0.05
-                shard[module + ".adaptor.A.weight"] = a.to(torch.bfloat16)
-                shard[module + ".adaptor.B.weight"] = b.to(torch.bfloat16)
-        elif module in ("tok_embeddings", "output"):
-            scale = (t.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-8)
-            shard[name] = torch.round(t / scale).clamp(-127, 127).to(torch.int8)
-            shard[module + ".scales"] = scale
-        else:
-            shard[name] = t.to(torch.bfloat16)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(shard, out / "consolidated.00.pth")
-    params = meta_params(args)
-    params["quantization_args"] = {"scheme": INT4_EO8_SCHEME, "group_size": group_size}
-    if lora_rank is not None:
-        params["lora_args"] = {"rank": lora_rank, "scale": lora_scale}
-    (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-    return out
