@@ -126,7 +126,7 @@ class Llama:
         prefill_chunk: int = PREFILL_CHUNK,
         verbose: bool = True,
         fbgemm: bool | None = None,
-        int4_group_size: int = 128,
+        int4_group_size: int | None = None,
     ) -> Llama:
         """Load a checkpoint (Meta or Hugging Face format) and its tokenizer.
 
@@ -160,7 +160,8 @@ class Llama:
                 (``llama3.kernels.fbgemm``). ``None`` (default): when that is the fast path, i.e. a
                 bfloat16/float16 model (not quantized, not a tiny test shape) on an x86 CPU without
                 bfloat16 matrix units; ``False``: keep torch's kernels.
-            int4_group_size: weights per int4 scale with ``quantize="int4"`` (32, 64, 128 or 256).
+            int4_group_size: weights per int4 scale with ``quantize="int4"``: 32, 64, 128 or 256
+                (default 128, or 64/32 for a model whose widths 128 does not divide).
 
         Raises:
             NotEnoughMemoryError: weights + KV cache exceed the device's free memory.

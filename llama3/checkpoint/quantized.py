@@ -20,6 +20,7 @@ import torch
 from ..kernels.fp8 import fp8_bytes_per_weight, meta_fp8_layers, quantize_fp8_rowwise
 from ..kernels.int4 import dequantize_int8_rows, int4_bytes_per_weight
 from ..model import ModelArgs
+from ..presets import preset_args
 from .base import CheckpointInfo
 from .hf import to_hf_name, unpermute_rotate_half
 from .layout import canonical_shape, interval, param_names, source_shards, split_dim
@@ -52,6 +53,7 @@ __all__ = [
     "block_linears",
     "weight_bytes_per_rank",
     "fit_note",
+    "memory_table",
 ]
 
 logger = logging.getLogger(__name__)
@@ -373,3 +375,20 @@ def fit_note(args: ModelArgs, world: int, free_bytes: int | None = None) -> str:
         line += (f"; {free_bytes / 1e9:.1f} GB free: " + (f"{', '.join(fitting)} would fit" if fitting
                                                           else "none fits; add ranks"))
     return line
+
+
+# (preset, model-parallel ranks) rows of the README's table: one GPU, one 8-GPU node, two nodes.
+MEMORY_TABLE_ROWS = (("llama-3.1-8b", 1), ("llama-3.1-70b", 1), ("llama-3.1-70b", 8), ("llama-3.1-405b", 8),
+                     ("llama-3.1-405b", 16))
+
+
+def memory_table(rows: tuple[tuple[str, int], ...] = MEMORY_TABLE_ROWS) -> str:
+    """A Markdown table of the weights one rank holds, in GB, for each (preset, ranks) row in
+    bf16, fp8 (Meta's selection, as shipped or quantized at load) and int4 (group 128, every
+    block linear): :func:`weight_bytes_per_rank`. The KV cache and scratch come on top."""
+    lines = ["| model | ranks | bf16 | fp8 (fp8_mixed) | int4 (group 128) |", "|---|---|---|---|---|"]
+    for preset, world in rows:
+        args = preset_args(preset)
+        sizes = [weight_bytes_per_rank(args, scheme, world) / 1e9 for scheme in (None, "fp8", "int4")]
+        lines.append(f"| {preset} | {world} | " + " | ".join(f"{gb:.1f} GB" for gb in sizes) + " |")
+    return "\n".join(lines)

@@ -34,7 +34,8 @@ from .torch_default import TorchKernel
 __all__ = ["ENV_OVERRIDE", "FAMILIES", "KERNELS", "KernelChoice", "KernelPlan", "MIN_FBGEMM_DIM",
            "QUANTIZED_FAMILIES", "QUANTIZE_MODES", "StoredQuantization", "UnknownKernelError",
            "apply_kernels",
-           "check_int4_group_size", "choose_kernels", "decide", "fbgemm_is_the_fast_path",
+           "check_int4_group_size", "choose_kernels", "default_int4_group_size", "decide",
+           "fbgemm_is_the_fast_path",
            "quantized_alternatives", "quantized_layers"]
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,12 @@ def quantized_layers(quantize: str, args: Any) -> frozenset[str] | None:
     return frozenset(meta_fp8_layers(args.n_layers)) if quantize == "fp8" else None
 
 
+def default_int4_group_size(args: Any) -> int:
+    """128, or the largest of 64 and 32 that divides the model's widths (every released Llama 3
+    takes 128)."""
+    return next((g for g in (128, 64) if args.dim % g == 0 and args.ffn_hidden_dim % g == 0), 32)
+
+
 def check_int4_group_size(group_size: Any) -> int:
     """``group_size`` if torch's int4 kernels take it, else :class:`UnsupportedGroupSizeError`."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in INT4_GROUP_SIZES:
@@ -224,13 +231,15 @@ def check_int4_group_size(group_size: Any) -> int:
 
 def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, quantize: str | None = None,
                    override: str | Mapping[str, str] | None = None, *, fbgemm: bool | None = None,
-                   log: bool = True, int4_group_size: int = 128, stored: StoredQuantization | None = None
+                   log: bool = True, int4_group_size: int | None = None,
+                   stored: StoredQuantization | None = None
                    ) -> KernelPlan:
     """The kernel of each linear-layer family of ``model`` (a Transformer, or its ``ModelArgs``
     before loading) on ``device`` in ``dtype``, and why; logged in one line.
 
     ``quantize``: a ``QUANTIZE_MODES`` key (``"int8"``, ``"fp8"``: Meta's fp8_mixed selection,
-    ``"int4"``: the block linears, group-wise with ``int4_group_size``) or None. ``stored``: the
+    ``"int4"``: the block linears, group-wise with ``int4_group_size``, default
+    :func:`default_int4_group_size`) or None. ``stored``: the
     format of a checkpoint shipped quantized (its layers keep their stored kernel; quantize= is
     then refused). ``fbgemm``: ``Llama.build``'s flag (True: pack, False: never pack, None: when it
     is the fast path). ``override``: a kernel name for every family, or per family
@@ -254,7 +263,8 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
     rule = decide(args.dim, device, dtype, fbgemm=False if quantize or stored else fbgemm)
     chosen = {family: KernelChoice(KERNELS[name], reason) for family, (name, reason) in rule.items()}
     if quantize is not None:
-        settings = {"group_size": check_int4_group_size(int4_group_size)} if quantize == "int4" else {}
+        group = default_int4_group_size(args) if int4_group_size is None else int4_group_size
+        settings = {"group_size": check_int4_group_size(group)} if quantize == "int4" else {}
         for family in QUANTIZED_FAMILIES[quantize]:
             chosen[family] = KernelChoice(KERNELS[QUANTIZE_MODES[quantize]],
                                           f"quantize={quantize!r}: weights stored as {quantize}",

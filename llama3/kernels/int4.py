@@ -120,8 +120,16 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_ze
     if x.device.type == "cuda":
         y = torch._weight_int4pack_mm(x2, packed, group_size, sz)
     else:
-        y = torch._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz)
+        y = _int4pack_mm_cpu(x2, packed, group_size, sz)
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+@torch.compiler.disable
+def _int4pack_mm_cpu(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor
+                     ) -> torch.Tensor:
+    # Eager even inside a compiled decode step: inductor's lowering of this op (torch 2.13) fails
+    # on an input computed in the same graph (LoweringException: Pointwise is not a Buffer).
+    return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, sz)
 
 
 class Int4WeightOnlyLinear(LinearKernel):
