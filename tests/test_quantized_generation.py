@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from llama3 import Llama
+from llama3 import Llama, ModelArgs, Transformer
 from llama3.checkpoint import (
     UnsupportedQuantizationError,
     convert_checkpoint,
@@ -31,10 +31,10 @@ from llama3.checkpoint.quantized_write import (
     write_int4_eo8_checkpoint,
 )
 from llama3.errors import LlamaError
-from llama3.kernels import choose_kernels, kernels_in, quantized_alternatives
+from llama3.kernels import apply_kernels, choose_kernels, kernels_in, quantized_alternatives
 from llama3.kernels.fp8 import meta_fp8_layers
 from llama3.kernels.int4 import UnsupportedGroupSizeError
-from llama3.memory import NotEnoughMemoryError, check_fits
+from llama3.memory import NotEnoughMemoryError, check_fits, weight_bytes
 from llama3.presets import preset_args
 
 # The real vocabulary (the tokenizer's), 4 layers so that fp8's selection (all but the first and
@@ -230,3 +230,20 @@ def test_convert_reshards_fp8_mixed_and_refuses_other_quantized_sources(checkpoi
     for src, to in (("fp8_mixed", "hf"), ("qlora", "meta"), ("fbgemm_fp8", "meta")):
         with pytest.raises(UnsupportedQuantizationError, match="only reshards Meta fp8_mixed"):
             convert_checkpoint(checkpoints[src], tmp_path / f"{src}-{to}", to=to)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4"])
+def test_the_fit_checks_bytes_are_what_the_quantized_layers_hold(mode):
+    """weight_bytes with a quantize plan = the float model's bytes, each swapped layer replaced by
+    what it reports holding (its weight_nbytes: the bytes a decoding step reads)."""
+    args = ModelArgs(dim=64, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=256, multiple_of=64)
+    model = Transformer(args).to(torch.bfloat16)
+    plan = choose_kernels(model, "cpu", torch.bfloat16, mode, int4_group_size=32, log=False)
+    apply_kernels(model, plan)
+    quantized = {"fp8": "fp8-rowwise", "int4": "int4"}[mode]
+    swapped = [m for name, m in model.named_modules() if kernels_in(model).get(name) == quantized]
+    assert len(swapped) == {"fp8": 3 * (args.n_layers - 2), "int4": 7 * args.n_layers}[mode]
+    # (The float layers' kernels, cpu-gemv here, hold bfloat16 weights: 2 bytes each.)
+    want = weight_bytes(args, torch.bfloat16) + sum(m.weight_nbytes() - m.in_features * m.out_features * 2
+                                                    for m in swapped)
+    assert weight_bytes(args, torch.bfloat16, plan) == want
