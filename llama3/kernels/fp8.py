@@ -127,11 +127,13 @@ class Fp8RowwiseLinear(LinearKernel):
 
     @classmethod
     def applies(cls, layer: nn.Module | None, device: torch.device, dtype: torch.dtype) -> bool:
-        """Any 2-D weight: where float8 tensor cores are missing the reference path computes it."""
-        if layer is None:
-            return dtype.is_floating_point
-        weight = getattr(layer, "weight", None)
-        return isinstance(weight, torch.Tensor) and weight.dim() == 2 and dtype.is_floating_point
+        """Any 2-D weight on CPU or CUDA: where float8 tensor cores are missing the reference path
+        computes it (other devices, e.g. MPS, have no float8 tensors; "meta": a model about to be
+        assigned a checkpoint)."""
+        if torch.device(device).type not in ("cpu", "cuda", "meta") or not dtype.is_floating_point:
+            return False
+        weight = getattr(layer, "weight", None) if layer is not None else None
+        return layer is None or (isinstance(weight, torch.Tensor) and weight.dim() == 2)
 
     @classmethod
     def nbytes_for(cls, out_features: int, in_features: int, dtype: torch.dtype) -> int:
