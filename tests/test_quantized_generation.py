@@ -152,6 +152,8 @@ def test_int4_group_size_is_validated(checkpoints, llama3_tokenizer_path):
     for bad in (48, 0, True, "128"):
         with pytest.raises(UnsupportedGroupSizeError, match="one of 32, 64, 128, 256"):
             _build(checkpoints["bf16"], llama3_tokenizer_path, quantize="int4", int4_group_size=bad)
+    with pytest.raises(ValueError, match="quantize='int4' only"):
+        _build(checkpoints["bf16"], llama3_tokenizer_path, quantize="fp8", int4_group_size=64)
 
 
 # Stated distances of quantize-at-load against the float model (the same bf16 checkpoint, run in

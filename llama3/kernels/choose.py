@@ -8,6 +8,11 @@ feed-forward, output) the kernel family and the reason, logged in one line such 
 
 :func:`apply_kernels` swaps the layers. How to decide is :func:`decide`, one replaceable function;
 a new kernel is one :class:`~llama3.kernels.base.LinearKernel` subclass and one line in ``KERNELS``.
+
+``quantize=`` converts the families in ``QUANTIZED_FAMILIES`` (fp8: only Meta's selection of
+feed-forward layers, a :class:`KernelChoice` with ``layers``); a checkpoint shipped quantized
+(``stored=``) keeps its layers' format and the chooser only reports it, so the log line and the fit
+check's bytes cover every case.
 """
 
 from __future__ import annotations
@@ -253,6 +258,9 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
     if fbgemm and quantize is not None:
         raise UnknownKernelError("fbgemm=True packs bfloat16/float16 weights; it does not combine "
                                  "with quantize")
+    if int4_group_size is not None and quantize != "int4":
+        raise UnknownKernelError(f"int4_group_size={int4_group_size!r} applies to quantize='int4' only "
+                                 f"(got quantize={quantize!r})")
     if stored is not None and quantize is not None:
         raise UnknownKernelError(f"quantize={quantize!r}: this checkpoint is already quantized "
                                  f"({stored.describe()}); load it without quantize=")
