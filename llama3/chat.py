@@ -501,7 +501,9 @@ def _parse_args(argv: list[str] | None):
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="process prompts in chunks of this many tokens (default: the library's)")
     parser.add_argument("--compile", action="store_true", help="decode with torch.compile")
-    parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linear layers")
+    parser.add_argument("--quantize", choices=["int8", "fp8", "int4"], default=None,
+                        help="quantize a bf16 checkpoint at load: int8 weight-only, fp8 (Meta's fp8_mixed "
+                             "layers) or int4 (group-wise weight-only); a quantized checkpoint needs none")
     parser.add_argument("--tools", default=None, metavar="FILE.json",
                         help="tool mode: custom tool definitions (JSON list); you supply each call's result")
     parser.add_argument("--builtin-tools", default=None, metavar="NAMES",

@@ -40,7 +40,7 @@ from .decoding import (
     prepare_batch,
 )
 from .errors import LlamaError
-from .kernels import QUANTIZE_MODES, apply_kernels, choose_kernels
+from .kernels import QUANTIZE_MODES, apply_kernels, choose_kernels, quantized_alternatives
 from .memory import NotEnoughMemoryError, check_fits
 from .model import PREFILL_CHUNK
 from .progress import Progress, configure_logging
@@ -131,6 +131,7 @@ class Llama:
         prefill_chunk: int = PREFILL_CHUNK,
         verbose: bool = True,
         fbgemm: bool | None = None,
+        int4_group_size: int | None = None,
     ) -> Llama:
         """Load a checkpoint (Meta or Hugging Face format) and its tokenizer.
 
@@ -151,7 +152,12 @@ class Llama:
                 its preferred dtype).
             rope_scale_factor: override the Llama 3.1 RoPE scaling factor (see ``ModelArgs``).
             compile: decode with ``torch.compile`` (see :class:`Llama`).
-            quantize: ``"int8"`` for int8 weight-only linear layers (``llama3.kernels.int8``).
+            quantize: quantize a float checkpoint's linear layers at load: ``"int8"`` (int8
+                weight-only, ``llama3.kernels.int8``), ``"fp8"`` (Meta's fp8_mixed: row-wise
+                float8 feed-forward of every layer but the first and last, ``llama3.kernels.fp8``)
+                or ``"int4"`` (group-wise int4 weight-only block linears, ``llama3.kernels.int4``).
+                A checkpoint shipped quantized (Meta fp8_mixed / INT4_EO8, Hugging Face
+                fbgemm_fp8) is recognised by itself; ``quantize=`` on it is refused.
             prefill_chunk: prompts are processed this many tokens at a time (bounds the memory of
                 long prompts).
             verbose: log progress (loading, cache size, compile warm-up, long generations) to stderr.
@@ -159,6 +165,8 @@ class Llama:
                 (``llama3.kernels.fbgemm``). ``None`` (default): when that is the fast path, i.e. a
                 bfloat16/float16 model (not quantized, not a tiny test shape) on an x86 CPU without
                 bfloat16 matrix units; ``False``: keep torch's kernels.
+            int4_group_size: weights per int4 scale with ``quantize="int4"``: 32, 64, 128 or 256
+                (default 128, or 64/32 for a model whose widths 128 does not divide).
 
         Raises:
             NotEnoughMemoryError: weights + KV cache exceed the device's free memory.
@@ -174,7 +182,7 @@ class Llama:
             raise ValueError(f"unknown quantize={quantize!r}; choose one of {', '.join(QUANTIZE_MODES)} "
                              "or None")
         prefill_chunk = positive_int(prefill_chunk, "prefill_chunk")
-        from .checkpoint import inspect_checkpoint, load_model, read_model_args
+        from .checkpoint import detect_quantization, inspect_checkpoint, load_model, read_model_args
         from .distributed import select_device, select_dtype
 
         # One look at the checkpoint (a Hub id becomes its local folder; a missing directory is
@@ -191,8 +199,11 @@ class Llama:
         run_dtype = select_dtype(target, dtype)
         # Which kernel computes each linear layer (logged with the reason); the weights' formats
         # decide how many bytes they take.
-        plan = choose_kernels(args, target, run_dtype, quantize, fbgemm=fbgemm)
-        check_fits(args, run_dtype, target, world, plan)
+        stored = detect_quantization(info)  # a checkpoint shipped quantized: its layers keep their format
+        plan = choose_kernels(args, target, run_dtype, quantize, fbgemm=fbgemm,
+                              int4_group_size=int4_group_size, stored=stored)
+        check_fits(args, run_dtype, target, world, plan, alternatives=None if quantize or stored
+                   else quantized_alternatives(args, target, run_dtype))
 
         model = load_model(info, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                            dtype=dtype, model_parallel_size=model_parallel_size,

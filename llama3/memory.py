@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import resource
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,24 +47,29 @@ def kv_cache_bytes(args: Any, dtype: torch.dtype, world_size: int = 1) -> int:
 
 
 def weight_bytes(args: Any, dtype: torch.dtype, plan: Any = None) -> int:
-    """Bytes of the model's weights, all ranks together, each linear layer family in the format of
-    its kernel in ``plan`` (a :class:`~llama3.kernels.KernelPlan`; None: ``dtype`` throughout).
+    """Bytes of the model's weights, all ranks together, each linear layer in the format of its
+    kernel in ``plan`` (a :class:`~llama3.kernels.KernelPlan`, which knows partial selections such
+    as fp8's and settings such as int4's group size; None: ``dtype`` throughout).
 
     A tied output projection costs nothing extra unless its kernel holds its own copy."""
-    def linear(family: str, out_features: int, in_features: int) -> int:
+    def linear(name: str, out_features: int, in_features: int) -> int:
         if plan is None:
             return out_features * in_features * _itemsize(dtype)
-        return plan.kernel(family).nbytes_for(out_features, in_features, dtype)
+        return plan.nbytes(name, out_features, in_features, dtype)
 
     kv_dim = args.n_kv_heads * args.head_dim
-    per_layer = (linear("attention", args.dim, args.dim) * 2 + linear("attention", kv_dim, args.dim) * 2
-                 + linear("feed-forward", args.ffn_hidden_dim, args.dim) * 2  # w1, w3
-                 + linear("feed-forward", args.dim, args.ffn_hidden_dim)  # w2
-                 + 2 * args.dim * _itemsize(dtype))  # two norms
+    shapes = {"attention.wq": (args.dim, args.dim), "attention.wk": (kv_dim, args.dim),
+              "attention.wv": (kv_dim, args.dim), "attention.wo": (args.dim, args.dim),
+              "feed_forward.w1": (args.ffn_hidden_dim, args.dim),
+              "feed_forward.w3": (args.ffn_hidden_dim, args.dim),
+              "feed_forward.w2": (args.dim, args.ffn_hidden_dim)}
+    blocks = sum(linear(f"layers.{i}.{name}", out_f, in_f) for i in range(args.n_layers)
+                 for name, (out_f, in_f) in shapes.items())
+    norms = (2 * args.n_layers + 1) * args.dim * _itemsize(dtype)
     embedding = args.vocab_size * args.dim * _itemsize(dtype)
     shared = plan is None or plan.kernel("output").shares_float_weight
     output = 0 if args.tie_word_embeddings and shared else linear("output", args.vocab_size, args.dim)
-    return embedding + output + args.n_layers * per_layer + args.dim * _itemsize(dtype)
+    return embedding + output + blocks + norms
 
 
 def _address_space_left() -> int | None:
@@ -130,9 +136,10 @@ def check_fits_device(weight_bytes: int, cache_bytes: int, device: torch.device 
 
 
 def check_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size: int,
-               plan: Any = None) -> None:
+               plan: Any = None, alternatives: Mapping[str, Any] | None = None) -> None:
     """Log the KV cache about to be allocated; raise NotEnoughMemoryError if weights (in ``plan``'s
-    formats) + cache cannot fit (each GPU holds one rank's share; a CPU job's ranks share the RAM)."""
+    formats) + cache cannot fit (each GPU holds one rank's share; a CPU job's ranks share the RAM).
+    ``alternatives``: quantize mode -> plan; the error then says what each would need."""
     cache = kv_cache_bytes(args, dtype, world_size)
     logger.info("KV cache: %.2f GiB per rank (max_batch_size %d x max_seq_len %d x %d layers x %d KV heads x "
                 "head_dim %d x %d bytes x 2 for keys and values%s)", cache / GIB, args.max_batch_size,
@@ -140,7 +147,23 @@ def check_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size: 
                 f" / {world_size} ranks" if world_size > 1 else "")
     ranks_here = world_size if device.type == "cpu" else 1
     weights = weight_bytes(args, dtype, plan) // world_size * ranks_here
-    check_fits_device(weights, cache * ranks_here, device)
+    try:
+        check_fits_device(weights, cache * ranks_here, device)
+    except NotEnoughMemoryError as e:
+        if not alternatives:
+            raise
+        advice = _smaller_formats(args, dtype, world_size, weights // ranks_here, alternatives)
+        raise NotEnoughMemoryError(f"{e} {advice}") from None
+
+
+def _smaller_formats(args: Any, dtype: torch.dtype, world_size: int, weights_per_rank: int,
+                     alternatives: Mapping[str, Any]) -> str:
+    """"bfloat16 weights need 101.5 GB per rank on 8 ranks; quantize='fp8' needs 60.9 GB, ..."."""
+    ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+    needs = [f"quantize={mode!r} needs {weight_bytes(args, dtype, plan) // world_size / 1e9:.1f} GB"
+             for mode, plan in alternatives.items()]
+    return (f"{str(dtype).removeprefix('torch.')} weights need {weights_per_rank / 1e9:.1f} GB per rank on "
+            f"{ranks}; {', '.join(needs)} (Llama.build(..., quantize=...), llama3-chat --quantize).")
 
 
 def trained_context(args: Any) -> int:

@@ -122,7 +122,8 @@ def main(
         dtype: bfloat16, float16 or float32 (default: the device's preferred one).
         rope_scale_factor: override the Llama 3.1+ RoPE scaling factor (32 for Llama 3.2).
         compile: decode with torch.compile.
-        quantize: "int8" for int8 weight-only linear layers.
+        quantize: "int8", "fp8" or "int4" to quantize a bf16 checkpoint at load
+            (a quantized checkpoint is recognised by itself).
     """
     if tool_format not in TOOL_PROMPT_FORMATS:
         raise UsageError(f"--tool_format must be one of {', '.join(TOOL_PROMPT_FORMATS)}, "

@@ -72,7 +72,8 @@ SIZES: dict[str, dict[str, Any]] = {
                  decode_tokens=128, decode_context=512, batch_eager="1,8", repeats=2,
                  kernel_lens="512,2048,8192,32768", kernel_batch=1, tiny_ckpt_layers=2, gen_len=24,
                  long_prefill="131072",
-                 tests=["tests/test_cuda.py", "tests/test_fast_paths.py", "-k", "cuda"], bandwidth_gib=None),
+                 tests=["tests/test_cuda.py", "tests/test_fast_paths.py", "tests/test_quantized_cuda.py",
+                        "-k", "cuda"], bandwidth_gib=None),
     # Dry run: every stage, tiny shape, real compilation.
     "tiny": dict(shape="tiny", n_layers=2, dtype="bf16", prefill="64", prefill_eager="32,64",
                  decode_tokens=8, decode_context=16, batch_eager="1,2", repeats=1,

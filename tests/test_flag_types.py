@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama3.checkpoint import ConfigValueError, read_model_args
+from llama3.checkpoint import ConfigValueError, read_model_args, write_random_checkpoint
 from llama3.checkpoint import inspect_checkpoint as inspect
 from llama3.errors import InvalidArgumentError
 from llama3.generation import Llama
 from llama3.model import ModelArgs
-from llama3.checkpoint import write_random_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(dim=64, n_layers=1, n_heads=4, vocab_size=256, multiple_of=16)

@@ -12,9 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load, save_file
 
-from llama3.checkpoint import NonFiniteWeightsError, load_model
+from llama3.checkpoint import NonFiniteWeightsError, load_model, write_random_checkpoint
 from llama3.errors import LlamaError
-from llama3.checkpoint import write_random_checkpoint
 
 
 def _load(path: Path, dtype: str = "fp32"):

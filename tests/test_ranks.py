@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama3.generation import Llama
 from llama3.checkpoint import write_random_checkpoint
+from llama3.generation import Llama
 from llama3.presets import preset_args
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,11 +14,10 @@ import pytest
 import torch
 
 from llama3.chat import ChatSession
-from llama3.checkpoint import convert_checkpoint
+from llama3.checkpoint import convert_checkpoint, write_random_checkpoint
 from llama3.convert import main as convert_main
 from llama3.errors import LlamaError
 from llama3.files import FileTooLargeError, NotARegularFileError, NotTextError, read_bytes, read_text
-from llama3.checkpoint import write_random_checkpoint
 from llama3.tokenizer import Tokenizer
 from llama3.tool_session import load_tool_definitions
 

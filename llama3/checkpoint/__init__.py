@@ -27,6 +27,7 @@ from ..bpe import load_bpe_ranks
 from ..distributed import init_model_parallel, model_parallel_rank, select_device, select_dtype
 from ..errors import InvalidArgumentError
 from ..files import check_regular_file, copy_checked
+from ..kernels import KERNELS, swap_linears
 from ..model import ModelArgs, Transformer
 from ..progress import Progress, configure_logging
 from ..validation import optional, positive_int
@@ -70,6 +71,15 @@ from .hf_tokenizer import write_hf_extras
 from .hub import resolve_checkpoint_dir
 from .layout import check_shard_layout, param_names, shard_shape
 from .meta import META, save_meta_checkpoint
+from .quantized import (
+    QuantizedCheckpointError,
+    QuantizedFormat,
+    UnknownQuantizedTensorError,
+    UnsupportedQuantizationError,
+    detect_quantization,
+    read_quantized_rank,
+)
+from .quantized_write import reshard_fp8_mixed
 from .random_weights import random_state_dict, write_random_checkpoint
 
 __all__ = [
@@ -89,6 +99,11 @@ __all__ = [
     "TiedWeightsMismatchError",
     "UnsafeCheckpointError",
     "UnsafePathError",
+    "QuantizedCheckpointError",
+    "UnsupportedQuantizationError",
+    "UnknownQuantizedTensorError",
+    "QuantizedFormat",
+    "detect_quantization",
     "CheckpointInfo",
     "inspect_checkpoint",
     "read_model_args",
@@ -238,7 +253,17 @@ def load_model(ckpt_dir: str | Path | CheckpointInfo, *, max_seq_len: int, max_b
                         args.rope_low_freq_factor, args.rope_high_freq_factor, args.rope_original_max_seq_len)
         with torch.device("meta"):
             model = Transformer(args)
-        sd = load_rank_state_dict(info, args, rank, world, dtype=target_dtype, device=target_device)
+        fmt = detect_quantization(info)
+        if fmt is None:
+            sd = load_rank_state_dict(info, args, rank, world, dtype=target_dtype, device=target_device)
+        else:
+            # Shipped quantized: those layers become their kernel's empty buffers, then the
+            # checkpoint's tensors (and scales) are assigned as they are stored.
+            logger.info("  %s", fmt.describe())
+            layers = set(fmt.quantized_layers(args))
+            swap_linears(model, KERNELS[fmt.kernel], select=lambda name, _m: name in layers, empty=True,
+                         **fmt.kernel_settings(target_dtype))
+            sd = read_quantized_rank(info, args, fmt, rank, world, dtype=target_dtype, device=target_device)
         expected = model.state_dict()
         for name, t in sd.items():
             if tuple(t.shape) != tuple(expected[name].shape):  # the shard checks make this unreachable
@@ -308,6 +333,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, to: str, num_shards:
         raise InvalidArgumentError(f"the output {dst} is the source checkpoint; choose another directory")
     args = read_model_args(info, rope_scale_factor=rope_scale_factor)
     check_shard_layout(1, num_shards, args)  # fail before minutes of reading
+    fmt = detect_quantization(info)
+    if fmt is not None:
+        return _convert_quantized(info, args, fmt, dst, to=to, num_shards=num_shards, dtype=dtype,
+                                  overwrite=overwrite)
     tokenizer = _checked_tokenizer(root)
     sd = load_rank_state_dict(info, args, 0, 1)
     _check_fits(sd, dtype)
@@ -334,3 +363,16 @@ def _checked_tokenizer(root: Path) -> Path | None:
                 load_bpe_ranks(candidate)
             return candidate
     return None
+
+
+def _convert_quantized(info: CheckpointInfo, args: ModelArgs, fmt: QuantizedFormat, dst: Path, *, to: str,
+                       num_shards: int, dtype: torch.dtype | None, overwrite: bool) -> list[Path]:
+    """A quantized source: Meta's fp8_mixed reshards to ``num_shards`` (scales with their rows);
+    any other conversion would have to dequantize, which is refused by name."""
+    if fmt.scheme != "fp8_mixed" or to != "meta" or dtype is not None:
+        raise UnsupportedQuantizationError(
+            f"{info.path} is a quantized checkpoint ({fmt.describe()}); convert_checkpoint only reshards "
+            "Meta fp8_mixed checkpoints (to='meta', num_shards=N, no dtype). Load it as it is, or convert "
+            "the model's bf16 release instead.")
+    out = reshard_fp8_mixed(info, args, dst, num_shards, overwrite=overwrite)
+    return sorted(out.glob("consolidated.*.pth"))

@@ -302,6 +302,11 @@ def _check_shard(sd: dict[str, torch.Tensor], path: Path, args: ModelArgs, shard
                                   f"{'; '.join(problems)}")
     for name in sorted(present):
         t = sd[name]
+        if t.dtype.is_floating_point and t.dtype.itemsize == 1:  # float8: never cast without its scales
+            raise TensorDtypeError(f"{path}: tensor {name} is {str(t.dtype).removeprefix('torch.')}; float8 "
+                                   "weights need their scales (Meta fp8_mixed: fp8_scales_N.pt beside the "
+                                   "shards), and this loader reads only bfloat16/float16/float32 weights. "
+                                   "Casting them would compute wrong numbers; use the bf16 release.")
         if not t.dtype.is_floating_point:
             raise TensorDtypeError(f"{path}: tensor {name} has dtype {str(t.dtype).removeprefix('torch.')} "
                                    f"(shape {list(t.shape)}); weights must be floating point (bfloat16, "

@@ -11,6 +11,7 @@ from .choose import (
     FAMILIES,
     KERNELS,
     QUANTIZE_MODES,
+    QUANTIZED_FAMILIES,
     KernelChoice,
     KernelPlan,
     UnknownKernelError,
@@ -19,15 +20,19 @@ from .choose import (
     decide,
     fbgemm_is_the_fast_path,
     kernels_in,
+    quantized_alternatives,
 )
 from .cpu_gemv import CpuGemvKernel
 from .fbgemm import FbgemmFp16Kernel, cpu_has_bf16_matrix_units, fbgemm_available
+from .fp8 import Fp8RowwiseLinear
+from .int4 import Int4WeightOnlyLinear, Int8DynActInt4Linear
 from .int8 import Int8Kernel, quantize_per_channel
 from .torch_default import TorchKernel
 
 __all__ = [
     "ENV_OVERRIDE", "FAMILIES", "KERNELS", "QUANTIZE_MODES", "CpuGemvKernel", "FbgemmFp16Kernel",
-    "Int8Kernel",
+    "Int8Kernel", "Fp8RowwiseLinear", "Int4WeightOnlyLinear", "Int8DynActInt4Linear", "QUANTIZED_FAMILIES",
+    "quantized_alternatives",
     "KernelChoice", "KernelPlan", "LinearKernel", "TorchKernel", "UnknownKernelError", "apply_kernels",
     "choose_kernels", "cpu_has_bf16_matrix_units", "decide", "empty_linear", "fbgemm_available",
     "fbgemm_is_the_fast_path", "is_linear", "kernel_of", "kernels_in", "quantize_per_channel", "swap_linear",

@@ -8,6 +8,11 @@ feed-forward, output) the kernel family and the reason, logged in one line such 
 
 :func:`apply_kernels` swaps the layers. How to decide is :func:`decide`, one replaceable function;
 a new kernel is one :class:`~llama3.kernels.base.LinearKernel` subclass and one line in ``KERNELS``.
+
+``quantize=`` converts the families in ``QUANTIZED_FAMILIES`` (fp8: only Meta's selection of
+feed-forward layers, a :class:`KernelChoice` with ``layers``); a checkpoint shipped quantized
+(``stored=``) keeps its layers' format and the chooser only reports it, so the log line and the fit
+check's bytes cover every case.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -26,12 +31,17 @@ from . import fbgemm as _fbgemm
 from .base import LinearKernel, kernel_of, swap_linears
 from .cpu_gemv import CpuGemvKernel
 from .fbgemm import FbgemmFp16Kernel
+from .fp8 import Fp8RowwiseLinear, meta_fp8_layers
+from .int4 import INT4_GROUP_SIZES, Int4WeightOnlyLinear, Int8DynActInt4Linear, UnsupportedGroupSizeError
 from .int8 import Int8Kernel
 from .torch_default import TorchKernel
 
 __all__ = ["ENV_OVERRIDE", "FAMILIES", "KERNELS", "KernelChoice", "KernelPlan", "MIN_FBGEMM_DIM",
-           "QUANTIZE_MODES", "UnknownKernelError", "apply_kernels", "choose_kernels", "decide",
-           "fbgemm_is_the_fast_path"]
+           "QUANTIZED_FAMILIES", "QUANTIZE_MODES", "StoredQuantization", "UnknownKernelError",
+           "apply_kernels",
+           "check_int4_group_size", "choose_kernels", "default_int4_group_size", "decide",
+           "fbgemm_is_the_fast_path",
+           "quantized_alternatives", "quantized_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +51,25 @@ KERNELS: dict[str, type[LinearKernel]] = {
     CpuGemvKernel.name: CpuGemvKernel,
     FbgemmFp16Kernel.name: FbgemmFp16Kernel,
     Int8Kernel.name: Int8Kernel,
+    Fp8RowwiseLinear.name: Fp8RowwiseLinear,  # settings: activation_scale_ub
+    Int4WeightOnlyLinear.name: Int4WeightOnlyLinear,  # settings: group_size
+    Int8DynActInt4Linear.name: Int8DynActInt4Linear,  # settings: group_size, lora_rank, lora_scale, dtype
 }
 # quantize= of Llama.build -> the kernel family holding weights in that format.
-QUANTIZE_MODES: dict[str, str] = {"int8": Int8Kernel.name}
+QUANTIZE_MODES: dict[str, str] = {"int8": Int8Kernel.name, "fp8": Fp8RowwiseLinear.name,
+                                  "int4": Int4WeightOnlyLinear.name}
 # Layer families: the last component of the layer names each covers.
 FAMILIES: dict[str, tuple[str, ...]] = {
     "attention": ("wq", "wk", "wv", "wo"),
     "feed-forward": ("w1", "w2", "w3"),
     "output": ("output",),
 }
+# The layer families each quantize mode converts; the others keep the float rule. fp8 is Meta's
+# fp8_mixed selection (feed-forward of every layer but the first and the last, see
+# :func:`quantized_layers`); int4 converts the transformer blocks, not the output projection,
+# whose error the logits feel directly.
+QUANTIZED_FAMILIES: dict[str, tuple[str, ...]] = {"int8": tuple(FAMILIES), "fp8": ("feed-forward",),
+                                                  "int4": ("attention", "feed-forward")}
 ENV_OVERRIDE = "LLAMA3_KERNELS"
 # Below this model width a layer's product takes a few microseconds and FBGEMM's fixed cost per call
 # (float32 copy of the input, dispatch) outweighs its faster arithmetic: the tiny test shapes.
@@ -60,12 +80,31 @@ class UnknownKernelError(LlamaError, ValueError):
     """A kernel or layer family named in an override (or quantize=) does not exist or cannot run here."""
 
 
+class StoredQuantization(Protocol):
+    """What a checkpoint shipped already quantized says about itself
+    (:class:`llama3.checkpoint.QuantizedFormat` is one)."""
+
+    @property
+    def kernel(self) -> str: ...
+    def quantized_layers(self, args: Any) -> list[str]: ...
+    def kernel_settings(self, dtype: torch.dtype) -> dict[str, Any]: ...
+    def describe(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class KernelChoice:
-    """The kernel family of one layer family, and why it was chosen."""
+    """The kernel family of one layer family, and why it was chosen. ``layers``: the names of the
+    layers it computes when not all of the family (fp8: Meta's selection); the others keep torch's
+    kernel. ``settings``: keyword arguments of the kernel's ``from_float`` (int4's group size)."""
 
     kernel: type[LinearKernel]
     reason: str
+    layers: frozenset[str] | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def computes(self, name: str) -> bool:
+        """Whether layer ``name`` (of this family) is computed by :attr:`kernel`."""
+        return self.layers is None or name in self.layers
 
     @property
     def decode(self) -> str:
@@ -77,7 +116,25 @@ class KernelChoice:
 
     def label(self) -> str:
         decode, prefill = self.kernel.phases()
-        return decode if decode == prefill else f"{decode} (decode) / {prefill} (prefill)"
+        label = decode if decode == prefill else f"{decode} (decode) / {prefill} (prefill)"
+        if self.settings.get("group_size"):
+            label += f" group {self.settings['group_size']}"
+        if self.layers is not None:
+            blocks = sorted({int(n.split(".")[1]) for n in self.layers if n.startswith("layers.")})
+            if blocks:
+                label += f" in layers {_ranges(blocks)} (the others torch)"
+        return label
+
+
+def _ranges(values: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3,5"."""
+    out: list[str] = []
+    for v in values:
+        if out and out[-1].split("-")[-1] == str(v - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{v}"
+        else:
+            out.append(str(v))
+    return ",".join(out)
 
 
 @dataclass(frozen=True)
@@ -90,6 +147,15 @@ class KernelPlan:
 
     def kernel(self, family: str) -> type[LinearKernel]:
         return self.families[family].kernel
+
+    def nbytes(self, name: str, out_features: int, in_features: int, dtype: torch.dtype) -> int:
+        """Bytes layer ``name`` (``layers.3.feed_forward.w1``, ``output``) holds in its kernel's
+        format, with the plan's settings (a layer left out of a partial selection: ``dtype``)."""
+        choice = self.families[_family_of(name) or "output"]
+        if not choice.computes(name):
+            return LinearKernel.nbytes_for(out_features, in_features, dtype)
+        group = {"group_size": choice.settings["group_size"]} if "group_size" in choice.settings else {}
+        return choice.kernel.nbytes_for(out_features, in_features, dtype, **group)
 
     def describe(self) -> str:
         """The one log line: each family's kernel, then the reasons."""
@@ -148,15 +214,41 @@ def _parse_override(override: str | Mapping[str, str] | None) -> dict[str, str]:
     return dict(override)
 
 
+def quantized_layers(quantize: str, args: Any) -> frozenset[str] | None:
+    """The layers ``quantize`` converts within its families (None: all of them)."""
+    return frozenset(meta_fp8_layers(args.n_layers)) if quantize == "fp8" else None
+
+
+def default_int4_group_size(args: Any) -> int:
+    """128, or the largest of 64 and 32 that divides the model's widths (every released Llama 3
+    takes 128)."""
+    return next((g for g in (128, 64) if args.dim % g == 0 and args.ffn_hidden_dim % g == 0), 32)
+
+
+def check_int4_group_size(group_size: Any) -> int:
+    """``group_size`` if torch's int4 kernels take it, else :class:`UnsupportedGroupSizeError`."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in INT4_GROUP_SIZES:
+        sizes = ", ".join(map(str, INT4_GROUP_SIZES))
+        raise UnsupportedGroupSizeError(f"int4_group_size must be one of {sizes} (torch's int4 kernels), "
+                                        f"got {group_size!r}")
+    return group_size
+
+
 def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, quantize: str | None = None,
                    override: str | Mapping[str, str] | None = None, *, fbgemm: bool | None = None,
-                   log: bool = True) -> KernelPlan:
+                   log: bool = True, int4_group_size: int | None = None,
+                   stored: StoredQuantization | None = None
+                   ) -> KernelPlan:
     """The kernel of each linear-layer family of ``model`` (a Transformer, or its ``ModelArgs``
     before loading) on ``device`` in ``dtype``, and why; logged in one line.
 
-    ``quantize``: ``"int8"`` or None. ``fbgemm``: ``Llama.build``'s flag (True: pack, False: never
-    pack, None: when it is the fast path). ``override``: a kernel name for every family, or per
-    family (``"attention=int8,output=torch"`` or a dict); default ``$LLAMA3_KERNELS``. Raises
+    ``quantize``: a ``QUANTIZE_MODES`` key (``"int8"``, ``"fp8"``: Meta's fp8_mixed selection,
+    ``"int4"``: the block linears, group-wise with ``int4_group_size``, default
+    :func:`default_int4_group_size`) or None. ``stored``: the
+    format of a checkpoint shipped quantized (its layers keep their stored kernel; quantize= is
+    then refused). ``fbgemm``: ``Llama.build``'s flag (True: pack, False: never pack, None: when it
+    is the fast path). ``override``: a kernel name for every family, or per family
+    (``"attention=int8,output=torch"`` or a dict); default ``$LLAMA3_KERNELS``. Raises
     :class:`UnknownKernelError` for unknown names or a kernel that cannot run this dtype/device.
     """
     device = torch.device(device)
@@ -166,21 +258,42 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
     if fbgemm and quantize is not None:
         raise UnknownKernelError("fbgemm=True packs bfloat16/float16 weights; it does not combine "
                                  "with quantize")
+    if int4_group_size is not None and quantize != "int4":
+        raise UnknownKernelError(f"int4_group_size={int4_group_size!r} applies to quantize='int4' only "
+                                 f"(got quantize={quantize!r})")
+    if stored is not None and quantize is not None:
+        raise UnknownKernelError(f"quantize={quantize!r}: this checkpoint is already quantized "
+                                 f"({stored.describe()}); load it without quantize=")
     if fbgemm and (refusal := FbgemmFp16Kernel.refusal(None, device, dtype)):
         raise UnknownKernelError(f"fbgemm=True: {refusal}")
     args = getattr(model, "params", model)
-    rule = decide(args.dim, device, dtype, quantize=quantize, fbgemm=fbgemm)
-    chosen = {family: (name, reason) for family, (name, reason) in rule.items()}
+    # The float rule for every family, then the quantized families on top.
+    rule = decide(args.dim, device, dtype, fbgemm=False if quantize or stored else fbgemm)
+    chosen = {family: KernelChoice(KERNELS[name], reason) for family, (name, reason) in rule.items()}
+    if quantize is not None:
+        group = default_int4_group_size(args) if int4_group_size is None else int4_group_size
+        settings = {"group_size": check_int4_group_size(group)} if quantize == "int4" else {}
+        for family in QUANTIZED_FAMILIES[quantize]:
+            chosen[family] = KernelChoice(KERNELS[QUANTIZE_MODES[quantize]],
+                                          f"quantize={quantize!r}: weights stored as {quantize}",
+                                          quantized_layers(quantize, args), settings)
+    if stored is not None:
+        names = stored.quantized_layers(args)
+        for family in FAMILIES:
+            mine = frozenset(n for n in names if _family_of(n) == family)
+            if mine:
+                chosen[family] = KernelChoice(KERNELS[stored.kernel],
+                                              f"the checkpoint ships {stored.describe()}", mine,
+                                              stored.kernel_settings(dtype))
     if override is None:
         override = os.environ.get(ENV_OVERRIDE) or None
     for family, name in _parse_override(override).items():
-        chosen[family] = (name, "override")
+        chosen[family] = KernelChoice(KERNELS[name], "override")
     families = {}
-    for family, (name, reason) in chosen.items():
-        kernel = KERNELS[name]
-        if refusal := kernel.refusal(None, device, dtype):
-            raise UnknownKernelError(f"kernel {name} for {family}: {refusal}")
-        families[family] = KernelChoice(kernel, reason)
+    for family, choice in chosen.items():
+        if refusal := choice.kernel.refusal(None, device, dtype):
+            raise UnknownKernelError(f"kernel {choice.kernel.name} for {family}: {refusal}")
+        families[family] = choice
     plan = KernelPlan(families, device, dtype)
     if log:
         logger.info(plan.describe())
@@ -199,9 +312,24 @@ def apply_kernels(model: nn.Module, plan: KernelPlan) -> dict[str, int]:
         if choice.kernel is TorchKernel:
             swapped[family] = 0
             continue
-        swapped[family] = swap_linears(model, choice.kernel,
-                                       select=lambda name, _m, family=family: _family_of(name) == family)
+        def select(name: str, _module: nn.Module, family: str = family,
+                   choice: KernelChoice = choice) -> bool:
+            return _family_of(name) == family and choice.computes(name)
+
+        swapped[family] = swap_linears(model, choice.kernel, select=select, **choice.settings)
     return swapped
+
+
+def quantized_alternatives(args: Any, device: torch.device | str, dtype: torch.dtype
+                           ) -> dict[str, KernelPlan]:
+    """The plan of each quantize mode that would shrink a float model (for the fit check's advice)."""
+    plans = {}
+    for mode in ("fp8", "int4"):
+        try:
+            plans[mode] = choose_kernels(args, device, dtype, mode, override={}, log=False)
+        except UnknownKernelError:  # that format cannot run here: not advice worth giving
+            continue
+    return plans
 
 
 def kernels_in(model: nn.Module) -> dict[str, str]:
