@@ -11,14 +11,12 @@ cannot rot on a machine without a GPU; elsewhere without CUDA they are skipped.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
-from torch.nn.attention.bias import causal_lower_right
 
 from llama3 import ModelArgs, Transformer
 from llama3.generation import Llama
@@ -201,21 +199,10 @@ def test_sampling_on_the_device_never_waits_for_the_host():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_pinned_attention_plans_run_and_give_the_reference(dtype):
-    """Each call site's pinned kernels (llama3.sdpa_policy) accept the inputs as the model shapes
-    them, and give textbook attention; fp32 chunk-after-prefix through the log-sum-exp merge."""
-    from torch.nn.attention import sdpa_kernel
-
-    from llama3.sdpa_policy import (
-        chunk_attention_by_lse_merge,
-        cuda_efficient_attend,
-        reference_attend,
-        sdpa_backends,
-        sdpa_plan,
-    )
-
-    def pinned(plan):  # the plan's kernels, in its order; an unpinned (CPU) plan: SDPA's own choice
-        backends = sdpa_backends(plan)
-        return sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext()
+    """attention() at each call site runs its pinned kernels (llama3.attention's plan) on the
+    inputs as the model shapes them, and gives textbook attention; fp32 chunk-after-prefix through
+    the log-sum-exp merge (CUDA's memory-efficient kernel), never a [chunk, kv_len] mask."""
+    from llama3.attention import attention, attention_case, sdpa_plan
 
     g = torch.Generator().manual_seed(0)
     heads, kv_heads, hd, kv_len, s = 8, 2, 64, 96, 16
@@ -223,29 +210,25 @@ def test_pinned_attention_plans_run_and_give_the_reference(dtype):
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(DEVICE, dtype)
 
-    q, keys, values = rand(1, heads, s, hd), rand(1, kv_heads, kv_len, hd), rand(1, kv_heads, kv_len, hd)
+    keys, values = rand(1, kv_heads, kv_len, hd), rand(1, kv_heads, kv_len, hd)
     rep = heads // kv_heads
-    mask = torch.ones(s, kv_len, dtype=torch.bool, device=DEVICE).tril(diagonal=kv_len - s)
-    want_chunk = F.scaled_dot_product_attention(q.float(), keys.float().repeat_interleave(rep, 1),
-                                                values.float().repeat_interleave(rep, 1), attn_mask=mask)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     device_type = "cuda" if CUDA else "cpu"
-    plan = sdpa_plan("chunk", dtype, hd, device_type=device_type)
-    with pinned(plan):
-        if plan.layout == "lse_merge":
-            attend = cuda_efficient_attend if CUDA else reference_attend
-            got = chunk_attention_by_lse_merge(q, keys, values, attend)
-        else:
-            got = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(s, kv_len),
-                                                 enable_gqa=True)
-    torch.testing.assert_close(got.float(), want_chunk, **tol)
-
-    plan = sdpa_plan("decode", dtype, hd, device_type=device_type)
-    one = q[:, :, :1].reshape(1, kv_heads, rep, hd)  # folded, as the model's decode step
-    with pinned(plan):
-        got = F.scaled_dot_product_attention(one, keys, values)
-    want = F.scaled_dot_product_attention(one.float(), keys.float(), values.float())
-    torch.testing.assert_close(got.float(), want, **tol)
+    cases = ((s, kv_len, None), (s, s, None), (1, kv_len, None),
+             (1, kv_len, torch.arange(kv_len, device=DEVICE)[None, :] <= kv_len // 2))
+    for n, length, mask in cases:  # chunk, prefill, decode, masked
+        q = rand(1, heads, n, hd)
+        k, v = keys[:, :, :length], values[:, :, :length]
+        visible = torch.ones(n, length, dtype=torch.bool, device=DEVICE).tril(diagonal=length - n)
+        want = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(rep, 1),
+                                              v.float().repeat_interleave(rep, 1),
+                                              attn_mask=visible if mask is None else mask)
+        got = attention(q, k, v, mask=mask)
+        assert got.dtype == dtype
+        site = attention_case(n, length, mask is not None)
+        torch.testing.assert_close(got.float(), want, **tol, msg=lambda m, site=site: f"{site}: {m}")
+        if CUDA and dtype == torch.float32 and site == "chunk":
+            assert sdpa_plan(site, dtype, hd, device_type=device_type).layout == "lse_merge"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
