@@ -190,21 +190,23 @@ def describe(plan: SdpaPlan) -> str:
     return f"attention {plan.site}: {kernels} ({plan.layout}): {plan.why}"
 
 
-_PLANS: dict[tuple[str, torch.dtype, int], dict[str, SdpaPlan]] = {}
+_PLANS: dict[tuple[str, torch.dtype, int, bool], dict[str, SdpaPlan]] = {}
 
 
 def _plan(site: AttentionCase, device_type: str, dtype: torch.dtype, head_dim: int) -> SdpaPlan:
     """The plan of ``site``; every site of a (device, dtype, head size) is planned and logged at its
-    first call. While ``torch.compile`` traces, nothing is stored or logged (no graph break; the
-    eager prefill that precedes any compiled step has logged them)."""
-    plans = _PLANS.get((device_type, dtype, head_dim))
+    first eager call. While ``torch.compile`` traces, the plan is computed afresh and nothing is
+    read from or written to the cache: a compiled graph guarded on the cache would compile again
+    whenever an eager call adds to it (a warmed-up step before the first prefill)."""
+    if torch.compiler.is_compiling():
+        return sdpa_plan(site, dtype, head_dim, device_type, CUDNN_FASTER_AT)
+    key = (device_type, dtype, head_dim, _cpu_flash_attention is not None)  # the CPU plan depends on it
+    plans = _PLANS.get(key)
     if plans is None:
-        plans = {s: sdpa_plan(s, dtype, head_dim, device_type, CUDNN_FASTER_AT) for s in CALL_SITES}
-        if not torch.compiler.is_compiling():
-            _PLANS[(device_type, dtype, head_dim)] = plans
-            for plan in plans.values():
-                logger.info("%s (%s, head_dim %d)", describe(plan), str(dtype).removeprefix("torch."),
-                            head_dim)
+        plans = _PLANS[key] = {s: sdpa_plan(s, dtype, head_dim, device_type, CUDNN_FASTER_AT)
+                               for s in CALL_SITES}
+        for plan in plans.values():
+            logger.info("%s (%s, head_dim %d)", describe(plan), str(dtype).removeprefix("torch."), head_dim)
     return plans[site]
 
 

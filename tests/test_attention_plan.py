@@ -126,7 +126,7 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def test_attention_applies_the_plan_of_each_site_and_logs_the_plans_once(monkeypatch):
+def test_attention_applies_the_plan_of_each_site_and_logs_the_plans_once(monkeypatch, caplog):
     """attention() runs the layout its plan names (here: CUDA's float32 plans forced onto the CPU,
     the merge served by the CPU kernel) and gives float64 attention; the plans of a (device, dtype,
     head size) are logged once, at the first call."""
@@ -138,7 +138,7 @@ def test_attention_applies_the_plan_of_each_site_and_logs_the_plans_once(monkeyp
                         lambda site, *args: cuda_plans[site]._replace(backends=()))
     lines = _Lines()
     attention_module.logger.addHandler(lines)
-    monkeypatch.setattr(attention_module.logger, "level", logging.INFO)
+    caplog.set_level(logging.INFO, logger=attention_module.logger.name)
     try:
         g = torch.Generator().manual_seed(7)
         for s, kv_len in ((9, 9), (6, 40), (1, 40)):  # prefill (repeat_kv), chunk (lse_merge), decode

@@ -108,8 +108,14 @@ def test_stages_past_the_deadline_are_skipped_timeouts_killed_failures_reported(
 
 def test_cuda_int8_decode_formulation_is_the_dequantized_product():
     """The multiply-and-sum that the compiled CUDA step uses for int8 weights (run here eagerly, as
-    if compiling) equals x (q · scale)ᵀ, and larger batches take the dequantize-then-matmul path."""
-    from llama3.kernels.int8 import CUDA_FUSED_MAX_ROWS, cuda_int8_product, quantize_per_channel
+    if compiling) equals x (q · scale)ᵀ, and larger batches take the dequantize-then-matmul path;
+    Int8Kernel's product on CUDA is that one function."""
+    import llama3.kernels.int8 as int8
+    from llama3.kernels.int8 import quantize_per_channel
+    from llama3.kernels.int8_cuda import FUSED_MAX_ROWS as CUDA_FUSED_MAX_ROWS
+    from llama3.kernels.int8_cuda import int8_linear_cuda as cuda_int8_product
+
+    assert int8.int8_linear_cuda is cuda_int8_product
 
     torch.manual_seed(0)
     q, scale = quantize_per_channel(torch.randn(48, 96) * torch.logspace(-2, 1, 48)[:, None])
