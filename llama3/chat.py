@@ -405,6 +405,9 @@ def _parse_args(argv: list[str] | None):
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="process prompts in chunks of this many tokens (default: the library's)")
     parser.add_argument("--compile", action="store_true", help="decode with torch.compile")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="with --compile: compile every context-length bucket at start-up (minutes "
+                             "for 8B on a GPU) instead of pausing mid-answer when a chat grows into one")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linear layers")
     parser.add_argument("--tools", default=None, metavar="FILE.json",
                         help="tool mode: custom tool definitions (JSON list); you supply each call's result")
@@ -453,8 +456,8 @@ def _chat(argv: list[str] | None) -> int:
     generator = Llama.build(
         ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=1,
         model_parallel_size=args.model_parallel_size, seed=args.seed, device=args.device, dtype=args.dtype,
-        rope_scale_factor=args.rope_scale_factor, compile=args.compile, quantize=args.quantize,
-        verbose=not args.quiet, **options,
+        rope_scale_factor=args.rope_scale_factor, compile=args.compile, warm_up=args.warm_up,
+        quantize=args.quantize, verbose=not args.quiet, **options,
     )
     rank = _rank()
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

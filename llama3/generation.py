@@ -44,7 +44,8 @@ from .memory import NotEnoughMemoryError, check_fits
 from .model import PREFILL_CHUNK
 from .progress import Progress, configure_logging
 from .tokenizer import StreamDecoder, Tokenizer, require_tokenizer
-from .validation import positive_int
+from .validation import positive_int, strict_bool
+from .warmup import warm_up_decode_step
 
 __all__ = [
     "ChatPrediction", "CompletionPrediction", "ConcurrentUseError", "DecodeStep", "Llama",
@@ -122,6 +123,7 @@ class Llama:
         dtype: str | torch.dtype | None = None,
         rope_scale_factor: float | None = None,
         compile: bool = False,
+        warm_up: bool = False,
         quantize: str | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         verbose: bool = True,
@@ -145,7 +147,12 @@ class Llama:
             device, dtype: where and in what precision to run (default: the best available device,
                 its preferred dtype).
             rope_scale_factor: override the Llama 3.1 RoPE scaling factor (see ``ModelArgs``).
-            compile: decode with ``torch.compile`` (see :class:`Llama`).
+            compile: decode with ``torch.compile`` (see :class:`Llama`). Each kv-length bucket
+                (256, 512, ... up to ``max_seq_len``) compiles the first time a conversation
+                reaches it (~30-90 s each for 8B on a GPU), which is logged.
+            warm_up: with ``compile``, compile every bucket now, for batch size
+                ``max_batch_size``, each compile logged with its time (:mod:`llama3.warmup`):
+                minutes at start-up instead of pauses mid-answer.
             quantize: ``"int8"`` for int8 weight-only linear layers (``llama3.kernels.int8``).
             prefill_chunk: prompts are processed this many tokens at a time (bounds the memory of
                 long prompts).
@@ -166,6 +173,8 @@ class Llama:
             raise ValueError(f"unknown quantize={quantize!r}; choose one of {', '.join(QUANTIZE_MODES)} "
                              "or None")
         prefill_chunk = positive_int(prefill_chunk, "prefill_chunk")
+        if strict_bool(warm_up, "warm_up") and not compile:
+            raise ValueError("warm_up=True compiles the decode step ahead of time; it needs compile=True")
         from .checkpoint import inspect_checkpoint, load_model, read_model_args
         from .distributed import select_device, select_dtype
 
@@ -196,7 +205,10 @@ class Llama:
         if target.type == "cuda" and not compile:
             logger.info("Decoding eagerly (the readable default); on CUDA, compile=True (--compile) is "
                         "the fast path: the decode step replayed as CUDA graphs")
-        return Llama(model, tokenizer, compile=compile)
+        llama = Llama(model, tokenizer, compile=compile)
+        if warm_up:
+            warm_up_decode_step(llama.decode_step, batch_sizes=(max_batch_size,))
+        return llama
 
     # ------------------------------------------------------------------------------ generation
 
