@@ -18,8 +18,8 @@ The decode step, ``step(tokens [bsz, 1], pos) -> logits [bsz, 1, vocab]``, comes
 * eager (``compile=False``): ``model.forward(tokens, pos, last_only=True)`` in inference mode,
   which attends over exactly the ``pos + 1`` filled cache positions;
 * static (``compile=True``): ``model.forward(tokens, input_pos, kv_len=bucket)`` under
-  ``torch.compile`` (on CUDA: CUDA graphs and tuned reductions, :func:`cuda_decode_compile_options`),
-  the position a device tensor. Its shapes must be fixed,
+  ``torch.compile`` (on CUDA with :func:`cuda_decode_compile_options`: CUDA graphs), the position a
+  device tensor. Its shapes must be fixed,
   so it attends over a *bucket* of cache positions: the smallest
   of 256, 512, 1024, ... (capped at ``max_seq_len``) that holds ``pos + 1``. Each bucket is one
   compiled graph, so a short chat in a model built for 128K tokens costs a short chat's decode,
@@ -83,6 +83,10 @@ DecodeStep = Callable[[torch.Tensor, int], torch.Tensor]
 """``step(tokens [bsz, 1], pos) -> logits [bsz, 1, vocab]``: feed the token at position ``pos``."""
 
 SMALLEST_BUCKET = 256
+# Inductor's coordinate-descent tuning of the CUDA decode step's reductions (the int8 GEMV above
+# all): more bandwidth per GEMV, paid in compile time per kv-length bucket. Off until the GPU
+# check's `kernels` stage (linear_int8_compiled vs linear_int8_tuned) has measured both sides.
+TUNE_CUDA_REDUCTIONS = False
 
 
 def kv_buckets(max_seq_len: int, smallest: int = SMALLEST_BUCKET) -> list[int]:
@@ -101,8 +105,8 @@ def make_decode_step(model: torch.nn.Module, compile: bool, *, static: bool | No
     Args:
         model: the model, on its device, its KV cache allocated.
         compile: run the fixed-shape step (``model.forward`` with ``kv_len``) through
-            ``torch.compile`` (on CUDA with :func:`cuda_decode_compile_options`: CUDA graphs and
-            tuned reductions); the first step of each (batch size, bucket) compiles, which is logged.
+            ``torch.compile`` (on CUDA with :func:`cuda_decode_compile_options`: CUDA graphs); the
+            first step of each (batch size, bucket) compiles, which is logged.
         static: use the fixed-shape path (default: ``compile``). ``static=True``
             without ``compile`` runs that path eagerly: slower, but the same numbers as compiled,
             which tests use to check it.
@@ -157,7 +161,8 @@ class _StaticStep:
             # kv_len is a Python int and dynamic=False keeps it (and the batch size) static: one
             # graph per value. Dynamo's default of 8 graphs per function would fall back to eager.
             _allow_graphs(len(self.buckets) * model.params.max_batch_size)
-            options = cuda_decode_compile_options() if self.device.type == "cuda" else None
+            options = (cuda_decode_compile_options(tune_reductions=TUNE_CUDA_REDUCTIONS)
+                       if self.device.type == "cuda" else None)
             forward = torch.compile(forward, options=options, dynamic=False)
         self.forward = forward
         # Fixed buffers: a CUDA graph replays on the same input addresses.

@@ -16,8 +16,9 @@ byte per weight and nothing else of note. Two defects kept the previous CUDA pat
   Prefill (many rows) stays dequantize-then-cuBLAS: compute-bound, the copy is noise there.
 
 The reduction's launch configuration matters as much: inductor's default reduction configs for a
-[out, in] GEMV leave bandwidth on the table, so the compiled CUDA decode step turns on inductor's
-coordinate-descent tuner (``llama3.decoding.cuda_decode_compile_options``).
+[out, in] GEMV may leave bandwidth on the table; inductor's coordinate-descent tuner searches block
+sizes per kernel at compile time (``llama3.decoding.cuda_decode_compile_options``; off in the decode
+step, ``TUNE_CUDA_REDUCTIONS``, until the GPU check has measured its gain and its compile time).
 
 :class:`~llama3.kernels.int8.Int8Kernel` calls :func:`int8_linear_cuda` for every CUDA input: the
 one CUDA int8 product.
