@@ -434,6 +434,8 @@ def _chat(argv: list[str] | None) -> int:
     if args.max_gen_len is not None and not 0 < args.max_gen_len < args.max_seq_len:
         raise UsageError(f"--max-gen-len {args.max_gen_len} leaves no room for a prompt in --max-seq-len "
                          f"{args.max_seq_len}; give a --max-gen-len below {args.max_seq_len}")
+    if args.warm_up and not args.compile:
+        raise UsageError("--warm-up compiles the decode step at start-up: add --compile")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UsageError(f"--prefill-chunk must be a positive number of tokens, got {args.prefill_chunk}")
     session_class, tool_options = ChatSession, {}

@@ -38,7 +38,7 @@ from .decoding import (
     model_device,
     prepare_batch,
 )
-from .errors import LlamaError
+from .errors import InvalidArgumentError, LlamaError
 from .kernels import QUANTIZE_MODES, apply_kernels, choose_kernels
 from .memory import NotEnoughMemoryError, check_fits
 from .model import PREFILL_CHUNK
@@ -174,7 +174,8 @@ class Llama:
                              "or None")
         prefill_chunk = positive_int(prefill_chunk, "prefill_chunk")
         if strict_bool(warm_up, "warm_up") and not compile:
-            raise ValueError("warm_up=True compiles the decode step ahead of time; it needs compile=True")
+            raise InvalidArgumentError("warm_up=True compiles the decode step ahead of time: pass "
+                                       "compile=True too (--compile with --warm-up)")
         from .checkpoint import inspect_checkpoint, load_model, read_model_args
         from .distributed import select_device, select_dtype
 

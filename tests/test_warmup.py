@@ -109,3 +109,12 @@ def test_build_with_warm_up_compiles_every_bucket_before_the_first_call(generati
     want, _ = Llama(llama.model, llama.tokenizer).generate(prompt, 12, temperature=0)
     assert got == want
     torch._dynamo.reset()
+
+
+def test_chat_refuses_warm_up_without_compile_before_loading(tmp_path, capsys):
+    from llama3.chat import main
+
+    assert main([str(tmp_path), "--warm-up"]) == 2  # an empty directory: never loaded
+    err = capsys.readouterr().err
+    assert "--warm-up" in err
+    assert "add --compile" in err
