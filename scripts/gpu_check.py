@@ -198,7 +198,7 @@ def stages(device: str, size: str, out: Path, work: Path) -> list[Stage]:
         Stage("tests", "CUDA cases only: CUDA-graph decode = eager (fp32), Llama(compile=True) = eager, "
                        "int8 under CUDA graphs, bf16 = transformers, sampling without host syncs, "
                        "pinned attention plans, no skipped CUDA graphs",
-              need_s=45 if full else 10, limit_s=120 if full else 240,
+              need_s=45 if full else 10, limit_s=150 if full else 240,
               commands=[[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *s["tests"],
                          f"--junitxml={out / 'tests.xml'}"]],
               env={"LLAMA3_TEST_DEVICE": device}, gate=_compile_gate),

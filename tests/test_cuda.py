@@ -1,6 +1,6 @@
 """CUDA cases of the fast paths: the CUDA-graph decoding step (``torch.compile`` with
 ``mode="reduce-overhead"``) gives eager's tokens, ``Llama(compile=True)`` generates what eager
-``Llama`` does, int8 weight-only decoding runs under CUDA graphs, and no graph is skipped; bf16
+``Llama`` does, a warmed-up step decodes without compiling again, int8 weight-only decoding runs under CUDA graphs, and no graph is skipped; bf16
 logits match transformers', sampling never synchronises with the host, each attention call
 site's pinned kernels run and give the reference, the CUDA int8 kernel is the dequantized product.
 
@@ -134,6 +134,36 @@ def test_llama_compile_generates_what_eager_generates(llama3_tokenizer):
     got, _ = Llama(model, llama3_tokenizer, compile=True).generate(prompts, 20, temperature=0)
     assert got == want
     assert sum(len(t) for t in got) > 20  # the decode loop ran, through the compiled step
+    assert_one_graph_no_skips()
+
+
+@torch.no_grad()  # as llama3.decoding.decode runs the step: the compiled graphs are guarded on it
+def test_warmed_up_step_decodes_the_eager_tokens_without_compiling_again():
+    """llama3.warmup compiles (and records the CUDA graph of) each kv-length bucket up front; a
+    decode afterwards that crosses from bucket 256 into bucket 300 compiles nothing and gives the
+    eager step's greedy tokens."""
+    from llama3.decoding import make_decode_step
+    from llama3.warmup import warm_up_decode_step
+
+    model = make_model(max_seq_len=300, max_batch_size=1)
+    step = make_decode_step(model, compile=True)
+    records = warm_up_decode_step(step, batch_sizes=(1,))
+    assert [r.kv_len for r in records] == [256, 300]
+    graphs = counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, TINY["vocab_size"], (1, 250), generator=g).to(DEVICE)
+
+    def greedy(step):
+        token = model.forward(tokens, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        out = [token]
+        for pos in range(250, 262):
+            token = step(token, pos)[:, -1].clone().argmax(-1, keepdim=True)
+            out.append(token)
+        return torch.cat(out, dim=1)
+
+    got = greedy(step)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while decoding
+    assert torch.equal(got, greedy(make_decode_step(model, compile=False)))
     assert_one_graph_no_skips()
 
 
