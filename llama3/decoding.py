@@ -19,9 +19,8 @@ The decode step, ``step(tokens [bsz, 1], pos) -> logits [bsz, 1, vocab]``, comes
   which attends over exactly the ``pos + 1`` filled cache positions;
 * static (``compile=True``): ``model.forward(tokens, input_pos, kv_len=bucket)`` under
   ``torch.compile`` (on CUDA with :func:`cuda_decode_compile_options`: CUDA graphs), the position a
-  device tensor. Its shapes must be fixed,
-  so it attends over a *bucket* of cache positions: the smallest
-  of 256, 512, 1024, ... (capped at ``max_seq_len``) that holds ``pos + 1``. Each bucket is one
+  device tensor. Its shapes must be fixed, so it attends over a *bucket* of cache positions: the
+  smallest of 256, 512, 1024, ... (capped at ``max_seq_len``) that holds ``pos + 1``. Each bucket is one
   compiled graph, so a short chat in a model built for 128K tokens costs a short chat's decode,
   not a 128K one. A bucket compiles the first time it is reached (logged; ~30-90 s for 8B on a
   GPU), or all of them up front with :func:`llama3.warmup.warm_up_decode_step`.
@@ -128,8 +127,9 @@ def cuda_decode_compile_options(cudagraphs: bool = True, tune_reductions: bool =
     sets (CUDA graphs), plus inductor's coordinate-descent tuning of each kernel's block sizes.
 
     A decode step is a chain of GEMVs and small reductions (the int8 kernel's multiply-and-sum, the
-    norms); inductor's default reduction configs leave memory bandwidth unused there, and the tuner
-    searches block sizes per kernel once, at compile time (gpt-fast decodes the same way). ``mode``
+    norms); inductor's default reduction configs may leave memory bandwidth unused there, and the
+    tuner searches block sizes per kernel once, at compile time (gpt-fast decodes that way). The
+    decode step uses it only when :data:`TUNE_CUDA_REDUCTIONS` is set. ``mode``
     and ``options`` cannot both be given, hence one dict."""
     options: dict[str, Any] = dict(torch._inductor.list_mode_options("reduce-overhead")) if cudagraphs else {}
     if tune_reductions:
