@@ -205,8 +205,11 @@ def _plan(site: AttentionCase, device_type: str, dtype: torch.dtype, head_dim: i
     if plans is None:
         plans = _PLANS[key] = {s: sdpa_plan(s, dtype, head_dim, device_type, CUDNN_FASTER_AT)
                                for s in CALL_SITES}
+        # Pinned plans (CUDA) are news worth a line each; "torch's own choice" is only for debugging.
+        level = logging.INFO if any(plan.backends for plan in plans.values()) else logging.DEBUG
         for plan in plans.values():
-            logger.info("%s (%s, head_dim %d)", describe(plan), str(dtype).removeprefix("torch."), head_dim)
+            logger.log(level, "%s (%s, head_dim %d)", describe(plan), str(dtype).removeprefix("torch."),
+                       head_dim)
     return plans[site]
 
 

@@ -138,7 +138,7 @@ def test_attention_applies_the_plan_of_each_site_and_logs_the_plans_once(monkeyp
                         lambda site, *args: cuda_plans[site]._replace(backends=()))
     lines = _Lines()
     attention_module.logger.addHandler(lines)
-    caplog.set_level(logging.INFO, logger=attention_module.logger.name)
+    caplog.set_level(logging.DEBUG, logger=attention_module.logger.name)  # unpinned: DEBUG
     try:
         g = torch.Generator().manual_seed(7)
         for s, kv_len in ((9, 9), (6, 40), (1, 40)):  # prefill (repeat_kv), chunk (lse_merge), decode
@@ -155,9 +155,9 @@ def test_attention_applies_the_plan_of_each_site_and_logs_the_plans_once(monkeyp
     assert any(line.startswith("attention chunk:") and "lse_merge" in line for line in lines.lines)
 
 
-def test_a_pinned_call_site_compiles_into_one_graph(monkeypatch):
+def test_a_pinned_call_site_compiles_into_one_graph(monkeypatch, caplog):
     """The masked site of the compiled decode step, pinned (``sdpa_kernel`` with priorities), traces
-    without a graph break and gives the eager result."""
+    without a graph break and gives the eager result; pinned plans are logged at INFO."""
     import llama3.attention as attention_module
 
     pinned = SdpaPlan("masked", ("flash", "math"), "folded", "pinned for the test")
@@ -167,7 +167,9 @@ def test_a_pinned_call_site_compiles_into_one_graph(monkeypatch):
     q = torch.randn(1, 8, 1, 16, generator=g)
     keys, values = torch.randn(1, 2, 32, 16, generator=g), torch.randn(1, 2, 32, 16, generator=g)
     mask = torch.arange(32)[None, :] <= 20
+    caplog.set_level(logging.INFO, logger=attention_module.logger.name)
     want = attention_module.attention(q, keys, values, mask=mask)
+    assert "attention masked: flash > math (folded)" in caplog.text
     torch._dynamo.reset()
     compiled = torch.compile(attention_module.attention, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(q, keys, values, mask=mask), want)

@@ -1,8 +1,9 @@
 """CUDA cases of the fast paths: the CUDA-graph decoding step (``torch.compile`` with
 ``mode="reduce-overhead"``) gives eager's tokens, ``Llama(compile=True)`` generates what eager
-``Llama`` does, a warmed-up step decodes without compiling again, int8 weight-only decoding runs under CUDA graphs, and no graph is skipped; bf16
-logits match transformers', sampling never synchronises with the host, each attention call
-site's pinned kernels run and give the reference, the CUDA int8 kernel is the dequantized product.
+``Llama`` does, a warmed-up step decodes without compiling again, int8 weight-only decoding runs
+under CUDA graphs, and no graph is skipped; bf16 logits match transformers', sampling never
+synchronises with the host, each attention call site's pinned kernels run and give the reference,
+the CUDA int8 kernel is the dequantized product.
 
 They need a GPU: scripts/gpu_check.sh runs them on a lent one. Its CPU dry run runs them on the CPU
 (``LLAMA3_TEST_DEVICE=cpu``: the same code with inductor's CPU backend, no CUDA graphs), so they
