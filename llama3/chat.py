@@ -501,6 +501,9 @@ def _parse_args(argv: list[str] | None):
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="process prompts in chunks of this many tokens (default: the library's)")
     parser.add_argument("--compile", action="store_true", help="decode with torch.compile")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="with --compile: compile every context-length bucket at start-up (minutes "
+                             "for 8B on a GPU) instead of pausing mid-answer when a chat grows into one")
     parser.add_argument("--quantize", choices=["int8", "fp8", "int4"], default=None,
                         help="quantize a bf16 checkpoint at load: int8 weight-only, fp8 (Meta's fp8_mixed "
                              "layers) or int4 (group-wise weight-only); a quantized checkpoint needs none")
@@ -530,6 +533,8 @@ def _chat(argv: list[str] | None) -> int:
     if args.max_gen_len is not None and not 0 < args.max_gen_len < args.max_seq_len:
         raise UsageError(f"--max-gen-len {args.max_gen_len} leaves no room for a prompt in --max-seq-len "
                          f"{args.max_seq_len}; give a --max-gen-len below {args.max_seq_len}")
+    if args.warm_up and not args.compile:
+        raise UsageError("--warm-up compiles the decode step at start-up: add --compile")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UsageError(f"--prefill-chunk must be a positive number of tokens, got {args.prefill_chunk}")
     session_class, tool_options = ChatSession, {}
@@ -552,8 +557,8 @@ def _chat(argv: list[str] | None) -> int:
     generator = Llama.build(
         ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=1,
         model_parallel_size=args.model_parallel_size, seed=args.seed, device=args.device, dtype=args.dtype,
-        rope_scale_factor=args.rope_scale_factor, compile=args.compile, quantize=args.quantize,
-        verbose=not args.quiet, **options,
+        rope_scale_factor=args.rope_scale_factor, compile=args.compile, warm_up=args.warm_up,
+        quantize=args.quantize, verbose=not args.quiet, **options,
     )
     rank = _rank()
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

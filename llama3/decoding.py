@@ -18,11 +18,12 @@ The decode step, ``step(tokens [bsz, 1], pos) -> logits [bsz, 1, vocab]``, comes
 * eager (``compile=False``): ``model.forward(tokens, pos, last_only=True)`` in inference mode,
   which attends over exactly the ``pos + 1`` filled cache positions;
 * static (``compile=True``): ``model.forward(tokens, input_pos, kv_len=bucket)`` under
-  ``torch.compile`` (CUDA graphs on CUDA), the position a device tensor. Its shapes must be fixed,
-  so it attends over a *bucket* of cache positions: the smallest
-  of 256, 512, 1024, ... (capped at ``max_seq_len``) that holds ``pos + 1``. Each bucket is one
+  ``torch.compile`` (on CUDA with :func:`cuda_decode_compile_options`: CUDA graphs), the position a
+  device tensor. Its shapes must be fixed, so it attends over a *bucket* of cache positions: the
+  smallest of 256, 512, 1024, ... (capped at ``max_seq_len``) that holds ``pos + 1``. Each bucket is one
   compiled graph, so a short chat in a model built for 128K tokens costs a short chat's decode,
-  not a 128K one.
+  not a 128K one. A bucket compiles the first time it is reached (logged; ~30-90 s for 8B on a
+  GPU), or all of them up front with :func:`llama3.warmup.warm_up_decode_step`.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from .progress import Progress
 from .sampling import sample_next_token
 from .validation import check_tokens, non_negative_int, positive_int
 
-__all__ = ["Batch", "DecodeStep", "NonFiniteLogitsError", "SamplingParams", "decode", "forward_logprobs",
-           "kv_buckets", "make_decode_step", "model_device", "prepare_batch"]
+__all__ = ["Batch", "DecodeStep", "NonFiniteLogitsError", "SamplingParams", "cuda_decode_compile_options",
+           "decode", "forward_logprobs", "kv_buckets", "make_decode_step", "model_device", "prepare_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,10 @@ DecodeStep = Callable[[torch.Tensor, int], torch.Tensor]
 """``step(tokens [bsz, 1], pos) -> logits [bsz, 1, vocab]``: feed the token at position ``pos``."""
 
 SMALLEST_BUCKET = 256
+# Inductor's coordinate-descent tuning of the CUDA decode step's reductions (the int8 GEMV above
+# all): more bandwidth per GEMV, paid in compile time per kv-length bucket. Off until the GPU
+# check's `kernels` stage (linear_int8_compiled vs linear_int8_tuned) has measured both sides.
+TUNE_CUDA_REDUCTIONS = False
 
 
 def kv_buckets(max_seq_len: int, smallest: int = SMALLEST_BUCKET) -> list[int]:
@@ -99,9 +104,8 @@ def make_decode_step(model: torch.nn.Module, compile: bool, *, static: bool | No
     Args:
         model: the model, on its device, its KV cache allocated.
         compile: run the fixed-shape step (``model.forward`` with ``kv_len``) through
-            ``torch.compile`` (``mode="reduce-overhead"``,
-            i.e. CUDA graphs, on CUDA); the first step of each (batch size, bucket) compiles, which
-            is logged.
+            ``torch.compile`` (on CUDA with :func:`cuda_decode_compile_options`: CUDA graphs); the
+            first step of each (batch size, bucket) compiles, which is logged.
         static: use the fixed-shape path (default: ``compile``). ``static=True``
             without ``compile`` runs that path eagerly: slower, but the same numbers as compiled,
             which tests use to check it.
@@ -116,6 +120,21 @@ def make_decode_step(model: torch.nn.Module, compile: bool, *, static: bool | No
 
         return eager_step
     return _StaticStep(model, compile)
+
+
+def cuda_decode_compile_options(cudagraphs: bool = True, tune_reductions: bool = True) -> dict[str, Any]:
+    """``torch.compile(..., options=...)`` for the CUDA decode step: what ``mode="reduce-overhead"``
+    sets (CUDA graphs), plus inductor's coordinate-descent tuning of each kernel's block sizes.
+
+    A decode step is a chain of GEMVs and small reductions (the int8 kernel's multiply-and-sum, the
+    norms); inductor's default reduction configs may leave memory bandwidth unused there, and the
+    tuner searches block sizes per kernel once, at compile time (gpt-fast decodes that way). The
+    decode step uses it only when :data:`TUNE_CUDA_REDUCTIONS` is set. ``mode``
+    and ``options`` cannot both be given, hence one dict."""
+    options: dict[str, Any] = dict(torch._inductor.list_mode_options("reduce-overhead")) if cudagraphs else {}
+    if tune_reductions:
+        options["coordinate_descent_tuning"] = True
+    return options
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -142,8 +161,9 @@ class _StaticStep:
             # kv_len is a Python int and dynamic=False keeps it (and the batch size) static: one
             # graph per value. Dynamo's default of 8 graphs per function would fall back to eager.
             _allow_graphs(len(self.buckets) * model.params.max_batch_size)
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            forward = torch.compile(forward, mode=mode, dynamic=False)
+            options = (cuda_decode_compile_options(tune_reductions=TUNE_CUDA_REDUCTIONS)
+                       if self.device.type == "cuda" else None)
+            forward = torch.compile(forward, options=options, dynamic=False)
         self.forward = forward
         # Fixed buffers: a CUDA graph replays on the same input addresses.
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -172,7 +192,8 @@ class _StaticStep:
             with torch.no_grad():
                 return self.forward(buffer, self._pos, kv_len=kv_len)
         self._seen.add(key)
-        logger.info("Compiling the decode step for batch %d, kv length %d (once per bucket)", bsz, kv_len)
+        logger.info("compiling decode step for kv_len<=%d, batch %d (first time only, ~30-90 s for 8B on "
+                    "GPU; warm_up=True / --warm-up compiles every bucket at start-up)", kv_len, bsz)
         with Progress(f"compiling the decode step (batch {bsz}, kv length {kv_len})", logger=logger), \
                 torch.no_grad():
             return self.forward(buffer, self._pos, kv_len=kv_len)

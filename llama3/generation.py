@@ -39,13 +39,14 @@ from .decoding import (
     model_device,
     prepare_batch,
 )
-from .errors import LlamaError
+from .errors import InvalidArgumentError, LlamaError
 from .kernels import QUANTIZE_MODES, apply_kernels, choose_kernels, quantized_alternatives
 from .memory import NotEnoughMemoryError, check_fits
 from .model import PREFILL_CHUNK
 from .progress import Progress, configure_logging
 from .tokenizer import StreamDecoder, Tokenizer, require_tokenizer
 from .validation import optional, positive_int, strict_bool
+from .warmup import warm_up_decode_step
 
 __all__ = [
     "ChatPrediction", "CompletionPrediction", "ConcurrentUseError", "DecodeStep", "Llama",
@@ -127,6 +128,7 @@ class Llama:
         dtype: str | torch.dtype | None = None,
         rope_scale_factor: float | None = None,
         compile: bool = False,
+        warm_up: bool = False,
         quantize: str | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         verbose: bool = True,
@@ -151,7 +153,12 @@ class Llama:
             device, dtype: where and in what precision to run (default: the best available device,
                 its preferred dtype).
             rope_scale_factor: override the Llama 3.1 RoPE scaling factor (see ``ModelArgs``).
-            compile: decode with ``torch.compile`` (see :class:`Llama`).
+            compile: decode with ``torch.compile`` (see :class:`Llama`). Each kv-length bucket
+                (256, 512, ... up to ``max_seq_len``) compiles the first time a conversation
+                reaches it (~30-90 s each for 8B on a GPU), which is logged.
+            warm_up: with ``compile``, compile every bucket now, for batch size
+                ``max_batch_size``, each compile logged with its time (:mod:`llama3.warmup`):
+                minutes at start-up instead of pauses mid-answer.
             quantize: quantize a float checkpoint's linear layers at load: ``"int8"`` (int8
                 weight-only, ``llama3.kernels.int8``), ``"fp8"`` (Meta's fp8_mixed: row-wise
                 float8 feed-forward of every layer but the first and last, ``llama3.kernels.fp8``)
@@ -177,11 +184,15 @@ class Llama:
         model_parallel_size = optional(positive_int, model_parallel_size, "model_parallel_size")
         configure_logging(verbose)
         if fbgemm and quantize is not None:
-            raise ValueError("fbgemm=True packs bfloat16/float16 weights; it does not combine with quantize")
+            raise InvalidArgumentError("fbgemm=True packs bfloat16/float16 weights; it does not combine "
+                                       "with quantize")
         if quantize is not None and quantize not in QUANTIZE_MODES:
-            raise ValueError(f"unknown quantize={quantize!r}; choose one of {', '.join(QUANTIZE_MODES)} "
-                             "or None")
+            raise InvalidArgumentError(f"unknown quantize={quantize!r}; choose one of "
+                                       f"{', '.join(QUANTIZE_MODES)} or None")
         prefill_chunk = positive_int(prefill_chunk, "prefill_chunk")
+        if strict_bool(warm_up, "warm_up") and not compile:
+            raise InvalidArgumentError("warm_up=True compiles the decode step ahead of time: pass "
+                                       "compile=True too (--compile with --warm-up)")
         from .checkpoint import detect_quantization, inspect_checkpoint, load_model, read_model_args
         from .distributed import select_device, select_dtype
 
@@ -216,7 +227,10 @@ class Llama:
         if target.type == "cuda" and not compile:
             logger.info("Decoding eagerly (the readable default); on CUDA, compile=True (--compile) is "
                         "the fast path: the decode step replayed as CUDA graphs")
-        return Llama(model, tokenizer, compile=compile)
+        llama = Llama(model, tokenizer, compile=compile)
+        if warm_up:
+            warm_up_decode_step(llama.decode_step, batch_sizes=(max_batch_size,))
+        return llama
 
     # ------------------------------------------------------------------------------ generation
 

@@ -55,6 +55,7 @@ def main(
     dtype: str | None = None,
     rope_scale_factor: float | None = None,
     compile: bool = False,
+    warm_up: bool = False,
     quantize: str | None = None,
     prefill_chunk: int | None = None,
 ) -> None:
@@ -74,6 +75,7 @@ def main(
         dtype: bfloat16, float16 or float32 (default: the device's preferred one).
         rope_scale_factor: override the Llama 3.1+ RoPE scaling factor (32 for Llama 3.2).
         compile: decode with torch.compile.
+        warm_up: with --compile, compile every context-length bucket at start-up (logged, with times).
         quantize: "int8", "fp8" or "int4" to quantize a bf16 checkpoint at load
             (a quantized checkpoint is recognised by itself).
         prefill_chunk: process prompts in chunks of this many tokens (default: the library's).
@@ -81,7 +83,7 @@ def main(
     generator, temperature, top_p = build_llama(
         ckpt_dir, tokenizer_path, temperature=temperature, top_p=top_p, max_seq_len=max_seq_len,
         max_batch_size=max_batch_size, model_parallel_size=model_parallel_size, seed=seed, device=device,
-        dtype=dtype, rope_scale_factor=rope_scale_factor, compile=compile, quantize=quantize,
+        dtype=dtype, rope_scale_factor=rope_scale_factor, compile=compile, warm_up=warm_up, quantize=quantize,
         prefill_chunk=prefill_chunk)
     dialogs = DIALOGS[:max_batch_size]
     results = generator.chat_completion(dialogs, temperature=temperature, top_p=top_p,

@@ -6,7 +6,8 @@ in order of value. Before each, the time left until the overall deadline is comp
 stage needs: a stage that no longer fits is skipped (and reported), one that fits runs with its
 timeout cut to the time left. A stage that compiles is skipped with the preflight's reason when the
 preflight found no C compiler, no Python headers or a broken ``torch.compile``; the fp8 and int4
-stages report "not built" while llama3/kernels/fp8.py or int4.py do not exist. Output of every stage
+stages report "not built" while llama3/kernels/fp8.py or int4.py do not exist, do not import, or
+are not yet offered by the kernel chooser (``quantize="fp8"`` / ``"int4"``). Output of every stage
 goes to ``OUT/gpu_check.log``; ``OUT/summary.json`` is rewritten as each stage ends (so a run cut
 short still leaves every finished stage's result) and says per stage: passed / failed / timeout /
 skipped / not built, its seconds, and the headline figures. At most 8 files land in OUT.
@@ -138,11 +139,27 @@ def _compile_gate(out: Path) -> tuple[str, str] | None:
     return "skipped", "preflight: " + "; ".join(data.get("problems") or ["compile check failed"])
 
 
-def _module_gate(module: str) -> Any:
-    """A gate: "not built" while ``llama3/<module>.py`` does not exist, else the compile gate."""
+def _module_gate(module: str, mode: str | None = None) -> Any:
+    """A gate: "not built" while ``llama3/<module>.py`` does not exist, does not import, or (with
+    ``mode``) ``Llama.build``'s chooser does not offer ``quantize=mode``; else the compile gate.
+    The import runs in a subprocess (this script imports no torch), with the stage's environment."""
     def gate(out: Path) -> tuple[str, str] | None:
         if not (REPO / "llama3" / f"{module}.py").is_file():
             return "not built", f"llama3/{module}.py is not in this checkout"
+        dotted = "llama3." + module.replace("/", ".")
+        probe = f"import {dotted}"
+        if mode is not None:
+            why = f"quantize={mode!r} is not among QUANTIZE_MODES (not wired into the kernel chooser)"
+            probe += (f"\nfrom llama3.kernels import QUANTIZE_MODES\nif {mode!r} not in QUANTIZE_MODES: "
+                      f"raise SystemExit({why!r})")
+        try:
+            proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                                  timeout=120)
+        except subprocess.TimeoutExpired:
+            return "not built", f"importing {dotted} took over 120 s"
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            return "not built", f"{dotted}: {lines[-1] if lines else f'exit {proc.returncode}'}"[:300]
         return _compile_gate(out)
     return gate
 
@@ -170,7 +187,7 @@ def stages(device: str, size: str, out: Path, work: Path) -> list[Stage]:
                      need_s=100 if full else 10, limit_s=160 if full else 240,
                      commands=[[*bench, "--compile", "--quantize", name, "--batch_sizes", "1",
                                 "--prompt_lens", s["prefill"].split(",")[0], "--out", str(path)]],
-                     figures=lambda o: _bench_figures(path), gate=_module_gate(module))
+                     figures=lambda o: _bench_figures(path), gate=_module_gate(module, name))
 
     return [
         Stage("preflight", "device, toolchain, tiny compile + CUDA graph, SDPA kernel per call site, "
@@ -182,7 +199,7 @@ def stages(device: str, size: str, out: Path, work: Path) -> list[Stage]:
         Stage("tests", "CUDA cases only: CUDA-graph decode = eager (fp32), Llama(compile=True) = eager, "
                        "int8 under CUDA graphs, bf16 = transformers, sampling without host syncs, "
                        "pinned attention plans, no skipped CUDA graphs",
-              need_s=45 if full else 10, limit_s=120 if full else 240,
+              need_s=45 if full else 10, limit_s=150 if full else 240,
               commands=[[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *s["tests"],
                          f"--junitxml={out / 'tests.xml'}"]],
               env={"LLAMA3_TEST_DEVICE": device}, gate=_compile_gate),

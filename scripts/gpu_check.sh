@@ -29,8 +29,9 @@
 #                       eager prefill of 2K and 32K tokens
 #   bench_bf16_eager_hf the same eager, batch 1 and 8, against transformers on the same weights
 #   bench_int8_compile  int8 weight-only, compiled decode, batch 1
-#   bench_fp8_compile   fp8 row-wise, compiled decode ("not built" until llama3/kernels/fp8.py exists)
-#   bench_int4_compile  int4 weight-only ("not built" until llama3/kernels/int4.py exists)
+#   bench_fp8_compile   fp8 row-wise, compiled decode ("not built" until llama3/kernels/fp8.py imports
+#                       and the kernel chooser offers quantize="fp8")
+#   bench_int4_compile  int4 weight-only (likewise llama3/kernels/int4.py, quantize="int4")
 #   kernels             scripts/gpu_kernels.py: prefill attention kernels and decode attention
 #   torchrun_e2e        torchrun on a tiny checkpoint: greedy text eager and compile=True agree
 #   prefill_long        a 128K-token eager prefill of the 8B shape: fits and runs

@@ -12,10 +12,11 @@ Reports, each check on its own (one failing never hides the others):
   hand-captured ``torch.cuda.CUDAGraph``: both must give eager's numbers;
 * attention: for each call site of the model (decode, prefill, chunk after a prefix, the masked
   fixed-shape step; Llama 3 8B head shapes), the SDPA kernel PyTorch picks by itself and the one
-  the pinned plan of llama3.sdpa_policy runs (both read from the aten op actually dispatched);
+  the model's ``llama3.attention.attention`` runs under its pinned plan (both read from the aten
+  op actually dispatched), and that the latter gives textbook attention;
 * growing key length: eager decode attention over 48 consecutive key lengths, SDPA's own choice
-  against the pinned plan, mean and worst milliseconds per call (a per-shape plan build, as
-  cuDNN's, shows as a worst call far above the mean).
+  against ``attention()`` (pinned), mean and worst milliseconds per call (a per-shape plan build,
+  as cuDNN's, shows as a worst call far above the mean).
 
 ``compile_ok`` in the JSON tells gpu_check.py whether the compiled stages can run at all; it
 skips them with the reason otherwise. Exit status 0 unless the device itself is unusable.
@@ -24,7 +25,6 @@ skips them with the reason otherwise. Exit status 0 unless the device itself is 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -40,18 +40,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llama3.sdpa_policy import (  # noqa: E402  (the checkout, not an installed copy)
+from llama3.attention import (  # noqa: E402  (the checkout, not an installed copy)
     CALL_SITES,
-    chunk_attention_by_lse_merge,
-    cuda_efficient_attend,
+    attention,
     describe,
-    reference_attend,
-    sdpa_backends,
     sdpa_plan,
 )
 
@@ -142,85 +138,86 @@ def cuda_graph(device: torch.device) -> dict[str, Any]:
     return {"ok": bool((y == 6.0).all())}
 
 
-class _AttentionOps(TorchDispatchMode):
-    """Records which attention kernels (aten ops) run inside it."""
+class _AttentionOps:
+    """Records which attention kernels (``aten::_scaled_dot_product_*`` ops) run inside it, by the
+    profiler: a dispatch mode would refuse the tensor subclass of the lower-right causal bias."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __enter__(self) -> _AttentionOps:
         self.kernels: list[str] = []
+        self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._profile.__enter__()
+        return self
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        if "attention" in name:
-            kind = next((k for k in ATTENTION_OPS if k in name), name)
-            self.kernels.append(kind if "cpu" not in name else f"{kind}(cpu)")
-        return func(*args, **(kwargs or {}))
+    def __exit__(self, *exc: Any) -> None:
+        self._profile.__exit__(*exc)
+        for event in self._profile.events():
+            name = event.name
+            if name.startswith("aten::_scaled_dot_product_"):
+                kind = next((k for k in ATTENTION_OPS if k in name), name)
+                self.kernels.append(kind if "cpu" not in name else f"{kind}(cpu)")
 
 
 def _site_inputs(site: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, hd: int,
-                 kv_len: int, chunk: int) -> tuple[tuple, dict]:
-    """Arguments of ``F.scaled_dot_product_attention`` at ``site``, shaped as the model calls it."""
-    from torch.nn.attention.bias import causal_lower_right
-
+                 kv_len: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """``attention()``'s arguments at ``site`` as the model passes them: q [1, heads, s, hd], the
+    cache's keys and values [1, kv_heads, n, hd], the static step's mask (or None)."""
     g = torch.Generator().manual_seed(0)
-    rep = heads // kv_heads
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device, dtype)
 
     k, v = rand(1, kv_heads, kv_len, hd), rand(1, kv_heads, kv_len, hd)
     if site == "decode":
-        return (rand(1, kv_heads, rep, hd), k, v), {}
-    if site == "masked_step":
-        mask = torch.arange(kv_len, device=device)[None, :] <= kv_len // 2
-        return (rand(1, kv_heads, rep, hd), k, v), {"attn_mask": mask}
+        return rand(1, heads, 1, hd), k, v, None
+    if site == "masked":
+        return rand(1, heads, 1, hd), k, v, torch.arange(kv_len, device=device)[None, :] <= kv_len // 2
     if site == "prefill":
-        return (rand(1, heads, chunk, hd), k[:, :, :chunk], v[:, :, :chunk]), {"is_causal": True,
-                                                                               "enable_gqa": True}
-    return (rand(1, heads, chunk, hd), k, v), {"attn_mask": causal_lower_right(chunk, kv_len),
-                                               "enable_gqa": True}
+        return rand(1, heads, chunk, hd), k[:, :, :chunk], v[:, :, :chunk], None
+    return rand(1, heads, chunk, hd), k, v, None
 
 
-def _pinned(plan) -> contextlib.AbstractContextManager:
-    from torch.nn.attention import sdpa_kernel
+def _unpinned_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+    """The site through SDPA with torch's own kernel choice (what ran before the pinning)."""
+    from torch.nn.attention.bias import causal_lower_right
 
-    backends = sdpa_backends(plan)
-    return sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext()
+    s, n = q.shape[2], k.shape[2]
+    if s == 1:  # decode and the masked step: the group's query heads folded into rows
+        rows = q.reshape(1, k.shape[1], -1, q.shape[-1])
+        return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask)
+    if s == n:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(s, n), enable_gqa=True)
 
 
-def _run_site(plan, args: tuple, kwargs: dict, device_type: str):
-    if plan.layout == "lse_merge":
-        attend = cuda_efficient_attend if device_type == "cuda" else reference_attend
-        return chunk_attention_by_lse_merge(*args, attend)
-    if plan.layout == "repeat_kv":
-        q, k, v = args
-        rep = q.shape[1] // k.shape[1]
-        kwargs = {key: value for key, value in kwargs.items() if key != "enable_gqa"}
-        return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                              **kwargs)
-    return F.scaled_dot_product_attention(*args, **kwargs)
+def _textbook(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+    rep = q.shape[1] // k.shape[1]
+    s, n = q.shape[2], k.shape[2]
+    visible = mask if mask is not None else torch.ones(s, n, dtype=torch.bool, device=q.device).tril(n - s)
+    return F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(rep, 1),
+                                          v.float().repeat_interleave(rep, 1), attn_mask=visible)
 
 
 def attention_sites(device: torch.device, shape: dict[str, int]) -> dict[str, Any]:
-    """Per call site and dtype: SDPA's own kernel, and the pinned plan's (and that it runs)."""
+    """Per call site and dtype: SDPA's own kernel, the kernel ``attention()`` runs (its plan), and
+    its largest difference from textbook attention."""
     out: dict[str, Any] = {}
     for dtype in (torch.bfloat16, torch.float32):
         for site in CALL_SITES:
             key = f"{site} {str(dtype).removeprefix('torch.')}"
-            args, kwargs = _site_inputs(site, device, dtype, **shape)
+            q, k, v, mask = _site_inputs(site, device, dtype, **shape)
             row: dict[str, Any] = {}
             try:
                 with _AttentionOps() as ops:
-                    F.scaled_dot_product_attention(*args, **kwargs)
-                row["default"] = "+".join(ops.kernels) or "math"  # the math path decomposes: no attention op
+                    _unpinned_sdpa(q, k, v, mask)
+                row["default"] = "+".join(ops.kernels) or "none recorded"
             except Exception as e:  # noqa: BLE001
                 row["default"] = f"error: {str(e).splitlines()[0][:120]}"
-            plan = sdpa_plan(site, dtype, shape["hd"], device_type=device.type)
-            row["plan"] = describe(plan)
+            row["plan"] = describe(sdpa_plan(site, dtype, shape["hd"], device_type=device.type))
             try:
-                with _AttentionOps() as ops, _pinned(plan):
-                    _run_site(plan, args, kwargs, device.type)
-                row["pinned"] = "+".join(ops.kernels) or "math"
+                with _AttentionOps() as ops:
+                    got = attention(q, k, v, mask=mask)
+                row["pinned"] = "+".join(ops.kernels) or "none recorded"
+                row["max_abs_err"] = float((got.float() - _textbook(q, k, v, mask)).abs().max())
             except Exception as e:  # noqa: BLE001
                 row["pinned"] = f"error: {str(e).splitlines()[0][:120]}"
             out[key] = row
@@ -230,30 +227,29 @@ def attention_sites(device: torch.device, shape: dict[str, int]) -> dict[str, An
 
 
 def growing_keys(device: torch.device, shape: dict[str, int], steps: int = 48) -> dict[str, Any]:
-    """Eager decode attention at key lengths L, L+1, ...: ms per call, SDPA's choice vs pinned."""
+    """Eager decode attention at key lengths L, L+1, ...: ms per call, SDPA's choice vs attention()."""
     heads, kv_heads, hd, base = shape["heads"], shape["kv_heads"], shape["hd"], shape["kv_len"]
     dtype = torch.bfloat16
-    rep = heads // kv_heads
     k = torch.randn(1, kv_heads, base + 2 * steps, hd, device=device, dtype=dtype)
     v = torch.randn_like(k)
-    q = torch.randn(1, kv_heads, rep, hd, device=device, dtype=dtype)
-    plan = sdpa_plan("decode", dtype, hd, device_type=device.type)
+    q = torch.randn(1, heads, 1, hd, device=device, dtype=dtype)
     result = {}
-    runs = (("default", contextlib.nullcontext, 0), ("pinned", lambda: _pinned(plan), steps))
-    for label, context, offset in runs:
+    def pinned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+        return attention(q, k, v, mask=mask)
+
+    for label, fn, offset in (("default", _unpinned_sdpa, 0), ("pinned", pinned, steps)):
         times = []
-        with context():
-            for _ in range(3):  # warm-up at one fixed length: first-call costs out of the figures
-                F.scaled_dot_product_attention(q, k[:, :, :base - 1], v[:, :, :base - 1])
-            for i in range(steps):
-                n = base + offset + i  # fresh lengths for each: no plan cached from the other
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n])
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append((time.perf_counter() - start) * 1e3)
+        for _ in range(3):  # warm-up at one fixed length: first-call costs out of the figures
+            fn(q, k[:, :, :base - 1], v[:, :, :base - 1], None)
+        for i in range(steps):
+            n = base + offset + i  # fresh lengths for each: no plan cached from the other
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn(q, k[:, :, :n], v[:, :, :n], None)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - start) * 1e3)
         result[label] = {"mean_ms": round(statistics.mean(times), 4),
                          "median_ms": round(statistics.median(times), 4), "max_ms": round(max(times), 4)}
     return result

@@ -1,8 +1,9 @@
 """CUDA cases of the fast paths: the CUDA-graph decoding step (``torch.compile`` with
 ``mode="reduce-overhead"``) gives eager's tokens, ``Llama(compile=True)`` generates what eager
-``Llama`` does, int8 weight-only decoding runs under CUDA graphs, and no graph is skipped; bf16
-logits match transformers', sampling never synchronises with the host, each attention call
-site's pinned kernels run and give the reference, the CUDA int8 kernel is the dequantized product.
+``Llama`` does, a warmed-up step decodes without compiling again, int8 weight-only decoding runs
+under CUDA graphs, and no graph is skipped; bf16 logits match transformers', sampling never
+synchronises with the host, each attention call site's pinned kernels run and give the reference,
+the CUDA int8 kernel is the dequantized product.
 
 They need a GPU: scripts/gpu_check.sh runs them on a lent one. Its CPU dry run runs them on the CPU
 (``LLAMA3_TEST_DEVICE=cpu``: the same code with inductor's CPU backend, no CUDA graphs), so they
@@ -11,14 +12,12 @@ cannot rot on a machine without a GPU; elsewhere without CUDA they are skipped.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
-from torch.nn.attention.bias import causal_lower_right
 
 from llama3 import ModelArgs, Transformer
 from llama3.generation import Llama
@@ -139,6 +138,36 @@ def test_llama_compile_generates_what_eager_generates(llama3_tokenizer):
     assert_one_graph_no_skips()
 
 
+@torch.no_grad()  # as llama3.decoding.decode runs the step: the compiled graphs are guarded on it
+def test_warmed_up_step_decodes_the_eager_tokens_without_compiling_again():
+    """llama3.warmup compiles (and records the CUDA graph of) each kv-length bucket up front; a
+    decode afterwards that crosses from bucket 256 into bucket 300 compiles nothing and gives the
+    eager step's greedy tokens."""
+    from llama3.decoding import make_decode_step
+    from llama3.warmup import warm_up_decode_step
+
+    model = make_model(max_seq_len=300, max_batch_size=1)
+    step = make_decode_step(model, compile=True)
+    records = warm_up_decode_step(step, batch_sizes=(1,))
+    assert [r.kv_len for r in records] == [256, 300]
+    graphs = counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, TINY["vocab_size"], (1, 250), generator=g).to(DEVICE)
+
+    def greedy(step):
+        token = model.forward(tokens, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        out = [token]
+        for pos in range(250, 262):
+            token = step(token, pos)[:, -1].clone().argmax(-1, keepdim=True)
+            out.append(token)
+        return torch.cat(out, dim=1)
+
+    got = greedy(step)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while decoding
+    assert torch.equal(got, greedy(make_decode_step(model, compile=False)))
+    assert_one_graph_no_skips()
+
+
 # --- bf16 parity with transformers, sampling without host syncs, attention plans, int8 ---------------
 
 
@@ -201,21 +230,10 @@ def test_sampling_on_the_device_never_waits_for_the_host():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_pinned_attention_plans_run_and_give_the_reference(dtype):
-    """Each call site's pinned kernels (llama3.sdpa_policy) accept the inputs as the model shapes
-    them, and give textbook attention; fp32 chunk-after-prefix through the log-sum-exp merge."""
-    from torch.nn.attention import sdpa_kernel
-
-    from llama3.sdpa_policy import (
-        chunk_attention_by_lse_merge,
-        cuda_efficient_attend,
-        reference_attend,
-        sdpa_backends,
-        sdpa_plan,
-    )
-
-    def pinned(plan):  # the plan's kernels, in its order; an unpinned (CPU) plan: SDPA's own choice
-        backends = sdpa_backends(plan)
-        return sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext()
+    """attention() at each call site runs its pinned kernels (llama3.attention's plan) on the
+    inputs as the model shapes them, and gives textbook attention; fp32 chunk-after-prefix through
+    the log-sum-exp merge (CUDA's memory-efficient kernel), never a [chunk, kv_len] mask."""
+    from llama3.attention import attention, attention_case, sdpa_plan
 
     g = torch.Generator().manual_seed(0)
     heads, kv_heads, hd, kv_len, s = 8, 2, 64, 96, 16
@@ -223,29 +241,25 @@ def test_pinned_attention_plans_run_and_give_the_reference(dtype):
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(DEVICE, dtype)
 
-    q, keys, values = rand(1, heads, s, hd), rand(1, kv_heads, kv_len, hd), rand(1, kv_heads, kv_len, hd)
+    keys, values = rand(1, kv_heads, kv_len, hd), rand(1, kv_heads, kv_len, hd)
     rep = heads // kv_heads
-    mask = torch.ones(s, kv_len, dtype=torch.bool, device=DEVICE).tril(diagonal=kv_len - s)
-    want_chunk = F.scaled_dot_product_attention(q.float(), keys.float().repeat_interleave(rep, 1),
-                                                values.float().repeat_interleave(rep, 1), attn_mask=mask)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     device_type = "cuda" if CUDA else "cpu"
-    plan = sdpa_plan("chunk", dtype, hd, device_type=device_type)
-    with pinned(plan):
-        if plan.layout == "lse_merge":
-            attend = cuda_efficient_attend if CUDA else reference_attend
-            got = chunk_attention_by_lse_merge(q, keys, values, attend)
-        else:
-            got = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(s, kv_len),
-                                                 enable_gqa=True)
-    torch.testing.assert_close(got.float(), want_chunk, **tol)
-
-    plan = sdpa_plan("decode", dtype, hd, device_type=device_type)
-    one = q[:, :, :1].reshape(1, kv_heads, rep, hd)  # folded, as the model's decode step
-    with pinned(plan):
-        got = F.scaled_dot_product_attention(one, keys, values)
-    want = F.scaled_dot_product_attention(one.float(), keys.float(), values.float())
-    torch.testing.assert_close(got.float(), want, **tol)
+    cases = ((s, kv_len, None), (s, s, None), (1, kv_len, None),
+             (1, kv_len, torch.arange(kv_len, device=DEVICE)[None, :] <= kv_len // 2))
+    for n, length, mask in cases:  # chunk, prefill, decode, masked
+        q = rand(1, heads, n, hd)
+        k, v = keys[:, :, :length], values[:, :, :length]
+        visible = torch.ones(n, length, dtype=torch.bool, device=DEVICE).tril(diagonal=length - n)
+        want = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(rep, 1),
+                                              v.float().repeat_interleave(rep, 1),
+                                              attn_mask=visible if mask is None else mask)
+        got = attention(q, k, v, mask=mask)
+        assert got.dtype == dtype
+        site = attention_case(n, length, mask is not None)
+        torch.testing.assert_close(got.float(), want, **tol, msg=lambda m, site=site: f"{site}: {m}")
+        if CUDA and dtype == torch.float32 and site == "chunk":
+            assert sdpa_plan(site, dtype, hd, device_type=device_type).layout == "lse_merge"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -21,8 +21,19 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ["preflight", "tests", "bench_bf16_compile", "bench_bf16_eager_hf", "bench_int8_compile",
           "bench_fp8_compile", "bench_int4_compile", "kernels", "torchrun_e2e", "prefill_long"]
-# Stages that wait for another engineer's module: "not built" until it exists.
-OPTIONAL = {"bench_fp8_compile": "llama3/kernels/fp8.py", "bench_int4_compile": "llama3/kernels/int4.py"}
+# Stages that wait for another engineer's module: "not built" until it exists and the kernel
+# chooser offers its quantize mode.
+OPTIONAL = {"bench_fp8_compile": ("llama3/kernels/fp8.py", "fp8"),
+            "bench_int4_compile": ("llama3/kernels/int4.py", "int4")}
+
+
+def _built(stage: str) -> bool:
+    from llama3.kernels import QUANTIZE_MODES
+
+    if stage not in OPTIONAL:
+        return True
+    path, mode = OPTIONAL[stage]
+    return (REPO / path).is_file() and mode in QUANTIZE_MODES
 
 
 def _gpu_check_module():
@@ -45,15 +56,14 @@ def test_cpu_dry_run_runs_every_stage(tmp_path):
     assert [s["name"] for s in summary["stages"]] == STAGES
     assert summary["complete"]
     for stage in summary["stages"]:
-        built = stage["name"] not in OPTIONAL or (REPO / OPTIONAL[stage["name"]]).is_file()
-        assert stage["status"] == ("passed" if built else "not built"), stage
+        assert stage["status"] == ("passed" if _built(stage["name"]) else "not built"), stage
     files = sorted(p.name for p in out.rglob("*") if p.is_file())
     assert len(files) <= 8, files
     assert {"gpu_check.log", "summary.json", "preflight.json", "tests.xml", "bench_bf16_compile.json",
             "bench_bf16_eager.json", "bench_int8_compile.json", "kernels.json"} <= set(files)
     preflight = json.loads((out / "preflight.json").read_text())
     assert preflight["compile_ok"] and preflight["toolchain"]["c_compiler"], preflight
-    assert set(preflight["attention"]) >= {"decode bfloat16", "chunk float32", "masked_step bfloat16"}
+    assert set(preflight["attention"]) >= {"decode bfloat16", "chunk float32", "masked bfloat16"}
     assert "default" in preflight["growing_keys"] and "pinned" in preflight["growing_keys"]
     figures = {s["name"]: s["figures"] for s in summary["stages"]}
     assert figures["bench_bf16_compile"]["compile decode_b1_tok_s"] > 0
@@ -82,6 +92,8 @@ def test_stages_past_the_deadline_are_skipped_timeouts_killed_failures_reported(
         gc.Stage("fp8", "a module not yet written", need_s=0, limit_s=30,
                  commands=[[py, "-c", "print('ran')"]],
                  gate=gc._module_gate("kernels/no_such_kernel")),
+        gc.Stage("unwired", "a module the chooser does not offer", need_s=0, limit_s=30,
+                 commands=[[py, "-c", "print('ran')"]], gate=gc._module_gate("kernels/int8", "no_such_mode")),
         gc.Stage("compiled", "needs a working compiler", need_s=0, limit_s=30,
                  commands=[[py, "-c", "print('ran')"]], gate=gc._compile_gate),
     ]
@@ -91,9 +103,10 @@ def test_stages_past_the_deadline_are_skipped_timeouts_killed_failures_reported(
     results = gc.run_stages(plan, deadline_s=120, out=tmp_path, log=log, base_env=dict(os.environ),
                             on_result=lambda rs: seen.append([r.name for r in rs]))
     got = {r.name: r for r in results}
-    assert [r.name for r in results] == ["ok", "fails", "slow", "big", "fp8", "compiled"]
+    assert [r.name for r in results] == ["ok", "fails", "slow", "big", "fp8", "unwired", "compiled"]
     assert seen[0] == ["ok"] and seen[-1] == [r.name for r in results]  # the summary, stage by stage
     assert got["fp8"].status == "not built" and "no_such_kernel.py" in got["fp8"].detail
+    assert got["unwired"].status == "not built" and "'no_such_mode' is not among" in got["unwired"].detail
     assert got["compiled"].status == "skipped" and "preflight: no C compiler" in got["compiled"].detail
     assert "ran" not in log.getvalue()
     assert got["ok"].status == "passed"
@@ -108,8 +121,14 @@ def test_stages_past_the_deadline_are_skipped_timeouts_killed_failures_reported(
 
 def test_cuda_int8_decode_formulation_is_the_dequantized_product():
     """The multiply-and-sum that the compiled CUDA step uses for int8 weights (run here eagerly, as
-    if compiling) equals x (q · scale)ᵀ, and larger batches take the dequantize-then-matmul path."""
-    from llama3.kernels.int8 import CUDA_FUSED_MAX_ROWS, cuda_int8_product, quantize_per_channel
+    if compiling) equals x (q · scale)ᵀ, and larger batches take the dequantize-then-matmul path;
+    Int8Kernel's product on CUDA is that one function."""
+    import llama3.kernels.int8 as int8
+    from llama3.kernels.int8 import quantize_per_channel
+    from llama3.kernels.int8_cuda import FUSED_MAX_ROWS as CUDA_FUSED_MAX_ROWS
+    from llama3.kernels.int8_cuda import int8_linear_cuda as cuda_int8_product
+
+    assert int8.int8_linear_cuda is cuda_int8_product
 
     torch.manual_seed(0)
     q, scale = quantize_per_channel(torch.randn(48, 96) * torch.logspace(-2, 1, 48)[:, None])

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
+from llama3.decoding import cuda_decode_compile_options
 from llama3.kernels.int8 import quantize_per_channel
-from llama3.kernels.int8_cuda import FUSED_MAX_ROWS, cuda_decode_compile_options, int8_linear_cuda
+from llama3.kernels.int8_cuda import FUSED_MAX_ROWS, int8_linear_cuda
 
 
 def _weights(n_out: int = 48, n_in: int = 256):

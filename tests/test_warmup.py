@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 from helpers import tiny_model
 from torch._dynamo.utils import counters
@@ -78,3 +79,42 @@ def test_only_a_compiled_step_is_warmed_and_max_kv_len_limits_the_buckets():
     model = tiny_model("test-gqa", seed=0, **ARGS)
     assert warm_up_decode_step(make_decode_step(model, compile=False)) == []
     assert warm_up_decode_step(make_decode_step(model, compile=False, static=True)) == []
+
+
+def test_build_with_warm_up_compiles_every_bucket_before_the_first_call(generation_checkpoint):
+    """``Llama.build(..., compile=True, warm_up=True)`` compiles each bucket for ``max_batch_size``
+    at start-up, logging each with its time; generating afterwards compiles nothing and gives the
+    eager model's greedy tokens. ``warm_up`` without ``compile`` is refused before any loading."""
+    from llama3.generation import Llama
+
+    with pytest.raises(ValueError, match="compile=True"):
+        Llama.build("/nonexistent", warm_up=True)
+    with pytest.raises(ValueError, match="boolean"):
+        Llama.build("/nonexistent", compile=True, warm_up="yes")
+    torch._dynamo.reset()
+    lines = _Lines()
+    logging.getLogger("llama3.warmup").addHandler(lines)
+    try:
+        llama = Llama.build(generation_checkpoint, max_seq_len=300, max_batch_size=1, device="cpu",
+                            dtype="float32", compile=True, warm_up=True)
+    finally:
+        logging.getLogger("llama3.warmup").removeHandler(lines)
+    compiled = [line for line in lines.lines if line.startswith("warm-up: decode step")]
+    assert [line.split("kv length ")[1].split()[0] for line in compiled] == ["256", "300"], lines.lines
+    frames = counters["stats"]["unique_graphs"]
+    prompt = [list(range(128000, 128000 + 1)) + list(range(1000, 1249))]  # 250 tokens: crosses 256
+    got, _ = llama.generate(prompt, 12, temperature=0)
+    assert len(got[0]) >= 8  # decoded past position 256, into the second bucket
+    assert counters["stats"]["unique_graphs"] == frames  # nothing compiled while generating
+    want, _ = Llama(llama.model, llama.tokenizer).generate(prompt, 12, temperature=0)
+    assert got == want
+    torch._dynamo.reset()
+
+
+def test_chat_refuses_warm_up_without_compile_before_loading(tmp_path, capsys):
+    from llama3.chat import main
+
+    assert main([str(tmp_path), "--warm-up"]) == 2  # an empty directory: never loaded
+    err = capsys.readouterr().err
+    assert "--warm-up" in err
+    assert "add --compile" in err

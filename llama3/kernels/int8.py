@@ -9,10 +9,10 @@ Per output channel (row of W), symmetric:  scale_i = max_j |W_ij| / 127,  q_ij =
 so  |W_ij - q_ij · scale_i| <= scale_i / 2.  Then  y = x Wᵀ ≈ (x qᵀ) · scale, computed by
 
 * ``torch._weight_int8pack_mm`` on the CPU (a fused int8-weight GEMM/GEMV, no dequantized copy);
-* on CUDA under ``torch.compile``, for a decoding step's few rows, a multiply-and-sum that inductor
-  fuses with the int8 conversion into one kernel reading int8 from memory (1 byte per weight
-  instead of the 5 that dequantizing into a bfloat16 copy for cuBLAS costs);
-* ``F.linear(x, q.to(x.dtype)) * scale`` elsewhere (prefill on CUDA is compute-bound anyway).
+* on CUDA, :func:`~llama3.kernels.int8_cuda.int8_linear_cuda`: a decoding step's few rows read the
+  int8 weight directly (compiled: one fused multiply-and-sum over a materialised input; eager:
+  ``torch._weight_int8pack_mm``), prefill dequantizes for cuBLAS (compute-bound anyway);
+* ``F.linear(x, q.to(x.dtype)) * scale`` elsewhere.
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LinearKernel
+from .int8_cuda import int8_linear_cuda
 
-__all__ = ["CUDA_FUSED_MAX_ROWS", "Int8Kernel", "cuda_int8_product", "int8_product", "quantize_per_channel"]
-
-# Rows of x up to which the compiled CUDA step reads the int8 weight directly.
-CUDA_FUSED_MAX_ROWS = 4
+__all__ = ["Int8Kernel", "int8_product", "quantize_per_channel"]
 
 
 @torch.no_grad()
@@ -52,17 +50,7 @@ def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, scale.to(x.dtype))
         return y.view(*x.shape[:-1], q.shape[0])
     if x.device.type == "cuda":
-        return cuda_int8_product(x, q, scale)
-    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
-
-
-def cuda_int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The CUDA formulation: under ``torch.compile`` a decoding step's few rows as a multiply and
-    a sum inductor fuses with the int8 conversion; otherwise dequantize for cuBLAS."""
-    rows = x.numel() // x.shape[-1]
-    if torch.compiler.is_compiling() and rows <= CUDA_FUSED_MAX_ROWS:
-        y = (x.unsqueeze(-2).float() * q.float()).sum(dim=-1)  # never materialised: one fused kernel
-        return (y * scale.float()).to(x.dtype)
+        return int8_linear_cuda(x, q, scale)
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 

@@ -16,22 +16,20 @@ byte per weight and nothing else of note. Two defects kept the previous CUDA pat
   Prefill (many rows) stays dequantize-then-cuBLAS: compute-bound, the copy is noise there.
 
 The reduction's launch configuration matters as much: inductor's default reduction configs for a
-[out, in] GEMV leave bandwidth on the table; its coordinate-descent tuner searches block sizes per
-kernel at compile time. :func:`cuda_decode_compile_options` is the option set for compiling the
-decode step on CUDA (CUDA graphs + that tuner); it costs compile time once per kv-length bucket.
+[out, in] GEMV may leave bandwidth on the table; inductor's coordinate-descent tuner searches block
+sizes per kernel at compile time (``llama3.decoding.cuda_decode_compile_options``; off in the decode
+step, ``TUNE_CUDA_REDUCTIONS``, until the GPU check has measured its gain and its compile time).
 
-Not wired in yet: the seam's ``LinearKernel`` (llama3/kernels/base.py) will call
-:func:`int8_linear_cuda` from its ``local_product`` (see the integration notes in the GPU report).
+:class:`~llama3.kernels.int8.Int8Kernel` calls :func:`int8_linear_cuda` for every CUDA input: the
+one CUDA int8 product.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FUSED_MAX_ROWS", "cuda_decode_compile_options", "int8_linear_cuda"]
+__all__ = ["FUSED_MAX_ROWS", "int8_linear_cuda"]
 
 # Up to this many rows of x (a decoding step's batch) the weight is read directly (compiled: the
 # fused multiply-and-sum; eager: the int8-weight kernel). Beyond, a GEMM: dequantize for cuBLAS.
@@ -78,13 +76,3 @@ def int8_linear_cuda(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> t
             y = torch._weight_int8pack_mm(x.reshape(rows, n_in), q, scale.to(x.dtype))
             return y.view(out_shape)
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
-
-
-def cuda_decode_compile_options(cudagraphs: bool = True, tune_reductions: bool = True) -> dict[str, Any]:
-    """``torch.compile(..., options=...)`` for the CUDA decode step: what ``mode="reduce-overhead"``
-    sets (CUDA graphs), plus inductor's coordinate-descent tuning of each kernel's block sizes (the
-    GEMV reductions above all). ``mode`` and ``options`` cannot both be given, hence one dict."""
-    options: dict[str, Any] = dict(torch._inductor.list_mode_options("reduce-overhead")) if cudagraphs else {}
-    if tune_reductions:
-        options["coordinate_descent_tuning"] = True
-    return options
