@@ -12,8 +12,9 @@ On a terminal the line is edited with ``readline`` (arrow keys, Ctrl-R search, h
 ``$XDG_STATE_HOME/llama3/chat_history`` or ``~/.llama3_chat_history``; ``LLAMA3_CHAT_HISTORY``
 names another file; :mod:`llama3.chat_input`). A paste arrives whole: bracketed paste when the
 terminal supports it, and otherwise lines that arrive faster than anyone types are joined into one
-message, summarised on screen as it is sent (``[pasted: 14 lines, 10,768 characters]``) and kept as one history entry.
-Nothing is cut silently: where the terminal itself may have cut a very long line, a note says so.
+message, summarised on screen as it is sent (``[pasted: 14 lines, 10,768 characters]``) and kept
+as one history entry. Nothing is cut silently: where the terminal itself may have cut a very long
+line, a note says so.
 
 After each answer one line on stderr gives its timing: tokens, time to the first token and tokens
 per second after it (``--quiet``: none). Tool mode's first line lists the tools and how to answer.
