@@ -5,7 +5,8 @@ and offers Meta's reference API (``build``, ``generate``, ``text_completion``, `
 plus streaming (``stream``, ``stream_text_completion``, ``stream_chat_completion``).
 
 Decoding itself (the token buffer, prefill then one position per step, where a row finishes, the
-decode step and its kv-length buckets, NaN/inf detection) is in :mod:`llama3.decoding`.
+decode step and its kv-length buckets, NaN/inf detection) is in :mod:`llama3.decoding`; loading
+for ``Llama.build`` (every check before the weights, the kernel choice) in :mod:`llama3.loading`.
 
 One ``Llama`` owns one KV cache, so calls on it are serialised by a lock; a stream overtaken by
 another call raises :class:`ConcurrentUseError` at its next step (see the README, "Errors").
@@ -19,16 +20,15 @@ prompt at its first ``<|eot_id|>``); bad input raises ``ValueError`` instead of 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypedDict, overload
+from typing import overload
 
 import torch
 
 from .call_lock import CallLock, ReentrantCallError  # noqa: F401 - ReentrantCallError re-exported
-from .chat_format import ChatFormat, Dialog, Message, validate_dialog
-from .consistency import check_call_agrees, check_load_agrees
+from .chat_format import ChatFormat, Dialog, validate_dialog
+from .consistency import check_call_agrees
 from .decoding import (
     Batch,
     DecodeStep,
@@ -39,13 +39,14 @@ from .decoding import (
     model_device,
     prepare_batch,
 )
-from .errors import InvalidArgumentError, LlamaError
-from .kernels import QUANTIZE_MODES, apply_kernels, choose_kernels, quantized_alternatives
-from .memory import NotEnoughMemoryError, check_fits
+from .errors import LlamaError
+from .loading import check_vocabulary, load_for_generation
+from .memory import NotEnoughMemoryError
 from .model import PREFILL_CHUNK
-from .progress import Progress, configure_logging
-from .tokenizer import StreamDecoder, Tokenizer, require_tokenizer
-from .validation import optional, positive_int, strict_bool
+from .predictions import ChatPrediction, CompletionPrediction
+from .progress import Progress
+from .tokenizer import StreamDecoder, Tokenizer
+from .validation import strict_bool
 from .warmup import warm_up_decode_step
 
 __all__ = [
@@ -58,22 +59,6 @@ logger = logging.getLogger(__name__)
 
 class ConcurrentUseError(LlamaError, RuntimeError):
     """A stream was overtaken: another call used the ``Llama``'s KV cache since its last step."""
-
-
-class CompletionPrediction(TypedDict, total=False):
-    """One result of :meth:`Llama.text_completion`; ``tokens``/``logprobs`` only with ``logprobs=True``."""
-
-    generation: str
-    tokens: list[str]
-    logprobs: list[float]
-
-
-class ChatPrediction(TypedDict, total=False):
-    """One result of :meth:`Llama.chat_completion`; ``tokens``/``logprobs`` only with ``logprobs=True``."""
-
-    generation: Message
-    tokens: list[str]
-    logprobs: list[float]
 
 
 class Llama:
@@ -98,7 +83,7 @@ class Llama:
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
         compile = strict_bool(compile, "compile")
-        _check_vocabulary(getattr(tokenizer, "n_words", None), model.params.vocab_size)
+        check_vocabulary(getattr(tokenizer, "n_words", None), model.params.vocab_size)
         if compile and decode_step is not None:
             raise ValueError("pass compile=True or a decode_step, not both")
         self.device = model_device(model)
@@ -179,54 +164,11 @@ class Llama:
             NotEnoughMemoryError: weights + KV cache exceed the device's free memory.
             ValueError: a bad argument, or a tokenizer whose vocabulary is not the model's.
         """
-        compile, verbose = strict_bool(compile, "compile"), strict_bool(verbose, "verbose")  # "no" is truthy
-        fbgemm = optional(strict_bool, fbgemm, "fbgemm")
-        model_parallel_size = optional(positive_int, model_parallel_size, "model_parallel_size")
-        configure_logging(verbose)
-        if fbgemm and quantize is not None:
-            raise InvalidArgumentError("fbgemm=True packs bfloat16/float16 weights; it does not combine "
-                                       "with quantize")
-        if quantize is not None and quantize not in QUANTIZE_MODES:
-            raise InvalidArgumentError(f"unknown quantize={quantize!r}; choose one of "
-                                       f"{', '.join(QUANTIZE_MODES)} or None")
-        prefill_chunk = positive_int(prefill_chunk, "prefill_chunk")
-        if strict_bool(warm_up, "warm_up") and not compile:
-            raise InvalidArgumentError("warm_up=True compiles the decode step ahead of time: pass "
-                                       "compile=True too (--compile with --warm-up)")
-        from .checkpoint import detect_quantization, inspect_checkpoint, load_model, read_model_args
-        from .distributed import select_device, select_dtype
-
-        # One look at the checkpoint (a Hub id becomes its local folder; a missing directory is
-        # reported as such), then the tokenizer (explicit path, else tokenizer.model beside the
-        # weights), the shape and the memory it needs: all fail before minutes of weight loading.
-        info = inspect_checkpoint(ckpt_dir)
-        tokenizer_file = require_tokenizer(info.root, tokenizer_path)
-        tokenizer = Tokenizer(tokenizer_file)
-        args = read_model_args(info, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                               rope_scale_factor=rope_scale_factor)
-        _check_vocabulary(tokenizer.n_words, args.vocab_size, tokenizer_path=tokenizer_file)
-        target = select_device(device)
-        world = model_parallel_size or int(os.environ.get("WORLD_SIZE", "1"))
-        run_dtype = select_dtype(target, dtype)
-        # Which kernel computes each linear layer (logged with the reason); the weights' formats
-        # decide how many bytes they take.
-        stored = detect_quantization(info)  # a checkpoint shipped quantized: its layers keep their format
-        plan = choose_kernels(args, target, run_dtype, quantize, fbgemm=fbgemm,
-                              int4_group_size=int4_group_size, stored=stored)
-        check_fits(args, run_dtype, target, world, plan, alternatives=None if quantize or stored
-                   else quantized_alternatives(args, target, run_dtype))
-
-        model = load_model(info, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
-                           dtype=dtype, model_parallel_size=model_parallel_size,
-                           rope_scale_factor=rope_scale_factor, verbose=verbose)
-        check_load_agrees(info, args, tokenizer_file)  # every rank loaded the same (llama3.consistency)
-        model.prefill_chunk = prefill_chunk
-        apply_kernels(model, plan)
-        # Seeded after loading, so whatever the loader drew does not shift the sampling stream.
-        torch.manual_seed(seed)
-        if target.type == "cuda" and not compile:
-            logger.info("Decoding eagerly (the readable default); on CUDA, compile=True (--compile) is "
-                        "the fast path: the decode step replayed as CUDA graphs")
+        model, tokenizer = load_for_generation(
+            ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size, seed, device=device,
+            dtype=dtype, rope_scale_factor=rope_scale_factor, compile=compile, warm_up=warm_up,
+            quantize=quantize, prefill_chunk=prefill_chunk, verbose=verbose, fbgemm=fbgemm,
+            int4_group_size=int4_group_size)
         llama = Llama(model, tokenizer, compile=compile)
         if warm_up:
             warm_up_decode_step(llama.decode_step, batch_sizes=(max_batch_size,))
@@ -503,15 +445,3 @@ class Llama:
         return prepare_batch(prompt_tokens, max_gen_len, self.model.params, self.tokenizer.pad_id,
                              self.device, logprobs)
 
-
-# --- checks on input and output ----------------------------------------------------------------
-
-
-def _check_vocabulary(n_words: int | None, vocab_size: int, tokenizer_path: Any = None) -> None:
-    if n_words is None or n_words == vocab_size:
-        return
-    which = f"the tokenizer {tokenizer_path}" if tokenizer_path else "the tokenizer"
-    hint = (" A smaller count usually means an incomplete tokenizer.model (the Llama 3 one has 128,000 "
-            "ranks + 256 special tokens): get the file again." if n_words < vocab_size else "")
-    raise ValueError(f"{which} has {n_words} tokens but the model's vocabulary has {vocab_size}; they do "
-                     f"not belong together.{hint}")
