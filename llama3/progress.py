@@ -114,7 +114,7 @@ class Progress:
         if not self._closed:
             self._closed = True
             if self.final:
-                self.logger.info(f"{self.what}: done in {elapsed:.1f} s")
+                self.logger.info("%s: done in %.1f s", self.what, elapsed)
         return elapsed
 
     def __enter__(self) -> Progress:

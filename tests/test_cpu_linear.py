@@ -69,9 +69,11 @@ def test_packed_layer_equals_the_product_up_to_the_final_rounding(dtype, rows):
     exact = x.double() @ layer.weight.double().T
 
     packed = swap_linear(layer, FbgemmFp16Kernel)
-    assert len(packed.packs) == 3 and not hasattr(packed, "weight")
+    assert len(packed.packs) == 3
+    assert not hasattr(packed, "weight")
     got = packed(x)
-    assert got.dtype == dtype and got.shape == (1, rows, n_out)
+    assert got.dtype == dtype
+    assert got.shape == (1, rows, n_out)
     ulp = torch.finfo(dtype).eps * exact.abs()
     assert ((got.double() - exact).abs() <= ulp + 1e-5).all()
 
@@ -125,7 +127,8 @@ def test_a_layer_beyond_float16s_range_keeps_torchs_kernels(caplog):
         packed = pack_linear_layers(model)
     assert packed == 7 * TINY["n_layers"]  # all but that one
     assert type(model.layers[0].feed_forward.w2) is RowParallelLinear
-    assert "layers.0.feed_forward.w2" in caplog.text and "65504" in caplog.text
+    assert "layers.0.feed_forward.w2" in caplog.text
+    assert "65504" in caplog.text
 
 
 def test_other_dtypes_and_devices_are_left_alone():
@@ -141,7 +144,7 @@ def test_other_dtypes_and_devices_are_left_alone():
         assert not fbgemm_is_the_fast_path("cpu", torch.bfloat16, dim=256)  # tiny test shapes
 
 
-@pytest.mark.parametrize("amx, avx512_bf16", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize(("amx", "avx512_bf16"), [(True, False), (False, True), (False, False)])
 def test_bf16_matrix_units_are_read_from_torchs_cpu_probes(amx, avx512_bf16):
     from llama3.kernels import cpu_has_bf16_matrix_units
 
@@ -169,7 +172,8 @@ def test_build_packs_on_request_and_generates_what_torchs_kernels_do(generation_
     plain, packed, auto = build(fbgemm=False), build(fbgemm=True), build()
     linear = (ColumnParallelLinear, RowParallelLinear)
     layers = [type(m) for m in packed.model.modules() if isinstance(m, linear)]
-    assert layers and all(issubclass(t, FbgemmFp16Kernel) for t in layers)
+    assert layers
+    assert all(issubclass(t, FbgemmFp16Kernel) for t in layers)
     assert not any(is_packed(m) for m in [*plain.model.modules(), *auto.model.modules()])
     prompt = ["The capital of France is"]
     want = plain.text_completion(prompt, temperature=0, max_gen_len=12)

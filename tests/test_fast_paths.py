@@ -131,7 +131,8 @@ def test_compiled_cpu_gemv_accumulates_in_float32(dtype):
         with torch.no_grad():
             results = (gemv(x), layer(x))
         for got in results:  # compiled, eager (torch.mv)
-            assert got.dtype == dtype and got.shape == (1, 1, 96)
+            assert got.dtype == dtype
+            assert got.shape == (1, 1, 96)
             ulp = torch.finfo(dtype).eps * exact.abs()
             assert ((got.double() - exact).abs() <= ulp + 1e-5).all()
 
@@ -145,8 +146,10 @@ def test_per_channel_int8_reconstructs_each_row_within_half_a_step():
     weight = torch.randn(48, 96) * torch.logspace(-3, 1, 48)[:, None]
     weight[5] = 0.0  # an all-zero row must not divide by zero
     q, scale = quantize_per_channel(weight)
-    assert q.dtype == torch.int8 and q.shape == weight.shape
-    assert scale.shape == (48,) and scale.dtype == weight.dtype
+    assert q.dtype == torch.int8
+    assert q.shape == weight.shape
+    assert scale.shape == (48,)
+    assert scale.dtype == weight.dtype
     assert q.abs().max().item() <= 127
     assert (q[torch.arange(48) != 5].abs().amax(dim=1) == 127).all()  # each row's largest |w| -> ±127
     error = (weight - q.float() * scale[:, None]).abs()
@@ -164,8 +167,10 @@ def test_quantize_int8_replaces_every_linear_and_keeps_the_embedding():
     assert len(linears) == 7 * TINY["n_layers"] + 1
     for m in linears:
         assert kernel_of(m) is Int8Kernel
-        assert m.weight.dtype == torch.int8 and not isinstance(m.weight, torch.nn.Parameter)
-        assert m.scale.shape == (m.weight.shape[0],) and m.scale.dtype == torch.bfloat16
+        assert m.weight.dtype == torch.int8
+        assert not isinstance(m.weight, torch.nn.Parameter)
+        assert m.scale.shape == (m.weight.shape[0],)
+        assert m.scale.dtype == torch.bfloat16
     assert model.output.gather_output
     # The tied embedding keeps its bfloat16 table; the output projection holds an int8 copy of it.
     assert torch.equal(model.tok_embeddings.weight, embedding)
@@ -229,7 +234,8 @@ def test_single_row_cpu_linear_is_the_product_to_half_precision(dtype):
     layer = gemv_layer(weight)
     one = layer(x[:1, None])  # [1, 1, in]: the decode shape
     batch = layer(x)
-    assert one.shape == (1, 1, 300) and one.dtype == dtype
+    assert one.shape == (1, 1, 300)
+    assert one.dtype == dtype
     eps = torch.finfo(dtype).eps
     for got, ref in ((one[0], want[:1]), (batch, want)):
         assert ((got.double() - ref).abs() <= eps * ref.abs() + 1e-3).all()

@@ -62,9 +62,11 @@ def test_cpu_dry_run_runs_every_stage(tmp_path):
     assert {"gpu_check.log", "summary.json", "preflight.json", "tests.xml", "bench_bf16_compile.json",
             "bench_bf16_eager.json", "bench_int8_compile.json", "kernels.json"} <= set(files)
     preflight = json.loads((out / "preflight.json").read_text())
-    assert preflight["compile_ok"] and preflight["toolchain"]["c_compiler"], preflight
+    assert preflight["compile_ok"], preflight
+    assert preflight["toolchain"]["c_compiler"], preflight
     assert set(preflight["attention"]) >= {"decode bfloat16", "chunk float32", "masked bfloat16"}
-    assert "default" in preflight["growing_keys"] and "pinned" in preflight["growing_keys"]
+    assert "default" in preflight["growing_keys"]
+    assert "pinned" in preflight["growing_keys"]
     figures = {s["name"]: s["figures"] for s in summary["stages"]}
     assert figures["bench_bf16_compile"]["compile decode_b1_tok_s"] > 0
     assert figures["bench_int8_compile"]["compile+int8 decode_b1_tok_s"] > 0
@@ -72,7 +74,9 @@ def test_cpu_dry_run_runs_every_stage(tmp_path):
     assert summary["int8_vs_bf16_compiled"] > 0
     # The CUDA cases ran (on the CPU), none skipped.
     junit = (out / "tests.xml").read_text()
-    assert 'skipped="0"' in junit and 'failures="0"' in junit and 'errors="0"' in junit
+    assert 'skipped="0"' in junit
+    assert 'failures="0"' in junit
+    assert 'errors="0"' in junit
     assert "test_llama_compile_generates_what_eager_generates" in junit
     # The summary comes last: after its header line, only stage lines and their figures.
     last = proc.stdout[proc.stdout.rindex("# GPU check summary"):].splitlines()[1:]
@@ -104,16 +108,23 @@ def test_stages_past_the_deadline_are_skipped_timeouts_killed_failures_reported(
                             on_result=lambda rs: seen.append([r.name for r in rs]))
     got = {r.name: r for r in results}
     assert [r.name for r in results] == ["ok", "fails", "slow", "big", "fp8", "unwired", "compiled"]
-    assert seen[0] == ["ok"] and seen[-1] == [r.name for r in results]  # the summary, stage by stage
-    assert got["fp8"].status == "not built" and "no_such_kernel.py" in got["fp8"].detail
-    assert got["unwired"].status == "not built" and "'no_such_mode' is not among" in got["unwired"].detail
-    assert got["compiled"].status == "skipped" and "preflight: no C compiler" in got["compiled"].detail
+    assert seen[0] == ["ok"]
+    assert seen[-1] == [r.name for r in results]  # the summary, stage by stage
+    assert got["fp8"].status == "not built"
+    assert "no_such_kernel.py" in got["fp8"].detail
+    assert got["unwired"].status == "not built"
+    assert "'no_such_mode' is not among" in got["unwired"].detail
+    assert got["compiled"].status == "skipped"
+    assert "preflight: no C compiler" in got["compiled"].detail
     assert "ran" not in log.getvalue()
     assert got["ok"].status == "passed"
-    assert got["fails"].status == "failed" and "exit 3" in got["fails"].detail
+    assert got["fails"].status == "failed"
+    assert "exit 3" in got["fails"].detail
     assert "never" not in log.getvalue()  # a stage stops at its first failing command
-    assert got["slow"].status == "timeout" and got["slow"].seconds < 10  # killed, not waited for
-    assert got["big"].status == "skipped" and "needs 1000 s" in got["big"].detail
+    assert got["slow"].status == "timeout"
+    assert got["slow"].seconds < 10  # killed, not waited for
+    assert got["big"].status == "skipped"
+    assert "needs 1000 s" in got["big"].detail
     text = gc.summarize(results, {"device": "cpu", "size": "ci", "seconds": 5.0, "deadline_s": 120.0})
     for name, status in (("ok", "passed"), ("fails", "failed"), ("slow", "timeout"), ("big", "skipped")):
         assert any(line.split()[:2] == [name, status] for line in text.splitlines()), text

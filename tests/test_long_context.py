@@ -180,7 +180,8 @@ def test_forward_logprobs_equal_log_softmax_of_full_logits(start_pos):
     logprobs, last_logits = forward_logprobs(model, tokens[:, start_pos:], start_pos)
     hook.remove()
     assert logprobs.dtype == last_logits.dtype == torch.float32
-    assert logprobs.shape == want.shape and last_logits.shape == (2, 1, BASE["vocab_size"])
+    assert logprobs.shape == want.shape
+    assert last_logits.shape == (2, 1, BASE["vocab_size"])
     assert (logprobs - want).abs().max().item() <= 1e-5
     assert relative_gap(last_logits, logits[:, -1:]) <= 1e-5
     assert max(rows) <= CHUNK  # never more than one chunk of logits at a time
@@ -341,7 +342,7 @@ def test_reliability_forward_static_rejects_bad_kv_len(kv_len):
 # --- reliability: misuse and failure leave nothing broken --------------------------------------
 
 
-@pytest.mark.parametrize("tokens, start_pos, message", [
+@pytest.mark.parametrize(("tokens", "start_pos", "message"), [
     (torch.tensor([1, 2, 3]), 0, r"2-D tensor of token ids \[batch, seq\], got \(3,\)"),
     ([[1, 2, 3]], 0, "2-D tensor"),
     (torch.zeros(1, 0, dtype=torch.long), 0, "empty"),
@@ -389,7 +390,8 @@ def test_reliability_failed_setup_kv_cache_changes_nothing(kwargs):
     want = model(tokens, 0)
     with pytest.raises(ValueError, match="setup_kv_cache: max_"):
         model.setup_kv_cache(**kwargs)
-    assert model.params is args and (args.max_batch_size, args.max_seq_len) == (2, 128)
+    assert model.params is args
+    assert (args.max_batch_size, args.max_seq_len) == (2, 128)
     assert torch.equal(model(tokens, 0), want)
 
 
@@ -422,7 +424,8 @@ def test_setup_kv_cache_copies_the_callers_args():
     model = Transformer(args)
     model.setup_kv_cache(max_batch_size=1, max_seq_len=300)
     assert (args.max_batch_size, args.max_seq_len) == (2, 128)  # the caller's object is untouched
-    assert model.params is not args and (model.params.max_batch_size, model.params.max_seq_len) == (1, 300)
+    assert model.params is not args
+    assert (model.params.max_batch_size, model.params.max_seq_len) == (1, 300)
     assert model.rope.shape[0] == 300
     assert model.layers[0].attention.kv_cache.k.shape == (1, 2, 300, 8)
     assert torch.isfinite(model(random_tokens(1, 4), 290)).all()
@@ -432,7 +435,7 @@ def test_setup_kv_cache_copies_the_callers_args():
 
 
 @pytest.mark.parametrize("n_kv_heads", [8, 2, 1])
-@pytest.mark.parametrize("case, s, kv_len", [("decode", 1, 37), ("prefill", 19, 19), ("chunk", 11, 40),
+@pytest.mark.parametrize(("case", "s", "kv_len"), [("decode", 1, 37), ("prefill", 19, 19), ("chunk", 11, 40),
                                              ("masked", 1, 64)])
 def test_attention_equals_float64_reference_in_every_case(case, s, kv_len, n_kv_heads):
     """softmax(q kᵀ/√d + mask) v computed in float64 with Meta's repeat_kv grouping. The masked case
@@ -456,7 +459,8 @@ def test_attention_equals_float64_reference_in_every_case(case, s, kv_len, n_kv_
     scores = q.double() @ k.transpose(-1, -2) / math.sqrt(hd)
     want = scores.masked_fill(~(mask if mask is not None else visible), float("-inf")).softmax(-1) @ v
     got = attention(q, keys, values, mask=mask)
-    assert got.shape == (b, n_heads, s, hd) and got.dtype == torch.float32
+    assert got.shape == (b, n_heads, s, hd)
+    assert got.dtype == torch.float32
     assert (got.double() - want).abs().max().item() <= 2e-6
 
 
@@ -500,7 +504,7 @@ def test_setup_kv_cache_checks_the_new_cache_and_keeps_the_old_one(monkeypatch, 
     assert model.params.max_seq_len == 256
 
 
-@pytest.mark.parametrize("scaled, trained", [(False, 8192), (True, 131072)])
+@pytest.mark.parametrize(("scaled", "trained"), [(False, 8192), (True, 131072)])
 def test_a_context_beyond_the_trained_one_is_allowed_and_said_once(caplog, scaled, trained):
     seq = trained + 1 + int(scaled)  # a value no other test uses: "once" is per process
     small = dict(BASE, n_kv_heads=2, max_batch_size=1, n_layers=1, use_scaled_rope=scaled)
@@ -511,5 +515,7 @@ def test_a_context_beyond_the_trained_one_is_allowed_and_said_once(caplog, scale
         model.setup_kv_cache(max_seq_len=seq)
         Transformer(ModelArgs(**{**small, "max_seq_len": seq}))
     said = [r.getMessage() for r in caplog.records]
-    assert len(said) == 1 and f"{seq}" in said[0] and f"{trained} positions" in said[0]
+    assert len(said) == 1
+    assert f"{seq}" in said[0]
+    assert f"{trained} positions" in said[0]
     assert torch.isfinite(model(random_tokens(1, 3), seq - 3)).all()

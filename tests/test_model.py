@@ -108,7 +108,8 @@ def test_logits_match_meta_reference(name):
     ref = meta_oracle(model, overrides)
     toks = tokens()
     ours = model(toks, 0)
-    assert ours.dtype == torch.float32 and ours.shape == (2, SEQ, BASE["vocab_size"])
+    assert ours.dtype == torch.float32
+    assert ours.shape == (2, SEQ, BASE["vocab_size"])
     assert (ours - ref(toks, 0)).abs().max().item() <= FP32_TOL
 
 
@@ -230,7 +231,8 @@ def test_bfloat16_and_float16_logits_close_to_float32():
         assert low.layers[0].attention.kv_cache.k.dtype == dtype
         assert low.rope.dtype == torch.float32  # RoPE angles stay in float32
         out = low(toks, 0)
-        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        assert out.dtype == torch.float32
+        assert torch.isfinite(out).all()
         # Relative to the logit range: bf16 keeps 8 mantissa bits, fp16 11.
         assert (out - ref).abs().max().item() <= tol * scale, dtype
 
@@ -242,12 +244,15 @@ def test_model_args_from_params_json(caplog):
     with caplog.at_level(logging.INFO, logger="llama3.model"):
         args = ModelArgs(max_seq_len=128, max_batch_size=4, **params)
     assert "vision_chunk_size" in caplog.text
-    assert args.use_scaled_rope and args.n_kv_heads == 2 and args.max_seq_len == 128
-    assert args.rope_scale_factor == 8.0 and args.rope_original_max_seq_len == 8192
+    assert args.use_scaled_rope
+    assert args.n_kv_heads == 2
+    assert args.max_seq_len == 128
+    assert args.rope_scale_factor == 8.0
+    assert args.rope_original_max_seq_len == 8192
     assert ModelArgs(dim=64, n_heads=4).n_kv_heads == 4
 
 
-@pytest.mark.parametrize("bad, message", [
+@pytest.mark.parametrize(("bad", "message"), [
     (dict(dim=64, n_heads=5), "must divide dim"),
     (dict(dim=64, n_heads=4, n_kv_heads=3), "must divide n_heads"),
     (dict(dim=64, n_heads=4, max_seq_len=0), "max_seq_len"),
