@@ -27,27 +27,25 @@ def _is_int(value: Any) -> bool:
 
 def positive_int(value: Any, name: str) -> int:
     """``value`` as an int >= 1 (any integer type, e.g. numpy's), else InvalidArgumentError."""
-    if isinstance(value, bool):
-        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}") from None
-    if number < 1:
-        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
-    return number
+    return _int_at_least(value, name, 1, "a positive integer")
 
 
 def non_negative_int(value: Any, name: str) -> int:
     """``value`` as an int >= 0, else InvalidArgumentError."""
+    return _int_at_least(value, name, 0, "an integer >= 0")
+
+
+def _int_at_least(value: Any, name: str, minimum: int, what: str) -> int:
+    # bool is an int subclass, but True as a count is a mistake, not 1.
+    problem = f"{name} must be {what}, got {value!r}"
     if isinstance(value, bool):
-        raise InvalidArgumentError(f"{name} must be an integer >= 0, got {value!r}")
+        raise InvalidArgumentError(problem)
     try:
         number = operator.index(value)
     except TypeError:
-        raise InvalidArgumentError(f"{name} must be an integer >= 0, got {value!r}") from None
-    if number < 0:
-        raise InvalidArgumentError(f"{name} must be an integer >= 0, got {value!r}")
+        raise InvalidArgumentError(problem) from None
+    if number < minimum:
+        raise InvalidArgumentError(problem)
     return number
 
 

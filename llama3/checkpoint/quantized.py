@@ -23,7 +23,7 @@ from ..model import ModelArgs
 from ..presets import preset_args
 from .base import CheckpointInfo
 from .hf import to_hf_name, unpermute_rotate_half
-from .layout import canonical_shape, interval, param_names, source_shards, split_dim
+from .layout import canonical_shape, interval, param_names, shard_shape, source_shards, split_dim
 from .meta import torch_load
 from .quantized_format import (
     _FP8_DTYPES,
@@ -145,15 +145,6 @@ def _check_shape(path: Path, key: str, t: torch.Tensor, want: tuple[int, ...]) -
                                        f"implies {list(want)} here; is the config from the same model?")
 
 
-def _local_shape(name: str, args: ModelArgs, rank: int, world: int) -> tuple[int, ...]:
-    shape = list(canonical_shape(name, args))
-    dim = split_dim(name)
-    if dim is not None:
-        start, stop, unit = interval(name, args, rank, world)
-        shape[dim] = (stop - start) * unit
-    return tuple(shape)
-
-
 def read_quantized_rank(info: CheckpointInfo, args: ModelArgs, fmt: QuantizedFormat, rank: int, world: int,
                         *, dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The state dict model-parallel rank ``rank`` of ``world`` holds after its layers are swapped
@@ -203,7 +194,7 @@ def _read_meta(info: CheckpointInfo, args: ModelArgs, fmt: QuantizedFormat, rank
         out[name] = t.to(dtype)
     for name in param_names(args):
         if name.removesuffix(".weight") not in quantized:
-            _check_shape(first, name, out[name], _local_shape(name, args, rank, world))
+            _check_shape(first, name, out[name], shard_shape(name, args, rank, world))
     return out
 
 
@@ -325,7 +316,7 @@ def _read_hf_fp8(info: CheckpointInfo, args: ModelArgs, fmt: QuantizedFormat, ra
         _refuse_unknown(where[hf_name], hf_name, t, fmt)
         out[name] = t.to(dtype)
     for name in param_names(args):
-        want = _local_shape(name, args, rank, world)
+        want = shard_shape(name, args, rank, world)
         _check_shape(where.get(to_hf_name(name), info.path), name, out[name], want)
     return out
 
@@ -349,7 +340,7 @@ def weight_bytes_per_rank(args: ModelArgs, scheme: str | None, world: int = 1, *
     for name in param_names(args):
         if name == "output.weight" and args.tie_word_embeddings:
             continue
-        shape = _local_shape(name, args, 0, world)
+        shape = shard_shape(name, args, 0, world)
         n = shape[0] * (shape[1] if len(shape) > 1 else 1)
         if name.removesuffix(".weight") not in quant:
             total += n * float_bytes
