@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a file: make `scripts.bench` and `llama3` importable
+if __package__ in (None, ""):  # run as a file: the package beside scripts/ first, then bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import cpu_summary  # noqa: E402
 from llama3.kernels import w8a8  # noqa: E402
-from scripts.bench.machine import cpu_summary  # noqa: E402
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 Factory = Callable[[torch.Tensor], tuple[Kernel, int]]  # bf16 weight -> (x -> y, weight bytes)
