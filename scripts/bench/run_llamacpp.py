@@ -1,11 +1,17 @@
-"""llama.cpp (llama-cpp-python) on the same weights: greedy decode and prefill, timed as ours are."""
+"""llama.cpp (llama-cpp-python) on the same weights: greedy decode and prefill, timed as ours are.
+
+llama.cpp runs in a worker process of its own (``llamacpp_worker.py``: sharing torch's OpenMP
+threads crashes ggml's AMX kernels); it times itself, so the pipe costs nothing measured.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-import statistics
+import subprocess
+import sys
 import tempfile
-import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,62 +22,64 @@ from .gguf_writer import write_gguf
 
 # Our precision -> the GGUF type with the same bytes per weight (w8a8 is the speed mode against Q8_0).
 GGUF_FOR = {"bf16": "BF16", "fp16": "F16", "int8": "Q8_0", "w8a8": "Q8_0", "int4": "Q4_0"}
+_WORKER = Path(__file__).with_name("llamacpp_worker.py")
 
 
-def run_llamacpp(model: Transformer, gguf_type: str, prompt: torch.Tensor, decode_tokens: int,
-                 repeats: int, prefill_len: int = 0) -> dict[str, Any]:
-    """llama.cpp on ``model``'s (float) weights written as ``gguf_type``: greedy decode tok/s (median
-    step of the best of ``repeats`` runs after 2 warm-up steps, as ours), its first greedy tokens,
-    the prompt logits' distance to ours, and (``prefill_len`` > 0) prefill tok/s of that many
-    tokens (best of ``repeats``, in one batch of up to 512 tokens as llama.cpp's default)."""
-    import numpy as np
-    from llama_cpp import Llama as LlamaCpp
+class LlamaCpp:
+    """llama.cpp holding ``model``'s (float) weights written as ``gguf_type`` (every matrix in that
+    type), with as many threads as torch uses, in a worker process."""
 
-    threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, f"model-{gguf_type}.gguf")
+    def __init__(self, model: Transformer, gguf_type: str, n_ctx: int) -> None:
+        self.gguf_type = gguf_type
+        self._tmp = tempfile.TemporaryDirectory()
+        path = os.path.join(self._tmp.name, f"model-{gguf_type}.gguf")
         write_gguf(model, path, gguf_type)
-        n_ctx = max(model.params.max_seq_len, prefill_len + 8)
-        llm = LlamaCpp(model_path=path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                       n_threads_batch=threads, verbose=False)
-        vocab = model.params.vocab_size
+        args = [sys.executable, str(_WORKER), path, str(n_ctx), str(torch.get_num_threads()),
+                str(model.params.vocab_size)]
+        self.note = ""
+        self._start(args)
+        try:  # one product as a smoke test: ggml's AMX int8 kernels die of SIGILL on some VMs
+            self._ask(op="prefill", ids=[1, 2, 3])
+        except RuntimeError as e:
+            self.note = f"{e}; rerun without ggml's extra buffer types (no AMX, no repacking)"
+            print(f"# llama.cpp {gguf_type}: {self.note}", flush=True)
+            self._start([*args, "no-extra-bufts"])
 
-        def last_logits() -> np.ndarray:  # the last evaluated position's (no copy of all rows)
-            return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+    def _start(self, args: list[str]) -> None:
+        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._read()  # loaded
 
-        ids = prompt[0].tolist()
-        llm.eval(ids)  # the same weights give the same logits, to the precision's rounding
-        theirs = torch.tensor(last_logits(), dtype=torch.float32)
-        with torch.inference_mode():
-            ours = model.forward(prompt, 0, last_only=True)[0, -1].float()
-        result: dict[str, Any] = dict(gguf_type=gguf_type,
-                                      logit_diff_in_std=float((ours - theirs).abs().max() / ours.std()))
-        best, tokens = None, []
-        for _ in range(repeats):
-            llm.reset()
-            llm.eval(ids)
-            token = int(np.argmax(last_logits()))
-            out, times = [token], []
-            for i in range(decode_tokens + 2):
-                start = time.perf_counter()
-                llm.eval([token])
-                token = int(np.argmax(last_logits()))
-                if i >= 2:
-                    times.append(time.perf_counter() - start)
-                out.append(token)
-            tokens = out
-            median = statistics.median(times)
-            best = median if best is None else min(best, median)
-        result.update(tok_s=1 / best, tokens=tokens)
-        if prefill_len:
-            g = torch.Generator().manual_seed(prefill_len)
-            long_prompt = torch.randint(0, vocab, (prefill_len,), generator=g).tolist()
-            seconds = []
-            for _ in range(repeats + 1):  # the first run warms up
-                llm.reset()
-                start = time.perf_counter()
-                llm.eval(long_prompt)
-                seconds.append(time.perf_counter() - start)
-            result["prefill_tok_s"] = prefill_len / min(seconds[1:])
-        llm.close()
-    return result
+    def _read(self) -> dict[str, Any]:
+        line = self._proc.stdout.readline()
+        if not line:
+            code = self._proc.wait()
+            raise RuntimeError(f"the llama.cpp worker ({self.gguf_type}) exited with {code}"
+                               + (" (SIGILL)" if code == -4 else ""))
+        return json.loads(line)
+
+    def _ask(self, **request: Any) -> dict[str, Any]:
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        return self._read()
+
+    def prompt_logits(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Logits after ``prompt`` [1, n] (from position 0), float32."""
+        return torch.tensor(self._ask(op="logits", ids=prompt[0].tolist())["logits"])
+
+    def decode(self, prompt: torch.Tensor, n_tokens: int) -> tuple[list[float], list[int]]:
+        """Greedy: seconds of each of ``n_tokens`` steps after ``prompt`` (2 warm-up steps dropped, as
+        ours) and the tokens."""
+        out = self._ask(op="decode", ids=prompt[0].tolist(), n=n_tokens)
+        return out["times"], out["tokens"]
+
+    def prefill(self, prompt: torch.Tensor) -> float:
+        """Seconds to evaluate ``prompt`` [1, n] from position 0 (batches of 512 tokens)."""
+        return self._ask(op="prefill", ids=prompt[0].tolist())["seconds"]
+
+    def close(self) -> None:
+        """Stop the worker."""
+        if self._proc.poll() is None:
+            self._proc.stdin.write(json.dumps({"op": "close"}) + "\n")
+            self._proc.stdin.close()
+            self._proc.wait(timeout=60)
+        self._tmp.cleanup()

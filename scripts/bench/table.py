@@ -24,17 +24,18 @@ from .run_llama3 import (
     prepare,
     timed_decode,
 )
-from .run_llamacpp import GGUF_FOR, run_llamacpp
+from .run_llamacpp import GGUF_FOR, LlamaCpp
 
 
 def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile_modes: list[bool],
                 decode_tokens: int, decode_context: int, repeats: int, compare: str | None,
                 device: torch.device, prefill_len: int = 0) -> dict[str, Any]:
-    """Batch-1 decode tok/s for every (precision, compile, greedy/top-p) on the same random weights,
-    runs interleaved round by round (a burst from another process hits one run, not one
-    configuration), each cell = median step of its best run; % of the read-bandwidth roofline;
-    ``prefill_len`` > 0: prefill tok/s of that many tokens per precision (eager, best of rounds);
-    llama.cpp on the same weights (GGUF BF16 / F16 / Q8_0 / Q4_0) with ``compare="llamacpp"``."""
+    """Batch-1 decode tok/s for every (precision, compile, greedy/top-p) on the same random weights;
+    ``prefill_len`` > 0: prefill tok/s of that many tokens per precision (eager); with
+    ``compare="llamacpp"``, llama.cpp on the same weights (GGUF BF16 / F16 / Q8_0 / Q4_0, greedy
+    decode and prefill) in the same rounds. Every configuration runs once per round, rounds
+    repeated (a burst from another process hits one run, not one configuration); each cell is
+    the median over rounds of each run's median step; % of the read-bandwidth roofline."""
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         raise ValueError(f"unknown precisions {unknown}; choose from {', '.join(PRECISIONS)}")
@@ -43,10 +44,14 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
     bandwidth = measure_bandwidth(device)
     print("# read bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()), flush=True)
     max_seq_len = max(decode_context + decode_tokens + 16, prefill_len + 8)
-    models, cells, kernels, prefills = {}, {}, {}, {}
+    models, cells, kernels, prefills, cpp = {}, {}, {}, {}, {}
     for name in precisions:
         dtype, quantize, fbgemm = PRECISIONS[name]
         model = build_model(shape, None, n_layers, device, dtype, 1, max_seq_len)
+        gguf_type = GGUF_FOR[name.split("-")[0]]
+        if compare == "llamacpp" and gguf_type not in cpp:  # written from the float weights
+            cpp[gguf_type] = dict(runner=LlamaCpp(model, gguf_type, max_seq_len), runs=[], prefill=[],
+                                  precision=name)
         kernels[name] = prepare(model, quantize, fbgemm)
         models[name] = model
         prefills[name] = []
@@ -63,25 +68,37 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
     for key, cell in cells.items():  # warm-up round (compiles), also the greedy tokens to compare
         torch.manual_seed(0)
         _, cell["tokens"] = timed_decode(models[key[0]], cell["step"], prompt, 6, TOP_P if key[2] else GREEDY)
+    for entry in cpp.values():
+        _, entry["tokens"] = entry["runner"].decode(prompt, 6)
+        if long_prompt is not None:
+            entry["runner"].prefill(long_prompt)
     for r in range(repeats):
         for key, cell in cells.items():
             torch.manual_seed(r)
             times, _ = timed_decode(models[key[0]], cell["step"], prompt, decode_tokens,
                                     TOP_P if key[2] else GREEDY)
-            cell["runs"].append(times)
-            print(f"  round {r} {key}: {1 / statistics.median(times):.2f} tok/s", flush=True)
+            cell["runs"].append(statistics.median(times))
+            print(f"  round {r} {key}: {1 / cell['runs'][-1]:.2f} tok/s", flush=True)
+        for gguf_type, entry in cpp.items():
+            times, _ = entry["runner"].decode(prompt, decode_tokens)
+            entry["runs"].append(statistics.median(times))
+            print(f"  round {r} llama.cpp {gguf_type}: {1 / entry['runs'][-1]:.2f} tok/s", flush=True)
         if long_prompt is not None:
             for name in precisions:
                 seconds = best_time(lambda m=models[name]: prefill(m, long_prompt), device, 1)
                 prefills[name].append(seconds)
                 print(f"  round {r} {name} prefill {prefill_len}: {prefill_len / seconds:.1f} tok/s",
                       flush=True)
+            for gguf_type, entry in cpp.items():
+                entry["prefill"].append(entry["runner"].prefill(long_prompt))
+                print(f"  round {r} llama.cpp {gguf_type} prefill {prefill_len}: "
+                      f"{prefill_len / entry['prefill'][-1]:.1f} tok/s", flush=True)
     rows = []
     for (name, compiled, sampled), cell in cells.items():
-        tok_s = 1 / min(statistics.median(t) for t in cell["runs"])
+        tok_s = 1 / statistics.median(cell["runs"])
         row = dict(precision=name, compile=compiled, sampling="top-p 0.9" if sampled else "greedy",
-                   tok_s=tok_s, read_gb_per_token=cell["bytes"] / 1e9,
-                   pct_read_bw=100 * tok_s * cell["bytes"] / 1e9 / bandwidth["read"],
+                   tok_s=tok_s, tok_s_runs=[1 / t for t in cell["runs"]],
+                   read_gb_per_token=cell["bytes"] / 1e9,
                    greedy_tokens=None if sampled else cell["tokens"], kernels=kernels[name])
         if prefills[name]:
             row["prefill_tok_s"] = prefill_len / statistics.median(prefills[name])
@@ -91,24 +108,25 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
             print(f"# NOTE: {name} compile={compiled} greedy tokens differ from compile={compile_modes[0]}")
     del cells
     llamacpp = {}
-    if compare == "llamacpp":
+    for gguf_type, entry in cpp.items():
+        runner = entry.pop("runner")
+        theirs = runner.prompt_logits(prompt)
+        runner.close()
+        result = dict(gguf_type=gguf_type, tok_s=1 / statistics.median(entry["runs"]),
+                      tok_s_runs=[1 / t for t in entry["runs"]], tokens=entry["tokens"])
+        if entry["prefill"]:
+            result["prefill_tok_s"] = prefill_len / statistics.median(entry["prefill"])
         for name in precisions:
-            plain = models.pop(name)
-            if kernels[name] not in ("torch", "int8"):  # GGUF is written from float weights
-                del plain
-                gc.collect()
-                plain = build_model(shape, None, n_layers, device, PRECISIONS[name][0], 1, max_seq_len)
-            gguf_type = GGUF_FOR[name.split("-")[0]]
-            llamacpp[name] = run_llamacpp(plain, gguf_type, prompt, decode_tokens, repeats, prefill_len)
-            del plain
-            gc.collect()
+            if GGUF_FOR[name.split("-")[0]] != gguf_type:
+                continue
+            ours_logits = models[name].forward(prompt, 0, last_only=True)[0, -1].float()
             ours = next(r for r in rows if r["precision"] == name and r["sampling"] == "greedy")
             # Random weights have near-tied logits: a rounding difference can flip a greedy choice
             # (and everything after it), so the logits are the real check.
-            same = sum(a == b for a, b in zip(llamacpp[name]["tokens"][:8], ours["greedy_tokens"][:8],
-                                               strict=False))
-            llamacpp[name]["first_8_tokens_equal"] = same
-            print(f"  llama.cpp {gguf_type}: {llamacpp[name]['tok_s']:.2f} tok/s; prompt logits max |diff| "
+            same = sum(a == b for a, b in zip(entry["tokens"][:8], ours["greedy_tokens"][:8], strict=False))
+            diff = float((ours_logits - theirs).abs().max() / ours_logits.std())
+            llamacpp[name] = dict(result, first_8_tokens_equal=same, logit_diff_in_std=diff)
+            print(f"  llama.cpp {gguf_type} vs {name}: prompt logits max |diff| "
                   f"{llamacpp[name]['logit_diff_in_std']:.3f} std; first 8 greedy tokens: {same}/8 equal",
                   flush=True)
     del models
