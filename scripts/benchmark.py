@@ -79,6 +79,14 @@ def _as_ints(value: int | str | Sequence[int] | None, default: Sequence[int]) ->
     return [int(v) for v in value]
 
 
+def _as_names(value: Any, choices: dict[str, bool]) -> list[bool]:
+    names = value.split(",") if isinstance(value, str) else list(value)  # fire: a tuple
+    unknown = [n for n in names if str(n).strip() not in choices]
+    if unknown or not names:
+        raise ValueError(f"expected a comma-separated subset of {', '.join(choices)}, got {value!r}")
+    return [choices[str(n).strip()] for n in names]
+
+
 def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int | None = None,
          dtype: str | None = None, device: str | None = None, compile: bool = False,
          quantize: str | None = None, batch_sizes: Any = None, prompt_lens: Any = None,
@@ -86,7 +94,8 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
          compare: str | None = None, threads: int | None = None, out: str | None = None,
          max_seq_lens: Any = None, table: bool = False, precisions: Any = "bf16,fp16,int8,w8a8,int4",
          bandwidth_gib: float | None = None, fbgemm: bool | None = None,
-         prefill_len: int | None = None) -> dict:
+         prefill_len: int | None = None, table_modes: Any = "eager,compile",
+         table_sampling: Any = "greedy,top-p") -> dict:
     """Run the benchmark; print a table; write JSON to ``out`` if given. Returns the results.
 
     Args:
@@ -117,6 +126,8 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
             exceed the caches: smaller only for quick dry runs).
         prefill_len: for ``table``: prefill tokens timed per precision (default 512 with
             ``compare="llamacpp"``, else 0 = none).
+        table_modes: for ``table``: "eager", "compile" or both (default), for shorter runs.
+        table_sampling: for ``table``: "greedy" or "greedy,top-p" (default).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -143,8 +154,12 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
         names = precisions.split(",") if isinstance(precisions, str) else list(precisions)  # fire: a tuple
         if prefill_len is None:
             prefill_len = 512 if compare == "llamacpp" else 0
-        result = speed_table(shape, n_layers, [str(p).strip() for p in names], [False, True], decode_tokens,
-                             decode_context, max(repeats, 3), compare, dev, prefill_len)
+        modes = _as_names(table_modes, {"eager": False, "compile": True})
+        samplings = _as_names(table_sampling, {"greedy": False, "top-p": True})
+        if False not in samplings:
+            raise ValueError("table_sampling must include greedy (the rows compared with llama.cpp)")
+        result = speed_table(shape, n_layers, [str(p).strip() for p in names], modes, decode_tokens,
+                             decode_context, max(repeats, 3), compare, dev, prefill_len, samplings)
         result.update(machine=machine, shape=name, decode_tokens=decode_tokens,
                       decode_context=decode_context, argv=sys.argv[1:])
         print_speed_table(result, machine, name)

@@ -29,13 +29,15 @@ from .run_llamacpp import GGUF_FOR, LlamaCpp
 
 def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile_modes: list[bool],
                 decode_tokens: int, decode_context: int, repeats: int, compare: str | None,
-                device: torch.device, prefill_len: int = 0) -> dict[str, Any]:
+                device: torch.device, prefill_len: int = 0,
+                samplings: list[bool] | None = None) -> dict[str, Any]:
     """Batch-1 decode tok/s for every (precision, compile, greedy/top-p) on the same random weights;
     ``prefill_len`` > 0: prefill tok/s of that many tokens per precision (eager); with
     ``compare="llamacpp"``, llama.cpp on the same weights (GGUF BF16 / F16 / Q8_0 / Q4_0, greedy
     decode and prefill) in the same rounds. Every configuration runs once per round, rounds
     repeated (a burst from another process hits one run, not one configuration); each cell is
-    the median over rounds of each run's median step; % of the read-bandwidth roofline."""
+    the median over rounds of each run's median step; % of the read-bandwidth roofline.
+    ``samplings``: [False] greedy only, [True] top-p only (default both)."""
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         raise ValueError(f"unknown precisions {unknown}; choose from {', '.join(PRECISIONS)}")
@@ -59,7 +61,7 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
         w_bytes, kv_bytes = decode_bytes_per_step(model, model.params, 1, mean_kv, dtype)
         for compiled in compile_modes:
             step = make_decode_step(model, compiled)
-            for sampling in (GREEDY, TOP_P):
+            for sampling in [TOP_P if top_p else GREEDY for top_p in (samplings or [False, True])]:
                 cells[(name, compiled, sampling is TOP_P)] = dict(step=step, runs=[], tokens=None,
                                                                   bytes=w_bytes + kv_bytes)
     vocab = models[precisions[0]].params.vocab_size
@@ -161,8 +163,9 @@ def print_speed_table(result: dict[str, Any], machine: dict[str, Any], shape_nam
     for row in result["rows"]:
         if row["sampling"] != "greedy":
             continue
-        sampled = next(r for r in result["rows"] if r["precision"] == row["precision"]
-                       and r["compile"] == row["compile"] and r["sampling"] != "greedy")
+        sampled = next((r for r in result["rows"] if r["precision"] == row["precision"]
+                        and r["compile"] == row["compile"] and r["sampling"] != "greedy"),
+                       {"tok_s": float("nan")})
         line = (f"| {row['precision']} | {KERNEL_NAMES[row['kernels']]} | "
                 f"{'yes' if row['compile'] else 'no'} | {row['tok_s']:.1f} | "
                 f"{sampled['tok_s']:.1f} | {row['pct_read_bw']:.0f} % |")
