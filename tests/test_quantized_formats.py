@@ -634,7 +634,8 @@ def test_quantize_at_load_stays_close_to_the_float_model(mode):
         want = model(prompts, 0)
         # The chooser's selection: fp8 = Meta's (FFN of the middle layers), int4 = every block
         # linear, group 32 (the tiny model's 64 inputs).
-        apply_kernels(model, choose_kernels(model, "cpu", torch.float32, mode, int4_group_size=32))
+        apply_kernels(model, choose_kernels(model, "cpu", torch.float32, mode,
+                                                 int4_group_size=32 if mode == "int4" else None))
         chosen = kernels_in(model)
         assert chosen == {name: _expected_kernel(mode, name, args.n_layers) for name in chosen}
         got = model(prompts, 0)
