@@ -15,11 +15,9 @@ its ``local_product`` (``F.linear`` unless :mod:`llama3.kernels` swapped in anot
 device and dtype) and then communicates across ranks. Attention over the KV cache, and the choice
 of its kernel, is :func:`llama3.attention.attention`.
 
-One door: ``Transformer.forward(tokens, start_pos)`` serves prefill, chunked prefill, decoding and
-(with ``kv_len``) the fixed-shape compiled step. Beyond the paper, for long context: a prompt is
-processed in chunks (``Transformer.prefill_chunk``) that attend causally to the cache without a
-mask over the whole prompt, so the memory it needs grows with the chunk, not the prompt's square.
-Scoring prompt positions and compiling the decode step live in :mod:`llama3.decoding`.
+One door: ``Transformer.forward(tokens, start_pos)`` serves prefill, chunked prefill (beyond the
+paper, for long context: see ``PREFILL_CHUNK``), decoding and (with ``kv_len``) the fixed-shape
+compiled step. Scoring prompt positions and compiling the decode step live in :mod:`llama3.decoding`.
 """
 
 from __future__ import annotations
@@ -46,8 +44,9 @@ from .validation import check_kv_len, check_tokens, finite_float, optional, posi
 
 logger = logging.getLogger(__name__)
 
-# Long inputs are processed this many positions at a time (Transformer.prefill_chunk), so the memory
-# a prompt needs beyond weights and cache is O(chunk × kv_len), not O(prompt²).
+# Long inputs are processed this many positions at a time (Transformer.prefill_chunk), each chunk
+# attending causally to the cache without a mask over the whole prompt: the memory a prompt needs
+# beyond weights and cache is O(chunk × kv_len), not O(prompt²).
 PREFILL_CHUNK = 2048
 
 
