@@ -40,7 +40,7 @@ from .distributed import (
     model_parallel_world_size,
 )
 from .memory import check_kv_cache
-from .validation import check_kv_len, check_tokens, finite_float, optional, positive_int, strict_bool
+from .validation import check_kv_len, check_model_args, check_tokens, optional, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -93,31 +93,7 @@ class ModelArgs:
             setattr(self, f.name, params.get(f.name, f.default))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        self._validate()
-
-    def _validate(self) -> None:
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                     "max_batch_size", "max_seq_len"):
-            setattr(self, name, positive_int(getattr(self, name), f"ModelArgs.{name}"))
-        if self.dim % self.n_heads != 0:
-            raise ValueError(f"n_heads ({self.n_heads}) must divide dim ({self.dim})")
-        if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
-        if self.head_dim % 2 != 0:
-            raise ValueError(f"RoPE rotates pairs of dimensions: head_dim (dim / n_heads = "
-                             f"{self.head_dim}) must be even")
-        # Flags are real bools ("false" is truthy) and every number that must be positive is.
-        for name in ("use_scaled_rope", "tie_word_embeddings"):
-            strict_bool(getattr(self, name), f"ModelArgs.{name}")
-        positive_int(self.rope_original_max_seq_len, "ModelArgs.rope_original_max_seq_len")
-        for name in ("norm_eps", "rope_theta", "rope_scale_factor", "rope_low_freq_factor",
-                     "rope_high_freq_factor"):
-            finite_float(getattr(self, name), f"ModelArgs.{name}", positive=True)
-        optional(finite_float, self.ffn_dim_multiplier, "ModelArgs.ffn_dim_multiplier", positive=True)
-        if self.use_scaled_rope and not (
-            self.rope_scale_factor > 0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
-        ):
-            raise ValueError("RoPE scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor")
+        check_model_args(self)
 
     @property
     def head_dim(self) -> int:

@@ -128,3 +128,30 @@ def check_kv_len(kv_len: Any, max_seq_len: int) -> int:
     if isinstance(kv_len, bool) or not isinstance(kv_len, int) or not 1 <= kv_len <= max_seq_len:
         raise InvalidArgumentError(f"kv_len must be an int in [1, max_seq_len={max_seq_len}], got {kv_len!r}")
     return kv_len
+
+
+def check_model_args(args: Any) -> None:
+    """Validate a ``ModelArgs`` in place (positive integers become ``int``): shapes that divide, real
+    bools, positive finite numbers. Raises InvalidArgumentError naming the field."""
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                 "max_batch_size", "max_seq_len"):
+        setattr(args, name, positive_int(getattr(args, name), f"ModelArgs.{name}"))
+    if args.dim % args.n_heads != 0:
+        raise InvalidArgumentError(f"n_heads ({args.n_heads}) must divide dim ({args.dim})")
+    if args.n_heads % args.n_kv_heads != 0:
+        raise InvalidArgumentError(f"n_kv_heads ({args.n_kv_heads}) must divide n_heads ({args.n_heads})")
+    if args.head_dim % 2 != 0:
+        raise InvalidArgumentError(f"RoPE rotates pairs of dimensions: head_dim (dim / n_heads = "
+                                   f"{args.head_dim}) must be even")
+    # Flags are real bools ("false" is truthy) and every number that must be positive is.
+    for name in ("use_scaled_rope", "tie_word_embeddings"):
+        strict_bool(getattr(args, name), f"ModelArgs.{name}")
+    positive_int(args.rope_original_max_seq_len, "ModelArgs.rope_original_max_seq_len")
+    for name in ("norm_eps", "rope_theta", "rope_scale_factor", "rope_low_freq_factor",
+                 "rope_high_freq_factor"):
+        finite_float(getattr(args, name), f"ModelArgs.{name}", positive=True)
+    optional(finite_float, args.ffn_dim_multiplier, "ModelArgs.ffn_dim_multiplier", positive=True)
+    if args.use_scaled_rope and not (
+        args.rope_scale_factor > 0 and 0 < args.rope_low_freq_factor < args.rope_high_freq_factor
+    ):
+        raise InvalidArgumentError("RoPE scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor")
