@@ -170,10 +170,10 @@ class Choice:
 
 
 def _cache_key(fingerprint: Mapping[str, str], out_features: int, in_features: int, dtype: torch.dtype,
-               threads: int, prefill_rows: int, names: list[str]) -> str:
+               threads: int, prefill_rows: int, names: list[str], phases: tuple[str, ...]) -> str:
     return json.dumps({**fingerprint, "shape": [out_features, in_features], "dtype": str(dtype),
-                       "threads": threads, "prefill_rows": prefill_rows, "candidates": sorted(names)},
-                      sort_keys=True)
+                       "threads": threads, "prefill_rows": prefill_rows, "candidates": sorted(names),
+                       "phases": list(phases)}, sort_keys=True)
 
 
 def _measure(products: Mapping[str, Product], inputs: Mapping[str, torch.Tensor], budget_s: float,
@@ -224,7 +224,7 @@ def choose(candidates: Mapping[str, Candidate], out_features: int, in_features: 
     threads = threads or torch.get_num_threads()
     cache = cache if cache is not None else KernelCache()
     key = _cache_key(fingerprint if fingerprint is not None else machine_fingerprint(), out_features,
-                     in_features, dtype, threads, prefill_rows if "prefill" in phases else 0, names)
+                     in_features, dtype, threads, prefill_rows if "prefill" in phases else 0, names, phases)
     open_phases = [p for p in PHASES if p not in forced]
     if not open_phases:
         choice = Choice(forced["decode"], forced["prefill"], {}, "forced")
