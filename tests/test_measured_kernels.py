@@ -236,11 +236,11 @@ def test_a_measured_two_layout_model_gives_torchs_logits(tmp_path, clock, costs,
             want, got = want_model(chunk, start), model(chunk, start)
             scale = want.float().std()
             assert (got.float() - want.float()).abs().max() <= 2e-3 * scale + 1e-3
-    assert torch.equal(model.tok_embeddings.weight, want_model.tok_embeddings.weight)  # lookups keep the table
+    assert torch.equal(model.tok_embeddings.weight, want_model.tok_embeddings.weight)  # the table kept
 
 
 def test_a_w8a8_model_is_close_to_the_float_model(tmp_path, clock, costs):
-    """w8a8's own tolerance: int8 weights and rows move logits by ~1% of their spread."""
+    """w8a8's own tolerance: int8 weights and rows move logits by a few % of their spread."""
     costs.update({"w8a8": (1e-3, 5e-2), "w8a8-int_mm": (2e-3, 1e-2)})
     want_model, model = make_model(torch.float32), make_model(torch.float32)
     plan = choose_kernels(model, "cpu", torch.float32, "w8a8", tuning=tuning(tmp_path, clock))
@@ -252,4 +252,6 @@ def test_a_w8a8_model_is_close_to_the_float_model(tmp_path, clock, costs):
     with torch.no_grad():
         for start, chunk in ((0, tokens), (9, tokens[:, :1])):
             want, got = want_model(chunk, start), model(chunk, start)
-            assert (got - want).abs().max() <= 0.05 * want.std()
+            err = (got - want).abs()
+            assert err.max() <= 0.15 * want.std()  # cpu_bench.md: ~0.3 std on 4 random 1B-shape layers
+            assert err.mean() <= 0.03 * want.std()
