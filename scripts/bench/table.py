@@ -15,7 +15,6 @@ from llama3.decoding import make_decode_step
 from .probes import best_time, decode_bytes_per_step, measure_bandwidth
 from .run_llama3 import (
     GREEDY,
-    KERNEL_NAMES,
     PRECISIONS,
     TOP_P,
     build_model,
@@ -50,8 +49,8 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
     for name in precisions:
         dtype, quantize, fbgemm = PRECISIONS[name]
         model = build_model(shape, None, n_layers, device, dtype, 1, max_seq_len)
-        gguf_type = GGUF_FOR[name.split("-")[0]]
-        if compare == "llamacpp" and gguf_type not in cpp:  # written from the float weights
+        gguf_type = GGUF_FOR.get(name.split("-")[0])  # fp8: no llama.cpp counterpart
+        if compare == "llamacpp" and gguf_type and gguf_type not in cpp:  # written from the float weights
             cpp[gguf_type] = dict(runner=LlamaCpp(model, gguf_type, max_seq_len), runs=[], prefill=[],
                                   precision=name)
         kernels[name] = prepare(model, quantize, fbgemm)
@@ -119,7 +118,7 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
         if entry["prefill"]:
             result["prefill_tok_s"] = prefill_len / statistics.median(entry["prefill"])
         for name in precisions:
-            if GGUF_FOR[name.split("-")[0]] != gguf_type:
+            if GGUF_FOR.get(name.split("-")[0]) != gguf_type:
                 continue
             ours_logits = models[name].forward(prompt, 0, last_only=True)[0, -1].float()
             ours = next(r for r in rows if r["precision"] == name and r["sampling"] == "greedy")
@@ -166,7 +165,7 @@ def print_speed_table(result: dict[str, Any], machine: dict[str, Any], shape_nam
         sampled = next((r for r in result["rows"] if r["precision"] == row["precision"]
                         and r["compile"] == row["compile"] and r["sampling"] != "greedy"),
                        {"tok_s": float("nan")})
-        line = (f"| {row['precision']} | {KERNEL_NAMES[row['kernels']]} | "
+        line = (f"| {row['precision']} | {row['kernels']} | "
                 f"{'yes' if row['compile'] else 'no'} | {row['tok_s']:.1f} | "
                 f"{sampled['tok_s']:.1f} | {row['pct_read_bw']:.0f} % |")
         cpp = result["llamacpp"].get(row["precision"]) if has_cpp else None
