@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from llama3 import ModelArgs, Transformer
+from llama3.decoding import make_decode_step
 from llama3.kernels import (
     FAMILIES,
     CpuGemvKernel,
@@ -209,7 +210,8 @@ def _held_bytes(model: Transformer) -> int:
         if is_linear(module) and not kernel_of(module).shares_float_weight:
             total += module.weight_nbytes()  # FBGEMM: packed, not in the state dict
         elif is_linear(module) and issubclass(kernel_of(module), PhaseKernel):
-            total += module.weight_nbytes() - module.weight.numel() * module.weight.element_size()
+            total += module.held_nbytes() - module.weight.numel() * module.weight.element_size()
+            assert module.weight_nbytes() == module.weight.numel() * 2  # decoding reads the fp16 pack
     for tensor in model.state_dict().values():
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
@@ -255,3 +257,25 @@ def test_a_w8a8_model_is_close_to_the_float_model(tmp_path, clock, costs):
             err = (got - want).abs()
             assert err.max() <= 0.15 * want.std()  # cpu_bench.md: ~0.3 std on 4 random 1B-shape layers
             assert err.mean() <= 0.03 * want.std()
+
+
+@needs_fbgemm
+@pytest.mark.slow
+def test_a_two_layout_model_decodes_the_same_compiled(tmp_path, clock, costs):
+    """torch.compile traces the phase switch (a shape test) and the opaque FBGEMM product."""
+    costs.update({"torch": (3e-3, 1e-2), "cpu-gemv": (2e-3, 1e-2), "fbgemm-fp16": (1e-3, 4e-2)})
+    model = make_model(torch.float16)
+    apply_kernels(model, choose_kernels(model, "cpu", torch.float16, tuning=tuning(tmp_path, clock)))
+    assert issubclass(kernel_of(model.layers[0].feed_forward.w1), PhaseKernel)
+    costs.clear()
+    torch._dynamo.reset()
+    tokens = torch.randint(0, ARGS["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(3))
+    eager, compiled = make_decode_step(model, compile=False), make_decode_step(model, compile=True)
+    with torch.no_grad():
+        model(tokens, 0)
+        token = tokens[:, -1:]
+        for pos in range(6, 10):
+            want = eager(token, pos)[:, -1].clone()
+            got = compiled(token, pos)[:, -1].clone()
+            assert (got.float() - want.float()).abs().max() <= 1e-3 * want.float().abs().max()
+            token = want.argmax(-1, keepdim=True)

@@ -65,6 +65,12 @@ class PhaseKernel(LinearKernel):
         return self.kernels[phase].local_product(self, x) if part is None else part.local_product(x)
 
     def weight_nbytes(self) -> int:
+        """Bytes a decoding step reads: the decode kernel's layout."""
+        part = self._parts[0]
+        return super().weight_nbytes() if part is None else part.weight_nbytes()
+
+    def held_nbytes(self) -> int:
+        """Bytes both layouts hold (the float weight once): what :meth:`nbytes_for` predicts."""
         own = sum(part.weight_nbytes() for part in self._parts if part is not None)
         return own + (super().weight_nbytes() if self.shares_float_weight else 0)
 
