@@ -279,3 +279,13 @@ def test_a_two_layout_model_decodes_the_same_compiled(tmp_path, clock, costs):
             got = compiled(token, pos)[:, -1].clone()
             assert (got.float() - want.float()).abs().max() <= 1e-3 * want.float().abs().max()
             token = want.argmax(-1, keepdim=True)
+
+
+def test_forcing_the_quantize_kernel_on_another_family_keeps_its_settings(monkeypatch):
+    monkeypatch.delenv("LLAMA3_KERNELS", raising=False)
+    args = ModelArgs(**{**ARGS, "dim": 256})
+    plan = choose_kernels(args, "cpu", torch.bfloat16, "int4", override="output=int4", int4_group_size=32)
+    assert plan.kernel("output") is plan.kernel("attention")
+    assert plan.families["output"].settings == {"group_size": 32}
+    assert plan.nbytes("output", 256, 256, torch.bfloat16) == plan.nbytes("layers.0.attention.wq", 256, 256,
+                                                                          torch.bfloat16)

@@ -367,6 +367,7 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
     # The float rule for every family, then the quantized families on top.
     rule = decide(args.dim, device, dtype, fbgemm=False if quantize or stored else fbgemm)
     chosen = {family: KernelChoice(KERNELS[name], reason) for family, (name, reason) in rule.items()}
+    settings: dict[str, Any] = {}
     if quantize is not None:
         group = default_int4_group_size(args) if int4_group_size is None else int4_group_size
         settings = {"group_size": check_int4_group_size(group)} if quantize == "int4" else {}
@@ -392,12 +393,14 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
         except (RuntimeError, MemoryError) as e:  # measuring failed: the rule, and say so
             logger.warning("could not measure the kernels for %s (%s); using the rule: %s", family, e,
                            chosen[family].reason)
+    mode_kernel = KERNELS[QUANTIZE_MODES[quantize]] if quantize else None
     for family, phases in forced.items():
         if family in measured:
             continue  # a partly forced family: _measured took the forced phase
         kernel = phase_kernel(KERNELS[phases.get("decode", chosen[family].kernel.name)],
                               KERNELS[phases.get("prefill", chosen[family].kernel.name)])
-        chosen[family] = KernelChoice(kernel, "override")
+        # The quantize mode's kernel forced on another family takes the mode's settings (int4's group).
+        chosen[family] = KernelChoice(kernel, "override", settings=settings if kernel is mode_kernel else {})
     families = {}
     for family, choice in chosen.items():
         if refusal := choice.kernel.refusal(None, device, dtype):

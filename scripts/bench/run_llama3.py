@@ -23,7 +23,11 @@ PRECISIONS: dict[str, tuple[torch.dtype, str | None, bool | None]] = {
     "int8": (torch.bfloat16, "int8", None), "w8a8": (torch.bfloat16, "w8a8", None),
     "int4": (torch.bfloat16, "int4", None), "fp8": (torch.bfloat16, "fp8", None),
     "bf16-torch": (torch.bfloat16, None, False), "fp16-torch": (torch.float16, None, False),
-    "bf16-fbgemm": (torch.bfloat16, None, True), "fp16-fbgemm": (torch.float16, None, True)}
+    "bf16-fbgemm": (torch.bfloat16, None, True), "fp16-fbgemm": (torch.float16, None, True),
+    "int4-all": (torch.bfloat16, "int4", None)}
+# Kernel overrides of a precision beyond the library's default: int4-all quantizes the output
+# projection too (as llama.cpp's Q4_0 file quantizes every matrix), which quantize="int4" keeps bf16.
+OVERRIDES = {"int4-all": "output=int4"}
 # int4's group size here: 32 weights per scale, as llama.cpp's Q4_0 blocks (the comparison).
 INT4_GROUP = 32
 
@@ -55,13 +59,17 @@ def build_model(shape: str | None, ckpt_dir: str | None, n_layers: int | None, d
     return model.eval()
 
 
-def prepare(model: Transformer, quantize: str | None, fbgemm: bool | None) -> str:
+def prepare(model: Transformer, quantize: str | None, fbgemm: bool | None,
+            override: str | None = None) -> str:
     """The linear layers' kernels, chosen and applied as ``Llama.build`` does
     (``llama3.kernels.choose_kernels`` — measured on this machine, cached — then ``apply_kernels``),
     for a float model or ``quantize`` (int8, w8a8, int4 with groups of ``INT4_GROUP``, fp8).
+    ``override``: forced kernels (``LLAMA3_KERNELS`` syntax; fbgemm False: torch's everywhere).
     Returns the kernels' label for the tables (per family when they differ)."""
     device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
-    plan = choose_kernels(model, device, dtype, quantize, override="torch" if fbgemm is False else None,
+    if fbgemm is False:
+        override = "torch"
+    plan = choose_kernels(model, device, dtype, quantize, override=override,
                           fbgemm=fbgemm or None, int4_group_size=INT4_GROUP if quantize == "int4" else None)
     apply_kernels(model, plan)
     labels = {family: choice.label() for family, choice in plan.families.items()}

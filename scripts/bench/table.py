@@ -15,6 +15,7 @@ from llama3.decoding import make_decode_step
 from .probes import best_time, decode_bytes_per_step, measure_bandwidth
 from .run_llama3 import (
     GREEDY,
+    OVERRIDES,
     PRECISIONS,
     TOP_P,
     build_model,
@@ -53,7 +54,7 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
         if compare == "llamacpp" and gguf_type and gguf_type not in cpp:  # written from the float weights
             cpp[gguf_type] = dict(runner=LlamaCpp(model, gguf_type, max_seq_len), runs=[], prefill=[],
                                   precision=name)
-        kernels[name] = prepare(model, quantize, fbgemm)
+        kernels[name] = prepare(model, quantize, fbgemm, OVERRIDES.get(name))
         models[name] = model
         prefills[name] = []
         mean_kv = decode_context + 2 + decode_tokens // 2
