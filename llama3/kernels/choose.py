@@ -19,32 +19,30 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ..distributed import ColumnParallelLinear, model_parallel_world_size
 from ..errors import LlamaError
 from . import autotune
 from . import fbgemm as _fbgemm
-from .base import LinearKernel, kernel_of, swap_linear, swap_linears
+from .base import LinearKernel, kernel_of, swap_linears
 from .cpu_gemv import CpuGemvKernel
 from .fbgemm import FbgemmFp16Kernel
 from .fp8 import Fp8RowwiseLinear, meta_fp8_layers
 from .int4 import INT4_GROUP_SIZES, Int4WeightOnlyLinear, Int8DynActInt4Linear, UnsupportedGroupSizeError
 from .int8 import Int8Kernel
-from .phases import PhaseKernel, phase_kernel
+from .measure import Tuning, measure_family, why_not_measured
+from .phases import phase_kernel
 from .torch_default import TorchKernel
 from .w8a8 import W8A8IntMmKernel, W8A8Kernel
 
 __all__ = ["ENV_OVERRIDE", "FAMILIES", "FLOAT_CANDIDATES", "KERNELS", "KernelChoice", "KernelPlan",
-           "MEASURE_BUDGET_S", "MIN_FBGEMM_DIM", "MODE_CANDIDATES", "OUTPUT_SAMPLE_ROWS", "PREFILL_ROWS",
-           "QUANTIZED_FAMILIES", "QUANTIZE_MODES", "StoredQuantization", "TWO_LAYOUTS_GAIN", "Tuning",
-           "UnknownKernelError",
+           "MIN_FBGEMM_DIM", "MODE_CANDIDATES", "QUANTIZED_FAMILIES", "QUANTIZE_MODES", "StoredQuantization",
+           "Tuning", "UnknownKernelError",
            "apply_kernels",
            "check_int4_group_size", "choose_kernels", "default_int4_group_size", "decide",
            "fbgemm_is_the_fast_path",
@@ -87,31 +85,7 @@ QUANTIZED_FAMILIES: dict[str, tuple[str, ...]] = {"int8": tuple(FAMILIES), "fp8"
 ENV_OVERRIDE = "LLAMA3_KERNELS"
 # Below this model width a layer's product takes a few microseconds and FBGEMM's fixed cost per call
 # (float32 copy of the input, dispatch) outweighs its faster arithmetic: the tiny test shapes.
-# Nothing that narrow is measured either (microseconds are noise; every released Llama 3 is wider).
 MIN_FBGEMM_DIM = 1024
-# What a measurement times: a prefill chunk of this many rows (the many-row regime, short enough
-# for the budget), the output projection on at most this many of its rows (a sample of the
-# vocabulary; decode only: a prefill computes logits for its last row), and the budget per family.
-PREFILL_ROWS = 128
-OUTPUT_SAMPLE_ROWS = 16384
-MEASURE_BUDGET_S = 0.3
-# Two weight layouts for one layer (decode kernel + prefill kernel) only when the prefill winner is
-# at least this much faster than the decode winner at prefill; otherwise the decode winner does both.
-TWO_LAYOUTS_GAIN = 1.25
-
-
-@dataclass(frozen=True)
-class Tuning:
-    """How :func:`choose_kernels` measures: time budget per layer family, the cache of measured
-    choices (None: :class:`~llama3.kernels.autotune.KernelCache` at its default path), and the
-    clock and machine fingerprint (tests stub them). ``enabled=False``: never measure (the rule of
-    :func:`decide` instead)."""
-
-    budget_s: float = MEASURE_BUDGET_S
-    cache: autotune.KernelCache | None = None
-    timer: Callable[[], float] = time.perf_counter
-    fingerprint: Mapping[str, str] | None = None
-    enabled: bool = True
 
 
 class UnknownKernelError(LlamaError, ValueError):
@@ -318,10 +292,9 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
 
     On the CPU, where several kernels can serve a family (torch, cpu-gemv and fbgemm-fp16 for a
     bfloat16/float16 model; the w8a8 kernels with ``quantize="w8a8"``), they are measured on a
-    sample layer of the family's shape (:func:`llama3.kernels.autotune.choose`: one row for
-    decoding, ``PREFILL_ROWS`` rows for a prefill, ``MEASURE_BUDGET_S`` per family, the result
-    cached per machine) and the fastest serves each phase; both layouts are kept only when the
-    prefill winner is ``TWO_LAYOUTS_GAIN`` times faster at prefill (``KernelChoice.one_layout``
+    sample layer of the family's shape (:mod:`llama3.kernels.measure`: one row for decoding, a
+    prefill chunk, about 0.3 s per family, the result cached per machine) and the fastest serves
+    each phase; both layouts are kept only where the prefill gain pays (``KernelChoice.one_layout``
     is the fallback the fit check takes when both do not fit). Elsewhere :func:`decide`'s rule.
 
     ``quantize``: a ``QUANTIZE_MODES`` key (``"int8"``, ``"w8a8"``: int8 weights and activations,
@@ -353,7 +326,7 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
     args = getattr(model, "params", model)
     forced = _parse_override(os.environ.get(ENV_OVERRIDE) or None if override is None else override)
     # Which families are measured, among which kernels; the rest follow the rule.
-    why_not = _why_not_measured(args, device, tuning)
+    why_not = why_not_measured(args, device, tuning)
     candidates: dict[str, list[type[LinearKernel]]] = {}
     if quantize is None and not fbgemm and stored is None or quantize in MODE_CANDIDATES:
         pool = MODE_CANDIDATES[quantize] if quantize else FLOAT_CANDIDATES
@@ -388,7 +361,10 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
     measured = set()
     for family, pool in candidates.items():
         try:
-            chosen[family] = _measured(family, pool, args, dtype, tuning, forced.get(family, {}))
+            got = measure_family(family, pool, args, dtype, tuning,
+                                 {p: KERNELS[n] for p, n in forced.get(family, {}).items()})
+            one = KernelChoice(got.one_layout, got.reason + "; one layout: both would not fit in memory")
+            chosen[family] = KernelChoice(got.kernel, got.reason, one_layout=one if got.one_layout else None)
             measured.add(family)
         except (RuntimeError, MemoryError) as e:  # measuring failed: the rule, and say so
             logger.warning("could not measure the kernels for %s (%s); using the rule: %s", family, e,
@@ -396,7 +372,7 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
     mode_kernel = KERNELS[QUANTIZE_MODES[quantize]] if quantize else None
     for family, phases in forced.items():
         if family in measured:
-            continue  # a partly forced family: _measured took the forced phase
+            continue  # a partly forced family: measure_family took the forced phase
         kernel = phase_kernel(KERNELS[phases.get("decode", chosen[family].kernel.name)],
                               KERNELS[phases.get("prefill", chosen[family].kernel.name)])
         # The quantize mode's kernel forced on another family takes the mode's settings (int4's group).
@@ -410,80 +386,6 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
     if log:
         logger.info(plan.describe())
     return plan
-
-
-def _why_not_measured(args: Any, device: torch.device, tuning: Tuning) -> str:
-    """Why kernels are not measured for this model here (empty: they are)."""
-    if not tuning.enabled:
-        return "measuring is off (Tuning(enabled=False))"
-    if device.type != "cpu":
-        return f"on {device.type} the rule decides"
-    if args.dim < MIN_FBGEMM_DIM:
-        return f"width {args.dim} < {MIN_FBGEMM_DIM}: a test shape"
-    if model_parallel_world_size() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return "model-parallel ranks would measure each other's load"
-    return ""
-
-
-def _sample_shape(family: str, args: Any) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(the family's shape, the shape measured): wq, w1, and at most OUTPUT_SAMPLE_ROWS of output."""
-    shape = {"attention": (args.dim, args.dim), "feed-forward": (args.ffn_hidden_dim, args.dim),
-             "output": (args.vocab_size, args.dim)}[family]
-    return shape, (min(shape[0], OUTPUT_SAMPLE_ROWS) if family == "output" else shape[0], shape[1])
-
-
-@torch.no_grad()
-def _measured(family: str, pool: list[type[LinearKernel]], args: Any, dtype: torch.dtype, tuning: Tuning,
-              forced: Mapping[str, str]) -> KernelChoice:
-    """The kernel of ``family`` by measurement (:func:`autotune.choose`); ``forced`` phases kept."""
-    (out_f, in_f), (rows, _) = _sample_shape(family, args)
-    phases = tuple(p for p in (("decode",) if family == "output" else autotune.PHASES) if p not in forced)
-    weight: list[torch.Tensor] = []
-
-    def factory(kernel: type[LinearKernel]) -> autotune.Candidate:
-        def build() -> autotune.Product:
-            if not weight:  # one random sample weight per family, shared by the candidates
-                weight.append(torch.randn(rows, in_f, generator=torch.Generator().manual_seed(0))
-                              .mul_(0.02).to(dtype))
-            with torch.device("meta"):
-                layer = ColumnParallelLinear(in_f, rows)
-            layer.weight = nn.Parameter(weight[0], requires_grad=False)
-            swapped = swap_linear(layer, kernel)
-            return lambda x: kernel.local_product(swapped, x)
-        return build
-
-    picked = autotune.choose({k.name: factory(k) for k in pool}, out_f, in_f, dtype, family=family,
-                             prefill_rows=PREFILL_ROWS, budget_s=tuning.budget_s, override="",
-                             cache=tuning.cache, timer=tuning.timer, fingerprint=tuning.fingerprint,
-                             phases=phases or ("decode",), log=False)
-    by_name = {k.name: k for k in pool}
-    decode = KERNELS[forced["decode"]] if "decode" in forced else by_name[picked.decode]
-    prefill = KERNELS[forced["prefill"]] if "prefill" in forced else by_name[picked.prefill]
-    seconds = picked.seconds
-    reason = f"{family} measured{' (cached)' if picked.source == 'cache' else ''}: " + _rates(
-        seconds, out_f if family != "output" else rows, in_f)
-    if forced:
-        reason += f", {', '.join(f'{p}={n}' for p, n in forced.items())} forced"
-    elif prefill is not decode:
-        slow, fast = seconds[decode.name].get("prefill"), seconds[prefill.name].get("prefill")
-        if slow is None or fast is None or slow <= TWO_LAYOUTS_GAIN * fast:
-            prefill = decode  # a second layout would not pay
-    one = KernelChoice(decode, reason + "; one layout: both would not fit in memory")
-    kernel = phase_kernel(decode, prefill)
-    two_layouts = issubclass(kernel, PhaseKernel) and not all(k.shares_float_weight for k in kernel.kernels)
-    return KernelChoice(kernel, reason, one_layout=one if two_layouts else None)
-
-
-def _rates(seconds: Mapping[str, Mapping[str, float]], out_f: int, in_f: int) -> str:
-    """"decode fbgemm-fp16 3.1, torch 1.2 G weights/s; prefill torch 950, ... GFLOP/s"."""
-    parts = []
-    for phase, unit, work in (("decode", "G weights/s", out_f * in_f),
-                              ("prefill", "GFLOP/s", 2 * PREFILL_ROWS * out_f * in_f)):
-        timed = sorted((t[phase], name) for name, t in seconds.items() if phase in t)
-        if timed:
-            parts.append(f"{phase} " + ", ".join(f"{name} {work / t / 1e9:.3g}" for t, name in timed)
-                         + f" {unit}")
-    return "; ".join(parts) if parts else "no timing (forced)"
 
 
 def _family_of(name: str) -> str | None:
