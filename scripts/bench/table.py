@@ -166,16 +166,19 @@ def print_speed_table(result: dict[str, Any], machine: dict[str, Any], shape_nam
         sampled = next((r for r in result["rows"] if r["precision"] == row["precision"]
                         and r["compile"] == row["compile"] and r["sampling"] != "greedy"),
                        {"tok_s": float("nan")})
+        top_p = "-" if sampled["tok_s"] != sampled["tok_s"] else f"{sampled['tok_s']:.1f}"  # nan: not run
         line = (f"| {row['precision']} | {row['kernels']} | "
                 f"{'yes' if row['compile'] else 'no'} | {row['tok_s']:.1f} | "
-                f"{sampled['tok_s']:.1f} | {row['pct_read_bw']:.0f} % |")
+                f"{top_p} | {row['pct_read_bw']:.0f} % |")
         cpp = result["llamacpp"].get(row["precision"]) if has_cpp else None
-        if has_cpp:
+        if has_cpp and cpp is None:  # fp8: no llama.cpp counterpart
+            line += " - | - |"
+        elif has_cpp:
             line += f" {cpp['tok_s']:.1f} ({cpp['gguf_type']}) | {row['tok_s'] / cpp['tok_s']:.2f}× |"
         if n_pre:
             pre = row.get("prefill_tok_s", float("nan")) if not row["compile"] else float("nan")
             line += f" {pre:.0f} |" if not row["compile"] else " (eager) |"
             if has_cpp:
-                cpp_pre = cpp.get("prefill_tok_s", float("nan"))
+                cpp_pre = (cpp or {}).get("prefill_tok_s", float("nan"))
                 line += (f" {cpp_pre:.0f} | {pre / cpp_pre:.2f}× |" if not row["compile"] else " | |")
         print(line)
