@@ -336,8 +336,9 @@ def _parse_args(argv: list[str] | None):
     parser.add_argument("--warm-up", action="store_true",
                         help="with --compile: compile every context-length bucket at start-up (minutes "
                              "for 8B on a GPU) instead of pausing mid-answer when a chat grows into one")
-    parser.add_argument("--quantize", choices=["int8", "fp8", "int4"], default=None,
-                        help="quantize a bf16 checkpoint at load: int8 weight-only, fp8 (Meta's fp8_mixed "
+    parser.add_argument("--quantize", choices=["int8", "w8a8", "fp8", "int4"], default=None,
+                        help="quantize a bf16 checkpoint at load: int8 weight-only, w8a8 (int8 weights and "
+                             "activations, CPU), fp8 (Meta's fp8_mixed "
                              "layers) or int4 (group-wise weight-only); a quantized checkpoint needs none")
     parser.add_argument("--tools", default=None, metavar="FILE.json",
                         help="tool mode: custom tool definitions (JSON list); you supply each call's result")

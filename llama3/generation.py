@@ -145,18 +145,19 @@ class Llama:
                 ``max_batch_size``, each compile logged with its time (:mod:`llama3.warmup`):
                 minutes at start-up instead of pauses mid-answer.
             quantize: quantize a float checkpoint's linear layers at load: ``"int8"`` (int8
-                weight-only, ``llama3.kernels.int8``), ``"fp8"`` (Meta's fp8_mixed: row-wise
-                float8 feed-forward of every layer but the first and last, ``llama3.kernels.fp8``)
-                or ``"int4"`` (group-wise int4 weight-only block linears, ``llama3.kernels.int4``).
+                weight-only, ``llama3.kernels.int8``), ``"w8a8"`` (int8 weights and int8 dynamic
+                activations, CPU, the speed mode: ``llama3.kernels.w8a8``), ``"fp8"`` (Meta's
+                fp8_mixed: row-wise float8 feed-forward of every layer but the first and last,
+                ``llama3.kernels.fp8``) or ``"int4"`` (group-wise int4 weight-only block linears,
+                ``llama3.kernels.int4``).
                 A checkpoint shipped quantized (Meta fp8_mixed / INT4_EO8, Hugging Face
                 fbgemm_fp8) is recognised by itself; ``quantize=`` on it is refused.
             prefill_chunk: prompts are processed this many tokens at a time (bounds the memory of
                 long prompts).
             verbose: log progress (loading, cache size, compile warm-up, long generations) to stderr.
             fbgemm: hold the linear layers' weights packed for FBGEMM's float16 kernels
-                (``llama3.kernels.fbgemm``). ``None`` (default): when that is the fast path, i.e. a
-                bfloat16/float16 model (not quantized, not a tiny test shape) on an x86 CPU without
-                bfloat16 matrix units; ``False``: keep torch's kernels.
+                (``llama3.kernels.fbgemm``). ``None`` (default): where it measures fastest on this
+                machine (``llama3.kernels.choose_kernels``, cached per machine); ``False``: never.
             int4_group_size: weights per int4 scale with ``quantize="int4"``: 32, 64, 128 or 256
                 (default 128, or 64/32 for a model whose widths 128 does not divide).
 

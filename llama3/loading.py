@@ -90,8 +90,8 @@ def load_for_generation(
     stored = detect_quantization(info)  # a checkpoint shipped quantized: its layers keep their format
     plan = choose_kernels(args, target, run_dtype, quantize, fbgemm=fbgemm,
                           int4_group_size=int4_group_size, stored=stored)
-    check_fits(args, run_dtype, target, world, plan, alternatives=None if quantize or stored
-               else quantized_alternatives(args, target, run_dtype))
+    plan = check_fits(args, run_dtype, target, world, plan, alternatives=None if quantize or stored
+                      else quantized_alternatives(args, target, run_dtype))
 
     model = load_model(info, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                        dtype=dtype, model_parallel_size=model_parallel_size,

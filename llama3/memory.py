@@ -67,8 +67,9 @@ def weight_bytes(args: Any, dtype: torch.dtype, plan: Any = None) -> int:
                  for name, (out_f, in_f) in shapes.items())
     norms = (2 * args.n_layers + 1) * args.dim * _itemsize(dtype)
     embedding = args.vocab_size * args.dim * _itemsize(dtype)
-    shared = plan is None or plan.kernel("output").shares_float_weight
-    output = 0 if args.tie_word_embeddings and shared else linear("output", args.vocab_size, args.dim)
+    output = linear("output", args.vocab_size, args.dim)
+    if args.tie_word_embeddings and (plan is None or plan.kernel("output").shares_float_weight):
+        output -= args.vocab_size * args.dim * _itemsize(dtype)  # the embedding's table, counted above
     return embedding + output + blocks + norms
 
 
@@ -136,10 +137,27 @@ def check_fits_device(weight_bytes: int, cache_bytes: int, device: torch.device 
 
 
 def check_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size: int,
-               plan: Any = None, alternatives: Mapping[str, Any] | None = None) -> None:
+               plan: Any = None, alternatives: Mapping[str, Any] | None = None) -> Any:
     """Log the KV cache about to be allocated; raise NotEnoughMemoryError if weights (in ``plan``'s
     formats) + cache cannot fit (each GPU holds one rank's share; a CPU job's ranks share the RAM).
-    ``alternatives``: quantize mode -> plan; the error then says what each would need."""
+    ``alternatives``: quantize mode -> plan; the error then says what each would need.
+
+    Returns the plan to apply: ``plan``, or when it keeps two weight layouts for some layers
+    (a decode and a prefill kernel) and those do not fit, its one-layout version if that fits."""
+    one = plan.with_one_layout() if plan is not None else None
+    if one is not None and one is not plan:
+        try:
+            _check_fits(args, dtype, device, world_size, plan, None)
+            return plan
+        except NotEnoughMemoryError as e:
+            logger.info("%s; keeping one weight layout per layer (the decode kernel's) instead", e)
+            plan = one
+    _check_fits(args, dtype, device, world_size, plan, alternatives)
+    return plan
+
+
+def _check_fits(args: Any, dtype: torch.dtype, device: torch.device, world_size: int,
+                plan: Any, alternatives: Mapping[str, Any] | None) -> None:
     cache = kv_cache_bytes(args, dtype, world_size)
     logger.info("KV cache: %.2f GiB per rank (max_batch_size %d x max_seq_len %d x %d layers x %d KV heads x "
                 "head_dim %d x %d bytes x 2 for keys and values%s)", cache / GIB, args.max_batch_size,

@@ -110,7 +110,7 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
         dtype: bf16 / fp16 / fp32 (default: llama3's choice for the device).
         device: cpu / cuda / ... (default: llama3's choice).
         compile: decode with torch.compile(model.forward_static) (CUDA: mode="reduce-overhead").
-        quantize: "int8" (weight-only), "w8a8" (int8 weights and activations) or "int4" (g32).
+        quantize: "int8" (weight-only), "w8a8" (int8 weights and activations), "int4" (g32) or "fp8".
         fbgemm: pack bfloat16/float16 linear layers for FBGEMM (llama3.cpu_linear); default: as
             ``Llama.build`` does; False: torch's kernels.
         batch_sizes: decode batch sizes, e.g. "1,8" (default 1,8).

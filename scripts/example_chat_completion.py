@@ -76,7 +76,7 @@ def main(
         rope_scale_factor: override the Llama 3.1+ RoPE scaling factor (32 for Llama 3.2).
         compile: decode with torch.compile.
         warm_up: with --compile, compile every context-length bucket at start-up (logged, with times).
-        quantize: "int8", "fp8" or "int4" to quantize a bf16 checkpoint at load
+        quantize: "int8", "w8a8" (CPU), "fp8" or "int4" to quantize a bf16 checkpoint at load
             (a quantized checkpoint is recognised by itself).
         prefill_chunk: process prompts in chunks of this many tokens (default: the library's).
     """

@@ -6,6 +6,7 @@ Each section below belongs to one area of the test suite; keep sections independ
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -23,6 +24,12 @@ random_model, tiny_model = helpers.random_model, helpers.tiny_model
 # Child processes (scripts, `python -m llama3...`, torchrun ranks) import this checkout's llama3,
 # installed or not: a script's own folder, not the working directory, is first on its sys.path.
 os.environ.update(helpers.with_repo_on_pythonpath(dict(os.environ)))
+
+# Builds measure the linear-layer kernels and cache the result under $XDG_CACHE_HOME
+# (llama3.kernels.autotune): the tests' go to a directory of their own, removed at exit, never to
+# the user's ~/.cache (child processes inherit it).
+_KERNEL_CACHE_HOME = tempfile.TemporaryDirectory(prefix="llama3-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = _KERNEL_CACHE_HOME.name
 
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     # Parallel workers share the cores: each gets its share of threads. Torch's default (every

@@ -23,6 +23,7 @@ from llama3.kernels import (
     Int8Kernel,
     LinearKernel,
     TorchKernel,
+    Tuning,
     UnknownKernelError,
     apply_kernels,
     choose_kernels,
@@ -35,6 +36,7 @@ from llama3.memory import weight_bytes
 SMALL = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=256, multiple_of=32, max_batch_size=2,
              max_seq_len=32)
 WIDE = ModelArgs(**{**SMALL, "dim": 2048, "n_heads": 16, "n_kv_heads": 8})
+RULE = Tuning(enabled=False)  # the rule without measuring (measured choices: tests/test_measured_kernels.py)
 
 
 def make_model(dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> Transformer:
@@ -65,16 +67,16 @@ def x86_without_bf16_units():
 # --- the rule ----------------------------------------------------------------------------------
 
 
-def test_chooser_follows_todays_rule(x86_without_bf16_units, monkeypatch):
+def test_chooser_follows_the_rule_when_not_measuring(x86_without_bf16_units, monkeypatch):
     monkeypatch.delenv("LLAMA3_KERNELS", raising=False)
     cpu = torch.device("cpu")
-    assert kernels(choose_kernels(WIDE, cpu, torch.bfloat16)) == every("fbgemm-fp16")
-    assert kernels(choose_kernels(WIDE, cpu, torch.float16)) == every("fbgemm-fp16")
+    assert kernels(choose_kernels(WIDE, cpu, torch.bfloat16, tuning=RULE)) == every("fbgemm-fp16")
+    assert kernels(choose_kernels(WIDE, cpu, torch.float16, tuning=RULE)) == every("fbgemm-fp16")
     # Tiny widths, fbgemm=False, or CPUs with bf16 matrix units: single rows as GEMVs.
     assert kernels(choose_kernels(ModelArgs(**SMALL), cpu, torch.bfloat16)) == every("cpu-gemv")
-    assert kernels(choose_kernels(WIDE, cpu, torch.bfloat16, fbgemm=False)) == every("cpu-gemv")
+    assert kernels(choose_kernels(WIDE, cpu, torch.bfloat16, fbgemm=False, tuning=RULE)) == every("cpu-gemv")
     with mock.patch("llama3.kernels.fbgemm.cpu_has_bf16_matrix_units", return_value=True):
-        assert kernels(choose_kernels(WIDE, cpu, torch.bfloat16)) == every("cpu-gemv")
+        assert kernels(choose_kernels(WIDE, cpu, torch.bfloat16, tuning=RULE)) == every("cpu-gemv")
     assert kernels(choose_kernels(WIDE, cpu, torch.float32)) == every("torch")
     assert kernels(choose_kernels(WIDE, torch.device("cuda"), torch.bfloat16)) == every("torch")
     assert kernels(choose_kernels(WIDE, cpu, torch.bfloat16, quantize="int8")) == every("int8")
@@ -89,7 +91,7 @@ def test_chooser_follows_todays_rule(x86_without_bf16_units, monkeypatch):
 def test_chooser_says_what_and_why_in_one_line(x86_without_bf16_units, monkeypatch, caplog):
     monkeypatch.delenv("LLAMA3_KERNELS", raising=False)
     with caplog.at_level(logging.INFO, logger="llama3.kernels"):
-        choose_kernels(WIDE, "cpu", torch.bfloat16)
+        choose_kernels(WIDE, "cpu", torch.bfloat16, tuning=RULE)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernels:")]
     assert lines == ["kernels: attention wq/wk/wv/wo=fbgemm-fp16, feed-forward w1/w2/w3=fbgemm-fp16, "
                      "output=fbgemm-fp16 (CPU without bf16 matrix units: FBGEMM's float16 GEMM is the "

@@ -170,10 +170,10 @@ class Choice:
 
 
 def _cache_key(fingerprint: Mapping[str, str], out_features: int, in_features: int, dtype: torch.dtype,
-               threads: int, prefill_rows: int, names: list[str]) -> str:
+               threads: int, prefill_rows: int, names: list[str], phases: tuple[str, ...]) -> str:
     return json.dumps({**fingerprint, "shape": [out_features, in_features], "dtype": str(dtype),
-                       "threads": threads, "prefill_rows": prefill_rows, "candidates": sorted(names)},
-                      sort_keys=True)
+                       "threads": threads, "prefill_rows": prefill_rows, "candidates": sorted(names),
+                       "phases": list(phases)}, sort_keys=True)
 
 
 def _measure(products: Mapping[str, Product], inputs: Mapping[str, torch.Tensor], budget_s: float,
@@ -201,14 +201,17 @@ def choose(candidates: Mapping[str, Candidate], out_features: int, in_features: 
            dtype: torch.dtype, *, family: str = "", threads: int | None = None, prefill_rows: int = 512,
            budget_s: float = 0.5, override: str | None = None, cache: KernelCache | None = None,
            timer: Callable[[], float] = time.perf_counter,
-           fingerprint: Mapping[str, str] | None = None) -> Choice:
+           fingerprint: Mapping[str, str] | None = None, phases: tuple[str, ...] = PHASES,
+           log: bool = True) -> Choice:
     """The fastest of ``candidates`` for a ``[out_features, in_features]`` layer in ``dtype``, for one
     row (decode) and for ``prefill_rows`` rows (prefill), measured on this machine.
 
     ``override`` (default: the ``LLAMA3_KERNELS`` environment variable) forces phases (see
     :func:`parse_override`); ``cache`` (default: :class:`KernelCache` at its default path; pass
     ``KernelCache(os.devnull)``-like paths to disable) remembers measured choices; ``timer`` and
-    ``fingerprint`` are for tests. Logs the choice and each candidate's time."""
+    ``fingerprint`` are for tests. ``phases``: the phases to time (a layer that never sees a
+    prefill, such as the output projection, times ``("decode",)`` and takes the decode winner for
+    both). Logs the choice and each candidate's time unless ``log`` is False."""
     if not candidates:
         raise ValueError("choose() needs at least one candidate kernel")
     names = list(candidates)
@@ -221,7 +224,7 @@ def choose(candidates: Mapping[str, Candidate], out_features: int, in_features: 
     threads = threads or torch.get_num_threads()
     cache = cache if cache is not None else KernelCache()
     key = _cache_key(fingerprint if fingerprint is not None else machine_fingerprint(), out_features,
-                     in_features, dtype, threads, prefill_rows, names)
+                     in_features, dtype, threads, prefill_rows if "prefill" in phases else 0, names, phases)
     open_phases = [p for p in PHASES if p not in forced]
     if not open_phases:
         choice = Choice(forced["decode"], forced["prefill"], {}, "forced")
@@ -234,12 +237,13 @@ def choose(candidates: Mapping[str, Candidate], out_features: int, in_features: 
             seconds, source = entry.get("seconds", {}), "cache"
         else:
             generator = torch.Generator().manual_seed(0)
-            inputs = {"decode": torch.randn(1, in_features, generator=generator).to(dtype),
-                      "prefill": torch.randn(prefill_rows, in_features, generator=generator).to(dtype)}
+            rows = {"decode": 1, "prefill": prefill_rows}
+            inputs = {p: torch.randn(rows[p], in_features, generator=generator).to(dtype) for p in phases}
             products = {name: factory() for name, factory in candidates.items()}
             seconds = _measure(products, inputs, budget_s, timer)
             del products
-            entry = {p: min(names, key=lambda n, p=p: seconds[n][p]) for p in PHASES}
+            entry = {p: min(names, key=lambda n, p=p: seconds[n][p]) for p in phases}
+            entry.update({p: entry[phases[0]] for p in PHASES if p not in entry})
             entry["seconds"] = seconds
             cache.store(key, entry)
             source = "measured"
@@ -247,5 +251,6 @@ def choose(candidates: Mapping[str, Candidate], out_features: int, in_features: 
         choice = Choice(picked["decode"], picked["prefill"], seconds,
                         ("forced+" if forced else "") + source)
     where = f"[{out_features}x{in_features} {str(dtype).removeprefix('torch.')}, {threads} threads]"
-    logger.info("%s", choice.describe(f"{family} {where}".strip()))
+    if log:
+        logger.info("%s", choice.describe(f"{family} {where}".strip()))
     return choice

@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ..errors import LlamaError
+from . import autotune
 from . import fbgemm as _fbgemm
 from .base import LinearKernel, kernel_of, swap_linears
 from .cpu_gemv import CpuGemvKernel
@@ -34,10 +35,14 @@ from .fbgemm import FbgemmFp16Kernel
 from .fp8 import Fp8RowwiseLinear, meta_fp8_layers
 from .int4 import INT4_GROUP_SIZES, Int4WeightOnlyLinear, Int8DynActInt4Linear, UnsupportedGroupSizeError
 from .int8 import Int8Kernel
+from .measure import Tuning, measure_family, why_not_measured
+from .phases import phase_kernel
 from .torch_default import TorchKernel
+from .w8a8 import W8A8IntMmKernel, W8A8Kernel
 
-__all__ = ["ENV_OVERRIDE", "FAMILIES", "KERNELS", "KernelChoice", "KernelPlan", "MIN_FBGEMM_DIM",
-           "QUANTIZED_FAMILIES", "QUANTIZE_MODES", "StoredQuantization", "UnknownKernelError",
+__all__ = ["ENV_OVERRIDE", "FAMILIES", "FLOAT_CANDIDATES", "KERNELS", "KernelChoice", "KernelPlan",
+           "MIN_FBGEMM_DIM", "MODE_CANDIDATES", "QUANTIZED_FAMILIES", "QUANTIZE_MODES", "StoredQuantization",
+           "Tuning", "UnknownKernelError",
            "apply_kernels",
            "check_int4_group_size", "choose_kernels", "default_int4_group_size", "decide",
            "fbgemm_is_the_fast_path",
@@ -54,10 +59,16 @@ KERNELS: dict[str, type[LinearKernel]] = {
     Fp8RowwiseLinear.name: Fp8RowwiseLinear,  # settings: activation_scale_ub
     Int4WeightOnlyLinear.name: Int4WeightOnlyLinear,  # settings: group_size
     Int8DynActInt4Linear.name: Int8DynActInt4Linear,  # settings: group_size, lora_rank, lora_scale, dtype
+    W8A8Kernel.name: W8A8Kernel,
+    W8A8IntMmKernel.name: W8A8IntMmKernel,
 }
 # quantize= of Llama.build -> the kernel family holding weights in that format.
 QUANTIZE_MODES: dict[str, str] = {"int8": Int8Kernel.name, "fp8": Fp8RowwiseLinear.name,
-                                  "int4": Int4WeightOnlyLinear.name}
+                                  "int4": Int4WeightOnlyLinear.name, "w8a8": W8A8Kernel.name}
+# The kernels measured against each other on the CPU (the ones that apply), for a float model and
+# for each quantize mode with several kernels; a mode with one kernel needs no timing.
+FLOAT_CANDIDATES: tuple[type[LinearKernel], ...] = (TorchKernel, CpuGemvKernel, FbgemmFp16Kernel)
+MODE_CANDIDATES: dict[str, tuple[type[LinearKernel], ...]] = {"w8a8": (W8A8Kernel, W8A8IntMmKernel)}
 # Layer families: the last component of the layer names each covers.
 FAMILIES: dict[str, tuple[str, ...]] = {
     "attention": ("wq", "wk", "wv", "wo"),
@@ -69,7 +80,8 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 # :func:`quantized_layers`); int4 converts the transformer blocks, not the output projection,
 # whose error the logits feel directly.
 QUANTIZED_FAMILIES: dict[str, tuple[str, ...]] = {"int8": tuple(FAMILIES), "fp8": ("feed-forward",),
-                                                  "int4": ("attention", "feed-forward")}
+                                                  "int4": ("attention", "feed-forward"),
+                                                  "w8a8": tuple(FAMILIES)}
 ENV_OVERRIDE = "LLAMA3_KERNELS"
 # Below this model width a layer's product takes a few microseconds and FBGEMM's fixed cost per call
 # (float32 copy of the input, dispatch) outweighs its faster arithmetic: the tiny test shapes.
@@ -95,12 +107,15 @@ class StoredQuantization(Protocol):
 class KernelChoice:
     """The kernel family of one layer family, and why it was chosen. ``layers``: the names of the
     layers it computes when not all of the family (fp8: Meta's selection); the others keep torch's
-    kernel. ``settings``: keyword arguments of the kernel's ``from_float`` (int4's group size)."""
+    kernel. ``settings``: keyword arguments of the kernel's ``from_float`` (int4's group size).
+    ``one_layout``: for a kernel holding two weight layouts (decode + prefill), the choice holding
+    one (the decode winner), taken when both would not fit in memory."""
 
     kernel: type[LinearKernel]
     reason: str
     layers: frozenset[str] | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
+    one_layout: KernelChoice | None = None
 
     def computes(self, name: str) -> bool:
         """Whether layer ``name`` (of this family) is computed by :attr:`kernel`."""
@@ -157,6 +172,12 @@ class KernelPlan:
         group = {"group_size": choice.settings["group_size"]} if "group_size" in choice.settings else {}
         return choice.kernel.nbytes_for(out_features, in_features, dtype, **group)
 
+    def with_one_layout(self) -> KernelPlan:
+        """This plan with every two-layout choice replaced by its one-layout choice (itself when none)."""
+        if all(c.one_layout is None for c in self.families.values()):
+            return self
+        return replace(self, families={f: c.one_layout or c for f, c in self.families.items()})
+
     def describe(self) -> str:
         """The one log line: each family's kernel, then the reasons."""
         parts = [f"{family} {'/'.join(FAMILIES[family])}={choice.label()}" if family != "output"
@@ -177,9 +198,18 @@ def fbgemm_is_the_fast_path(device: torch.device | str, dtype: torch.dtype,
 
 def decide(dim: int, device: torch.device, dtype: torch.dtype, *, quantize: str | None = None,
            fbgemm: bool | None = None) -> dict[str, tuple[str, str]]:
-    """Today's rule: family -> (kernel name, reason). The one function to replace by measurement."""
+    """The rule when nothing is measured: family -> (kernel name, reason).
+
+    Used off the CPU (CUDA: torch's kernels), for widths below ``MIN_FBGEMM_DIM`` (test shapes),
+    for quantize modes with one kernel, and as the documented fallback on the CPU when measuring
+    is impossible (``Tuning(enabled=False)``, model-parallel ranks, a measurement that failed):
+    there the CPU flags decide FBGEMM packing (:func:`fbgemm_is_the_fast_path`), which was wrong
+    on one of the three CPU classes measured; :func:`choose_kernels` measures instead."""
     if quantize is not None:
         name, reason = QUANTIZE_MODES[quantize], f"quantize={quantize!r}: weights stored as {quantize}"
+        if not KERNELS[name].applies(None, device, dtype):  # w8a8 without oneDNN: the portable kernel
+            name = next((k.name for k in MODE_CANDIDATES.get(quantize, ()) if k.applies(None, device, dtype)),
+                        name)
     elif fbgemm:
         name, reason = FbgemmFp16Kernel.name, "fbgemm=True"
     elif fbgemm is None and fbgemm_is_the_fast_path(device, dtype, dim):
@@ -193,25 +223,43 @@ def decide(dim: int, device: torch.device, dtype: torch.dtype, *, quantize: str 
     return {family: (name, reason) for family in FAMILIES}
 
 
-def _parse_override(override: str | Mapping[str, str] | None) -> dict[str, str]:
-    """``"int8"`` (every family), ``"attention=int8,output=torch"`` or a dict -> family: name."""
+def _parse_override(override: str | Mapping[str, str] | None) -> dict[str, dict[str, str]]:
+    """The override as family -> {phase: kernel name}. A string is comma-separated entries, each
+    ``NAME`` (every family, both phases), ``FAMILY=NAME``, ``PHASE=NAME`` or ``FAMILY:PHASE=NAME``
+    (``"int8"``, ``"attention=int8,output=torch"``, ``"decode=fbgemm-fp16,prefill=torch"``); a
+    dict maps families to names. An entry for a named family beats one for every family."""
     if override is None or override == "":
         return {}
+    entries: list[tuple[str, str, str]] = []  # (family or "", phase or "", name)
     if isinstance(override, str):
-        if "=" not in override:
-            override = dict.fromkeys(FAMILIES, override.strip())
-        else:
-            pairs = [item.split("=", 1) for item in override.split(",") if item.strip()]
-            override = {family.strip(): name.strip() for family, name in pairs}
-    for family, name in override.items():
-        if family not in FAMILIES:
+        for item in override.split(","):
+            if not (item := item.strip()):
+                continue
+            scope, _, name = item.rpartition("=")
+            family, _, phase = scope.rpartition(":")
+            if not family and phase in FAMILIES:  # FAMILY=NAME
+                family, phase = phase, ""
+            if phase and phase not in autotune.PHASES or not name.strip():
+                raise UnknownKernelError(
+                    f"cannot read the kernel override entry {item!r}: write NAME, FAMILY=NAME, PHASE=NAME "
+                    f"or FAMILY:PHASE=NAME, with PHASE one of {', '.join(autotune.PHASES)} (e.g. "
+                    f"{ENV_OVERRIDE}=decode=fbgemm-fp16,prefill=torch or attention=int8,output=torch)")
+            entries.append((family.strip(), phase, name.strip()))
+    else:
+        entries = [(family, "", name) for family, name in override.items()]
+    forced: dict[str, dict[str, str]] = {}
+    for family, phase, name in sorted(entries, key=lambda e: bool(e[0])):  # every family first
+        if family and family not in FAMILIES:
             raise UnknownKernelError(f"unknown layer family {family!r} in the kernel override; "
                                      f"families are {', '.join(FAMILIES)}")
         if name not in KERNELS:
-            raise UnknownKernelError(f"unknown kernel {name!r} for {family}; kernels are "
-                                     f"{', '.join(KERNELS)} (e.g. {ENV_OVERRIDE}=torch or "
+            raise UnknownKernelError(f"unknown kernel {name!r}{' for ' + family if family else ''}; kernels "
+                                     f"are {', '.join(KERNELS)} (e.g. {ENV_OVERRIDE}=torch or "
                                      "attention=int8,output=torch)")
-    return dict(override)
+        for f in [family] if family else FAMILIES:
+            for p in [phase] if phase else autotune.PHASES:
+                forced.setdefault(f, {})[p] = name
+    return forced
 
 
 def quantized_layers(quantize: str, args: Any) -> frozenset[str] | None:
@@ -237,21 +285,30 @@ def check_int4_group_size(group_size: Any) -> int:
 def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, quantize: str | None = None,
                    override: str | Mapping[str, str] | None = None, *, fbgemm: bool | None = None,
                    log: bool = True, int4_group_size: int | None = None,
-                   stored: StoredQuantization | None = None
+                   stored: StoredQuantization | None = None, tuning: Tuning | None = None
                    ) -> KernelPlan:
     """The kernel of each linear-layer family of ``model`` (a Transformer, or its ``ModelArgs``
     before loading) on ``device`` in ``dtype``, and why; logged in one line.
 
-    ``quantize``: a ``QUANTIZE_MODES`` key (``"int8"``, ``"fp8"``: Meta's fp8_mixed selection,
-    ``"int4"``: the block linears, group-wise with ``int4_group_size``, default
-    :func:`default_int4_group_size`) or None. ``stored``: the
+    On the CPU, where several kernels can serve a family (torch, cpu-gemv and fbgemm-fp16 for a
+    bfloat16/float16 model; the w8a8 kernels with ``quantize="w8a8"``), they are measured on a
+    sample layer of the family's shape (:mod:`llama3.kernels.measure`: one row for decoding, a
+    prefill chunk, about 0.3 s per family, the result cached per machine) and the fastest serves
+    each phase; both layouts are kept only where the prefill gain pays (``KernelChoice.one_layout``
+    is the fallback the fit check takes when both do not fit). Elsewhere :func:`decide`'s rule.
+
+    ``quantize``: a ``QUANTIZE_MODES`` key (``"int8"``, ``"w8a8"``: int8 weights and activations,
+    ``"fp8"``: Meta's fp8_mixed selection, ``"int4"``: the block linears, group-wise with
+    ``int4_group_size``, default :func:`default_int4_group_size`) or None. ``stored``: the
     format of a checkpoint shipped quantized (its layers keep their stored kernel; quantize= is
     then refused). ``fbgemm``: ``Llama.build``'s flag (True: pack, False: never pack, None: when it
-    is the fast path). ``override``: a kernel name for every family, or per family
-    (``"attention=int8,output=torch"`` or a dict); default ``$LLAMA3_KERNELS``. Raises
-    :class:`UnknownKernelError` for unknown names or a kernel that cannot run this dtype/device.
+    measures fastest). ``override``: see :func:`_parse_override` (a kernel name for every family,
+    per family, per phase); default ``$LLAMA3_KERNELS``. ``tuning``: how to measure
+    (:class:`Tuning`). Raises :class:`UnknownKernelError` for unknown names or a kernel that
+    cannot run this dtype/device.
     """
     device = torch.device(device)
+    tuning = tuning or Tuning()
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise UnknownKernelError(f"unknown quantize={quantize!r}; choose one of "
                                  f"{', '.join(QUANTIZE_MODES)} or None")
@@ -267,14 +324,29 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
     if fbgemm and (refusal := FbgemmFp16Kernel.refusal(None, device, dtype)):
         raise UnknownKernelError(f"fbgemm=True: {refusal}")
     args = getattr(model, "params", model)
+    forced = _parse_override(os.environ.get(ENV_OVERRIDE) or None if override is None else override)
+    # Which families are measured, among which kernels; the rest follow the rule.
+    why_not = why_not_measured(args, device, tuning)
+    candidates: dict[str, list[type[LinearKernel]]] = {}
+    if quantize is None and not fbgemm and stored is None or quantize in MODE_CANDIDATES:
+        pool = MODE_CANDIDATES[quantize] if quantize else FLOAT_CANDIDATES
+        pool = tuple(k for k in pool if k.applies(None, device, dtype)
+                     and not (fbgemm is False and k is FbgemmFp16Kernel))
+        if len(pool) > 1 and why_not:
+            logger.debug("kernels not measured: %s", why_not)
+        elif len(pool) > 1:
+            families = QUANTIZED_FAMILIES[quantize] if quantize else FAMILIES
+            candidates = {f: list(pool) for f in families if forced.get(f, {}).keys() != set(autotune.PHASES)}
     # The float rule for every family, then the quantized families on top.
     rule = decide(args.dim, device, dtype, fbgemm=False if quantize or stored else fbgemm)
     chosen = {family: KernelChoice(KERNELS[name], reason) for family, (name, reason) in rule.items()}
+    settings: dict[str, Any] = {}
     if quantize is not None:
         group = default_int4_group_size(args) if int4_group_size is None else int4_group_size
         settings = {"group_size": check_int4_group_size(group)} if quantize == "int4" else {}
+        name = decide(args.dim, device, dtype, quantize=quantize)["attention"][0]
         for family in QUANTIZED_FAMILIES[quantize]:
-            chosen[family] = KernelChoice(KERNELS[QUANTIZE_MODES[quantize]],
+            chosen[family] = KernelChoice(KERNELS[name],
                                           f"quantize={quantize!r}: weights stored as {quantize}",
                                           quantized_layers(quantize, args), settings)
     if stored is not None:
@@ -285,10 +357,26 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
                 chosen[family] = KernelChoice(KERNELS[stored.kernel],
                                               f"the checkpoint ships {stored.describe()}", mine,
                                               stored.kernel_settings(dtype))
-    if override is None:
-        override = os.environ.get(ENV_OVERRIDE) or None
-    for family, name in _parse_override(override).items():
-        chosen[family] = KernelChoice(KERNELS[name], "override")
+                candidates.pop(family, None)
+    measured = set()
+    for family, pool in candidates.items():
+        try:
+            got = measure_family(family, pool, args, dtype, tuning,
+                                 {p: KERNELS[n] for p, n in forced.get(family, {}).items()})
+            one = KernelChoice(got.one_layout, got.reason + "; one layout: both would not fit in memory")
+            chosen[family] = KernelChoice(got.kernel, got.reason, one_layout=one if got.one_layout else None)
+            measured.add(family)
+        except (RuntimeError, MemoryError) as e:  # measuring failed: the rule, and say so
+            logger.warning("could not measure the kernels for %s (%s); using the rule: %s", family, e,
+                           chosen[family].reason)
+    mode_kernel = KERNELS[QUANTIZE_MODES[quantize]] if quantize else None
+    for family, phases in forced.items():
+        if family in measured:
+            continue  # a partly forced family: measure_family took the forced phase
+        kernel = phase_kernel(KERNELS[phases.get("decode", chosen[family].kernel.name)],
+                              KERNELS[phases.get("prefill", chosen[family].kernel.name)])
+        # The quantize mode's kernel forced on another family takes the mode's settings (int4's group).
+        chosen[family] = KernelChoice(kernel, "override", settings=settings if kernel is mode_kernel else {})
     families = {}
     for family, choice in chosen.items():
         if refusal := choice.kernel.refusal(None, device, dtype):
@@ -326,7 +414,8 @@ def quantized_alternatives(args: Any, device: torch.device | str, dtype: torch.d
     plans = {}
     for mode in ("fp8", "int4"):
         try:
-            plans[mode] = choose_kernels(args, device, dtype, mode, override={}, log=False)
+            plans[mode] = choose_kernels(args, device, dtype, mode, override={}, log=False,
+                                         tuning=Tuning(enabled=False))  # only their bytes matter
         except UnknownKernelError:  # that format cannot run here: not advice worth giving
             continue
     return plans

@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from ..errors import LlamaError
+from .base import LinearKernel
 
-__all__ = ["KERNELS", "W8A8Kernel", "W8A8Linear", "W8A8Weight", "W8A8Error", "onednn_available",
-           "quantize_rows", "quantize_weight", "w8a8_reference"]
+__all__ = ["KERNELS", "W8A8IntMmKernel", "W8A8Kernel", "W8A8Linear", "W8A8Weight", "W8A8Error",
+           "onednn_available", "quantize_rows", "quantize_weight", "w8a8_reference"]
 
 KERNELS = ("onednn", "int_mm")
 _TINY = torch.finfo(torch.float32).tiny
@@ -126,21 +127,30 @@ class W8A8Weight:
     __call__ = forward
 
 
-class W8A8Kernel:
-    """The w8a8 linear-layer family, in the shape of ``llama3.kernels.base.LinearKernel``.
+class W8A8Kernel(LinearKernel):
+    """The w8a8 linear-layer family (``quantize="w8a8"``), oneDNN's kernel on a weight packed for
+    one-row products; :class:`W8A8IntMmKernel` is the same numbers through ``torch._int_mm``.
 
-    Mixed into a Column/RowParallelLinear by the seam's ``swap_linear`` (kernel first in the MRO):
-    ``from_float`` quantizes the layer's float weight, ``local_product`` replaces ``F.linear``.
-    On merge, make it subclass ``LinearKernel`` (which supplies ``blank``)."""
+    ``from_float`` quantizes the layer's float weight at load (the packed layout is opaque: it is
+    never in ``state_dict`` and never saved); ``local_product`` replaces ``F.linear``."""
 
     name: ClassVar[str] = "w8a8"
+    kernel: ClassVar[str] = "onednn"
     shares_float_weight: ClassVar[bool] = False
     w8a8: W8A8Weight
 
     @classmethod
     def applies(cls, layer: nn.Module | None, device: torch.device, dtype: torch.dtype) -> bool:
         """CPU, floating-point models (the int8 kernels here are CPU kernels)."""
-        return torch.device(device).type == "cpu" and dtype.is_floating_point
+        return not cls.refusal(layer, device, dtype)
+
+    @classmethod
+    def refusal(cls, layer: nn.Module | None, device: torch.device, dtype: torch.dtype) -> str:
+        if torch.device(device).type != "cpu" or not dtype.is_floating_point:
+            return f"{cls.name} computes floating-point models on the CPU; this one is {dtype} on {device}"
+        if cls.kernel == "onednn" and not onednn_available():
+            return f"{cls.name} needs a torch build with oneDNN (x86 builds have it); use w8a8-int_mm"
+        return ""
 
     @classmethod
     def nbytes_for(cls, out_features: int, in_features: int, dtype: torch.dtype) -> int:
@@ -148,10 +158,10 @@ class W8A8Kernel:
         return out_features * in_features + 4 * out_features
 
     @classmethod
-    def from_float(cls, layer: nn.Module, kernel: str = "onednn", **settings: Any) -> Any:
+    def from_float(cls, layer: nn.Module, **settings: Any) -> Any:
         """The swapped layer: ``layer``'s shape and parallel role, its weight quantized."""
-        new = cls.blank(layer)  # type: ignore[attr-defined]  # from LinearKernel
-        new.w8a8 = W8A8Weight.from_float(layer.weight, kernel=kernel)
+        new = cls.blank(layer)
+        new.w8a8 = W8A8Weight.from_float(layer.weight.detach(), kernel=cls.kernel)
         return new
 
     @torch.compiler.disable  # the oneDNN packed weight is opaque to torch.compile
@@ -162,6 +172,16 @@ class W8A8Kernel:
     def weight_nbytes(self) -> int:
         """Bytes one decoding step reads: the int8 weight and its scales."""
         return self.w8a8.nbytes
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8 {self.kernel}"
+
+
+class W8A8IntMmKernel(W8A8Kernel):
+    """w8a8 through ``torch._int_mm`` on the plain int8 weight (wherever oneDNN's is missing or slower)."""
+
+    name: ClassVar[str] = "w8a8-int_mm"
+    kernel: ClassVar[str] = "int_mm"
 
 
 class W8A8Linear(nn.Module):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .run_llama3 import KERNEL_NAMES
-
 
 def print_table(results: dict[str, Any]) -> None:
     """One row per implementation (and its ratio to transformers when compared)."""
@@ -22,7 +20,7 @@ def print_table(results: dict[str, Any]) -> None:
     for row in results["rows"]:
         pct = [f"{row[f'decode_b{b}_pct_roofline']:.0f}%" if f"decode_b{b}_pct_roofline" in row else "-"
                for b in results["batch_sizes"]]
-        mode = row["mode"] + (f" ({KERNEL_NAMES[row['linear_kernels']]})" if "linear_kernels" in row else "")
+        mode = row["mode"] + (f" ({row['linear_kernels']})" if "linear_kernels" in row else "")
         lines.append([row["impl"], mode] + [f"{row.get(c, float('nan')):.2f}" for c in cols]
                      + pct + [f"{row['peak_mem_gb']:.1f}"])
         if "vs_transformers" in row:

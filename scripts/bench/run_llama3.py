@@ -8,27 +8,28 @@ import time
 from typing import Any
 
 import torch
-from llama3.cpu_linear import pack_linear_layers, wants_packing
-from llama3.quantize import quantize_int8
 
 from llama3.decoding import SamplingParams, decode, make_decode_step, prepare_batch
+from llama3.kernels import apply_kernels, choose_kernels
 from llama3.model import ModelArgs, Transformer
 from llama3.presets import PRESETS
 
-from .handswap import swap_linear_layers
 from .probes import best_time, decode_bytes_per_step, peak_memory, sync
 
-# name -> (weight dtype, quantization, fbgemm): fbgemm None = the library's choice, False = torch's
-# kernels only. w8a8 and int4 are swapped in by the benchmark (handswap) until the chooser has them.
+# name -> (weight dtype, quantize= of the chooser, fbgemm): fbgemm None = the library's choice
+# (measured on this machine), False = torch's kernels only (LLAMA3_KERNELS=torch), True = FBGEMM.
 PRECISIONS: dict[str, tuple[torch.dtype, str | None, bool | None]] = {
     "bf16": (torch.bfloat16, None, None), "fp16": (torch.float16, None, None),
     "int8": (torch.bfloat16, "int8", None), "w8a8": (torch.bfloat16, "w8a8", None),
-    "int4": (torch.bfloat16, "int4", None),
+    "int4": (torch.bfloat16, "int4", None), "fp8": (torch.bfloat16, "fp8", None),
     "bf16-torch": (torch.bfloat16, None, False), "fp16-torch": (torch.float16, None, False),
-    "bf16-fbgemm": (torch.bfloat16, None, True), "fp16-fbgemm": (torch.float16, None, True)}
-
-KERNEL_NAMES = {"fbgemm": "FBGEMM fp16", "torch": "torch", "int8": "torch int8",
-                "w8a8": "w8a8 oneDNN (per-row act)", "int4": "torch int4 g32"}
+    "bf16-fbgemm": (torch.bfloat16, None, True), "fp16-fbgemm": (torch.float16, None, True),
+    "int4-all": (torch.bfloat16, "int4", None)}
+# Kernel overrides of a precision beyond the library's default: int4-all quantizes the output
+# projection too (as llama.cpp's Q4_0 file quantizes every matrix), which quantize="int4" keeps bf16.
+OVERRIDES = {"int4-all": "output=int4"}
+# int4's group size here: 32 weights per scale, as llama.cpp's Q4_0 blocks (the comparison).
+INT4_GROUP = 32
 
 GREEDY = SamplingParams(temperature=0.0)
 TOP_P = SamplingParams()  # the library's defaults: temperature 0.6, top-p 0.9
@@ -58,23 +59,24 @@ def build_model(shape: str | None, ckpt_dir: str | None, n_layers: int | None, d
     return model.eval()
 
 
-def prepare(model: Transformer, quantize: str | None, fbgemm: bool | None) -> str:
-    """The linear layers' kernels, chosen as ``Llama.build`` chooses them (quantize ``"int8"``, or
-    FBGEMM packing where the library picks it); ``"w8a8"`` / ``"int4"`` by the benchmark's hand
-    swap. Returns the kernels' name for the tables."""
+def prepare(model: Transformer, quantize: str | None, fbgemm: bool | None,
+            override: str | None = None) -> str:
+    """The linear layers' kernels, chosen and applied as ``Llama.build`` does
+    (``llama3.kernels.choose_kernels`` — measured on this machine, cached — then ``apply_kernels``),
+    for a float model or ``quantize`` (int8, w8a8, int4 with groups of ``INT4_GROUP``, fp8).
+    ``override``: forced kernels (``LLAMA3_KERNELS`` syntax; fbgemm False: torch's everywhere).
+    Returns the kernels' label for the tables (per family when they differ)."""
     device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
-    if quantize == "int8":
-        quantize_int8(model)
-        return "int8"
-    if quantize in ("w8a8", "int4"):
-        swap_linear_layers(model, quantize)
-        return quantize
-    if quantize:
-        raise ValueError(f"unknown quantize={quantize!r} (int8, w8a8, int4)")
-    if wants_packing(fbgemm, device, dtype, model.params.dim):
-        pack_linear_layers(model)
-        return "fbgemm"
-    return "torch"
+    if fbgemm is False:
+        override = "torch"
+    plan = choose_kernels(model, device, dtype, quantize, override=override,
+                          fbgemm=fbgemm or None, int4_group_size=INT4_GROUP if quantize == "int4" else None)
+    apply_kernels(model, plan)
+    labels = {family: choice.label() for family, choice in plan.families.items()}
+    if len(set(labels.values())) == 1:
+        return next(iter(labels.values()))
+    short = {"attention": "attn", "feed-forward": "ffn", "output": "out"}
+    return "; ".join(f"{short.get(family, family)} {label}" for family, label in labels.items())
 
 
 def make_prompt(batch: int, length: int, vocab: int, device: torch.device) -> torch.Tensor:

@@ -15,7 +15,7 @@ from llama3.decoding import make_decode_step
 from .probes import best_time, decode_bytes_per_step, measure_bandwidth
 from .run_llama3 import (
     GREEDY,
-    KERNEL_NAMES,
+    OVERRIDES,
     PRECISIONS,
     TOP_P,
     build_model,
@@ -50,11 +50,11 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
     for name in precisions:
         dtype, quantize, fbgemm = PRECISIONS[name]
         model = build_model(shape, None, n_layers, device, dtype, 1, max_seq_len)
-        gguf_type = GGUF_FOR[name.split("-")[0]]
-        if compare == "llamacpp" and gguf_type not in cpp:  # written from the float weights
+        gguf_type = GGUF_FOR.get(name.split("-")[0])  # fp8: no llama.cpp counterpart
+        if compare == "llamacpp" and gguf_type and gguf_type not in cpp:  # written from the float weights
             cpp[gguf_type] = dict(runner=LlamaCpp(model, gguf_type, max_seq_len), runs=[], prefill=[],
                                   precision=name)
-        kernels[name] = prepare(model, quantize, fbgemm)
+        kernels[name] = prepare(model, quantize, fbgemm, OVERRIDES.get(name))
         models[name] = model
         prefills[name] = []
         mean_kv = decode_context + 2 + decode_tokens // 2
@@ -119,7 +119,7 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
         if entry["prefill"]:
             result["prefill_tok_s"] = prefill_len / statistics.median(entry["prefill"])
         for name in precisions:
-            if GGUF_FOR[name.split("-")[0]] != gguf_type:
+            if GGUF_FOR.get(name.split("-")[0]) != gguf_type:
                 continue
             ours_logits = models[name].forward(prompt, 0, last_only=True)[0, -1].float()
             ours = next(r for r in rows if r["precision"] == name and r["sampling"] == "greedy")
@@ -166,16 +166,19 @@ def print_speed_table(result: dict[str, Any], machine: dict[str, Any], shape_nam
         sampled = next((r for r in result["rows"] if r["precision"] == row["precision"]
                         and r["compile"] == row["compile"] and r["sampling"] != "greedy"),
                        {"tok_s": float("nan")})
-        line = (f"| {row['precision']} | {KERNEL_NAMES[row['kernels']]} | "
+        top_p = "-" if sampled["tok_s"] != sampled["tok_s"] else f"{sampled['tok_s']:.1f}"  # nan: not run
+        line = (f"| {row['precision']} | {row['kernels']} | "
                 f"{'yes' if row['compile'] else 'no'} | {row['tok_s']:.1f} | "
-                f"{sampled['tok_s']:.1f} | {row['pct_read_bw']:.0f} % |")
+                f"{top_p} | {row['pct_read_bw']:.0f} % |")
         cpp = result["llamacpp"].get(row["precision"]) if has_cpp else None
-        if has_cpp:
+        if has_cpp and cpp is None:  # fp8: no llama.cpp counterpart
+            line += " - | - |"
+        elif has_cpp:
             line += f" {cpp['tok_s']:.1f} ({cpp['gguf_type']}) | {row['tok_s'] / cpp['tok_s']:.2f}× |"
         if n_pre:
             pre = row.get("prefill_tok_s", float("nan")) if not row["compile"] else float("nan")
             line += f" {pre:.0f} |" if not row["compile"] else " (eager) |"
             if has_cpp:
-                cpp_pre = cpp.get("prefill_tok_s", float("nan"))
+                cpp_pre = (cpp or {}).get("prefill_tok_s", float("nan"))
                 line += (f" {cpp_pre:.0f} | {pre / cpp_pre:.2f}× |" if not row["compile"] else " | |")
         print(line)
