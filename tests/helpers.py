@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -143,3 +144,23 @@ class FileProgress:
                 seconds = time.monotonic() - self.started[file]
                 self.reporter.ensure_newline()  # after the dots of the line in progress
                 self.reporter.write_line(f"{file}: {counts} ({seconds:.1f} s)")
+
+
+def finishes(fn, timeout: float = 60.0, what: str = "blocked"):
+    """Run ``fn`` in a thread and return its value (or raise its error); fail with ``what``
+    instead of hanging the suite when it does not finish within ``timeout`` seconds."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), what
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")

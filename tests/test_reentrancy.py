@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from helpers import finishes
 
 from llama3.call_lock import CallLock, ReentrantCallError
 from llama3.decoding import make_decode_step
@@ -17,21 +18,7 @@ PROMPT = [[128000, 9906, 11, 1917]]
 
 
 def _finishes(fn, timeout: float = 120.0):
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), "deadlocked"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return finishes(fn, timeout, "deadlocked")
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import finishes
 
 from llama3.chat import ChatSession
 from llama3.checkpoint import convert_checkpoint, write_random_checkpoint
@@ -23,22 +23,7 @@ from llama3.tool_session import load_tool_definitions
 
 
 def _finishes(fn, timeout: float = 30.0):
-    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it blocks."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), "blocked on the file"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return finishes(fn, timeout, "blocked on the file")
 
 
 @pytest.fixture
