@@ -1,13 +1,11 @@
-"""Single-row bfloat16 / float16 products on the CPU as float32-accumulating GEMVs.
+"""Single-row bfloat16 / float16 products on the CPU as ``torch.mv`` GEMVs (float32 accumulation).
 
-On a CPU without AVX512-BF16/FP16 or AMX, oneDNN's matmul for these dtypes falls back to reference
-kernels (half to a third of the speed). A decoding step's one row is a GEMV, computed with float32
-accumulation by the fastest kernel each mode has:
-
-* eager: ``torch.mv``, whose kernel converts W to float32 on the fly;
-* under ``torch.compile``: a multiply and a sum over the float32 input row, which inductor turns
-  into one vectorised kernel that converts each weight as it streams it (~10-15% faster than
-  ``torch.mv`` on the AVX2 machine of README "CPU decode").
+A decoding step's one row is a GEMV; ``torch.mv`` streams the weight once and accumulates in
+float32. Where the chooser measures it fastest for one row (``llama3.kernels.choose``), the
+compiled step runs the same kernel: ``torch.mv`` behind an opaque op (``llama3::gemv``), because
+inductor's own fused multiply-and-sum, which it would generate otherwise, is a different kernel that
+was never measured (on the AMX Xeon of README "Speed" it made the compiled bf16 step 0.65x the
+eager one: 14.3 against 22.0 tok/s; through ``llama3::gemv`` it runs at 21.6).
 
 Several rows (prefill, batches) go to ``F.linear``. The weight stays the layer's float Parameter.
 """
@@ -22,26 +20,20 @@ from torch import nn
 
 from .base import LinearKernel
 
-__all__ = ["CpuGemvKernel", "gemv_input"]
+__all__ = ["CpuGemvKernel", "gemv"]
 
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
-@torch.library.custom_op("llama3::gemv_input", mutates_args=())
-def gemv_input(x: torch.Tensor) -> torch.Tensor:
-    """A float32 copy of ``x`` that inductor writes to memory instead of recomputing.
-
-    Inductor inlines the pointwise producer of a reduction's input into the reduction loop. For a
-    GEMV that means recomputing the residual add and RMSNorm of the whole input row once per
-    *output* row (128K times for the output projection), which made the compiled bfloat16 step
-    slower than eager. An opaque op is a boundary inductor does not fuse across.
-    """
-    return x.float()
+@torch.library.custom_op("llama3::gemv", mutates_args=())
+def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``torch.mv`` behind an opaque op: the compiled step runs the kernel the chooser measured."""
+    return torch.mv(weight, x)
 
 
-@gemv_input.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x, dtype=torch.float32)
+@gemv.register_fake
+def _(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(weight.shape[0])
 
 
 class CpuGemvKernel(LinearKernel):
@@ -66,6 +58,5 @@ class CpuGemvKernel(LinearKernel):
             return F.linear(x, weight)
         out_shape = (*x.shape[:-1], weight.shape[0])
         if torch.compiler.is_compiling():
-            row = gemv_input(x.reshape(1, -1))  # [1, in] float32, in memory
-            return (row * weight.float()).sum(-1).to(x.dtype).view(out_shape)  # one fused kernel
+            return gemv(weight, x.reshape(-1)).view(out_shape)
         return torch.mv(weight, x.reshape(-1)).view(out_shape)
