@@ -19,7 +19,6 @@ from .consistency import check_load_agrees
 from .errors import InvalidArgumentError
 from .kernels import QUANTIZE_MODES, apply_kernels, choose_kernels, quantized_alternatives
 from .memory import check_fits
-from .model import PREFILL_CHUNK
 from .progress import configure_logging
 from .tokenizer import Tokenizer, require_tokenizer
 from .validation import optional, positive_int, strict_bool
@@ -31,26 +30,27 @@ logger = logging.getLogger(__name__)
 
 def load_for_generation(
     ckpt_dir: str | Path,
-    tokenizer_path: str | Path | None = None,
-    max_seq_len: int = 2048,
-    max_batch_size: int = 4,
-    model_parallel_size: int | None = None,
-    seed: int = 1,
+    tokenizer_path: str | Path | None,
+    max_seq_len: int,
+    max_batch_size: int,
+    model_parallel_size: int | None,
+    seed: int,
     *,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    rope_scale_factor: float | None = None,
-    compile: bool = False,
-    warm_up: bool = False,
-    quantize: str | None = None,
-    prefill_chunk: int = PREFILL_CHUNK,
-    verbose: bool = True,
-    fbgemm: bool | None = None,
-    int4_group_size: int | None = None,
+    device: str | torch.device | None,
+    dtype: str | torch.dtype | None,
+    rope_scale_factor: float | None,
+    compile: bool,
+    warm_up: bool,
+    quantize: str | None,
+    prefill_chunk: int,
+    verbose: bool,
+    fbgemm: bool | None,
+    int4_group_size: int | None,
 ) -> tuple[torch.nn.Module, Tokenizer]:
     """The model (kernels chosen and swapped in, on its device) and its tokenizer, for
-    :meth:`llama3.generation.Llama.build`, whose arguments these are (``compile`` and ``warm_up``
-    are only checked here: the decode step is the ``Llama``'s).
+    :meth:`llama3.generation.Llama.build`, whose arguments these are, every one passed (the
+    defaults live there only; ``compile`` and ``warm_up`` are only checked here: the decode step is
+    the ``Llama``'s).
 
     Raises:
         NotEnoughMemoryError: weights + KV cache exceed the device's free memory.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import threading
 import time
@@ -164,3 +165,14 @@ def finishes(fn, timeout: float = 60.0, what: str = "blocked"):
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+class LogLines(logging.Handler):
+    """A logging handler that keeps each record's message (attach it to a logger under test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())

@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import LogLines
 from torch.nn.attention import SDPBackend
 
 from llama3.attention import (
@@ -117,13 +118,6 @@ def test_lse_merge_chunk_attention_equals_lower_right_causal_attention(s, kv_len
         lse_attend("mps")
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 def test_attention_applies_the_plan_of_each_site_and_logs_the_plans_once(monkeypatch, caplog):
@@ -136,7 +130,7 @@ def test_attention_applies_the_plan_of_each_site_and_logs_the_plans_once(monkeyp
     cuda_plans = {site: sdpa_plan(site, torch.float32, 16) for site in CALL_SITES}
     monkeypatch.setattr(attention_module, "sdpa_plan",
                         lambda site, *args: cuda_plans[site]._replace(backends=()))
-    lines = _Lines()
+    lines = LogLines()
     attention_module.logger.addHandler(lines)
     caplog.set_level(logging.DEBUG, logger=attention_module.logger.name)  # unpinned: DEBUG
     try:

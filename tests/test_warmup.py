@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import LogLines, tiny_model
 from torch._dynamo.utils import counters
 
 from llama3.decoding import make_decode_step
@@ -28,13 +28,6 @@ def _greedy(model, tokens, step, n):
     return torch.cat(out, dim=1)
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 def test_warm_up_compiles_every_bucket_once_and_decoding_then_compiles_nothing():
@@ -43,7 +36,7 @@ def test_warm_up_compiles_every_bucket_once_and_decoding_then_compiles_nothing()
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, ARGS["vocab_size"], (1, 250), generator=g)
     step = make_decode_step(model, compile=True)
-    log, lines = logging.getLogger("test_warmup"), _Lines()
+    log, lines = logging.getLogger("test_warmup"), LogLines()
     log.addHandler(lines)
     log.setLevel(logging.INFO)
     records = warm_up_decode_step(step, batch_sizes=(1,), log=log)
@@ -92,7 +85,7 @@ def test_build_with_warm_up_compiles_every_bucket_before_the_first_call(generati
     with pytest.raises(ValueError, match="boolean"):
         Llama.build("/nonexistent", compile=True, warm_up="yes")
     torch._dynamo.reset()
-    lines = _Lines()
+    lines = LogLines()
     logging.getLogger("llama3.warmup").addHandler(lines)
     try:
         llama = Llama.build(generation_checkpoint, max_seq_len=300, max_batch_size=1, device="cpu",
