@@ -45,8 +45,13 @@ def _main_thread() -> bool:
 
 def quiet_interrupts() -> None:
     """From now on Ctrl-C (SIGINT) ends the process at once, status 130, no traceback."""
-    if _main_thread():
-        signal.signal(signal.SIGINT, _exit_quietly)
+    # A Ctrl-C that lands while the handler is being put in place (signal.signal is Python code,
+    # so Python may deliver it there) is the same Ctrl-C: end quietly too.
+    try:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, _exit_quietly)
+    except KeyboardInterrupt:
+        _exit_quietly(signal.SIGINT, None)
 
 
 def _raise_unless_importing(signum: int, frame: Any) -> None:
