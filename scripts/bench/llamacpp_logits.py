@@ -8,7 +8,8 @@ not share OpenMP threads with torch's.
 ``python llamacpp_logits.py JOB.json``, where JOB.json is
 ``{"gguf": path, "text": str, "types": ["F32", "Q8_0", ...], "out_dir": path, "threads": n}``.
 Writes ``tokens.json`` (the ids, the model's own BOS convention) and ``logits-TYPE.npy``
-(float32 [n_tokens, vocab]) for each type into ``out_dir``, and the GGUF files it made there too.
+(float32 [n_tokens, vocab]) for each type into ``out_dir`` (each requantized GGUF file is made there
+and removed once its logits are saved).
 Each type is ``llama_model_quantize`` with ``allow_requantize`` and ``pure``: every matrix, the
 token embedding (which a tied model also uses as its output projection) included, in that type;
 norms stay F32.
