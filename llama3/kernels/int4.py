@@ -124,12 +124,18 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_ze
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
-@torch.compiler.disable
+@torch.library.custom_op("llama3::int4pack_mm_cpu", mutates_args=())
 def _int4pack_mm_cpu(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor
                      ) -> torch.Tensor:
-    # Eager even inside a compiled decode step: inductor's lowering of this op (torch 2.13) fails
-    # on an input computed in the same graph (LoweringException: Pointwise is not a Buffer).
+    # An opaque op, not a graph break: a compiled decode step runs torch's kernel as eager does
+    # (inductor's own lowering of it fails in torch 2.13 on an input computed in the same graph:
+    # "LoweringException: Pointwise is not a Buffer"; @torch.compiler.disable split the step).
     return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, sz)
+
+
+@_int4pack_mm_cpu.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0])
 
 
 class Int4WeightOnlyLinear(LinearKernel):
@@ -139,6 +145,9 @@ class Int4WeightOnlyLinear(LinearKernel):
 
     name: ClassVar[str] = "int4"
     shares_float_weight: ClassVar[bool] = False
+    # The weight layout's name: "int4-dequant" (a subclass) reads these very buffers, so a layer
+    # decoding with one and prefilling with the other holds them once (llama3.kernels.phases).
+    layout_name: ClassVar[str] = "int4-packed"
     weight: torch.Tensor
     scales_and_zeros: torch.Tensor
     group_size: int
@@ -178,7 +187,11 @@ class Int4WeightOnlyLinear(LinearKernel):
         new.register_buffer("weight", _pack_for(weight.device, q))
         new.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).contiguous())
         new.group_size, new.local_out, new.local_in = group_size, n, k
+        new._packed_from(q)
         return new
+
+    def _packed_from(self, q: torch.Tensor) -> None:
+        """Called once the weight is packed, with its int4 values (a subclass reads the layout)."""
 
     def local_product(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's ``x Wᵀ`` in x's dtype."""
