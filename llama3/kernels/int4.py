@@ -141,7 +141,9 @@ def _(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor) 
 class Int4WeightOnlyLinear(LinearKernel):
     """Kernel family "int4": group-wise int4 weights read by torch's int4 kernels, activations in
     bfloat16 (results in the model's dtype). Buffers: ``weight`` (packed, device-specific) and
-    ``scales_and_zeros`` (float32 [in_local / group_size, out_local, 2], torch's layout)."""
+    ``scales_and_zeros`` (bfloat16 [in_local / group_size, out_local, 2], torch's layout: the kernels
+    read them in bfloat16, and converting a float32 copy on every call cost a decoding step ~25 %:
+    14.0 -> 18.3 GB/s for a 2048x2048 group-32 product on two cores of the AMX Xeon)."""
 
     name: ClassVar[str] = "int4"
     shares_float_weight: ClassVar[bool] = False
@@ -185,7 +187,8 @@ class Int4WeightOnlyLinear(LinearKernel):
         q, scales, zeros = quantize_int4_groupwise(weight, group_size)
         new = cls.blank(layer)
         new.register_buffer("weight", _pack_for(weight.device, q))
-        new.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).contiguous())
+        new.register_buffer("scales_and_zeros",
+                            torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous())
         new.group_size, new.local_out, new.local_in = group_size, n, k
         new._packed_from(q)
         return new
@@ -198,8 +201,7 @@ class Int4WeightOnlyLinear(LinearKernel):
         return int4_weight_only_linear(x, self.weight, self.scales_and_zeros, self.group_size, self.local_out)
 
     def weight_nbytes(self) -> int:
-        """Half a byte per weight plus, per group, a scale and an offset in the compute dtype (2+2
-        bytes in bfloat16: the kernels read them at the activations' precision)."""
+        """Half a byte per weight plus, per group, a bfloat16 scale and offset (2+2 bytes)."""
         return self.local_out * self.local_in // 2 + self.scales_and_zeros.numel() * 2
 
     def extra_repr(self) -> str:

@@ -111,8 +111,8 @@ def dequantize_packed(packed: torch.Tensor, sz: torch.Tensor, layout: tuple[int,
     """The weight [n, k] in ``dtype`` of an int4 weight packed for this CPU (``sz``: [k / group_size,
     n, 2] scale and offset; see :mod:`llama3.kernels.int4`), through the compiled dequantizer."""
     block, order = layout
-    # bfloat16 scale and offset, as the "int4" kernel reads them: both phases compute one weight. Rounded
-    # here, outside the compiled code: inductor drops a float -> bfloat16 -> float round trip.
+    # bfloat16 scale and offset, as the "int4" kernel reads them (and holds them): both phases compute
+    # one weight. Rounded here, outside compiled code: inductor drops a float -> bfloat16 -> float trip.
     sz = sz.to(torch.bfloat16)
     args = (packed, sz, block, order == "halves", group_size, dtype)
     key = (tuple(packed.shape), sz.dtype, block, order, group_size, dtype)
