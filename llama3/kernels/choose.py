@@ -294,7 +294,8 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
     before loading) on ``device`` in ``dtype``, and why; logged in one line.
 
     On the CPU, where several kernels can serve a family (torch, cpu-gemv and fbgemm-fp16 for a
-    bfloat16/float16 model; the w8a8 kernels with ``quantize="w8a8"``), they are measured on a
+    bfloat16/float16 model; the w8a8 kernels with ``quantize="w8a8"``; int4 and int4-dequant, which
+    share one layout, with ``quantize="int4"``), they are measured on a
     sample layer of the family's shape (:mod:`llama3.kernels.measure`: one row for decoding, a
     prefill chunk, about 0.3 s per family, the result cached per machine) and the fastest serves
     each phase; both layouts are kept only where the prefill gain pays (``KernelChoice.one_layout``

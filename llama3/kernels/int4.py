@@ -9,6 +9,9 @@ the layout of torch's int4 kernels, which read the packed weight directly: on CP
 ``torch._weight_int4pack_mm_for_cpu`` (packing ``_convert_weight_to_int4pack_for_cpu``), on CUDA
 ``torch._weight_int4pack_mm`` (bfloat16 only; packing ``_convert_weight_to_int4pack``). The packed
 layout belongs to the device it was made on: quantize after the float weight is on its device.
+Scales and offsets are held in bfloat16, as the kernels read them. On the CPU a prefill can instead
+dequantize these same buffers and multiply with torch's matmul (kernel family "int4-dequant",
+:mod:`llama3.kernels.int4_dequant`), chosen by measurement.
 
 **INT4_EO8** (kernel family "int4-int8act", Meta's checkpoints): ``weight`` is an int8 tensor
 holding int4 values (-8..7), ``scales``/``zeros`` are float [out, in / group_size]; the input is
