@@ -278,7 +278,7 @@ def test_int4_weight_only_cpu_kernel(group_size, dtype):
     slack = 2**-6 * (xb.abs() @ w_hat.abs().double().t())
     assert ((y.double() - want).abs() <= slack).all()
     # Error against the float layer: each weight is within half a step (scale / 2) of its value.
-    step = int4.scales_and_zeros[..., 0].t().repeat_interleave(group_size, dim=1)
+    step = int4.scales_and_zeros[..., 0].float().t().repeat_interleave(group_size, dim=1)
     exact = x @ layer.weight.t()
     bound = (x.abs() @ (step / 2).t()).double() * 1.0001 + 2 * slack
     assert ((y.double() - exact.double()).abs() <= bound).all()

@@ -34,9 +34,10 @@ from .cpu_gemv import CpuGemvKernel
 from .fbgemm import FbgemmFp16Kernel
 from .fp8 import Fp8RowwiseLinear, meta_fp8_layers
 from .int4 import INT4_GROUP_SIZES, Int4WeightOnlyLinear, Int8DynActInt4Linear, UnsupportedGroupSizeError
+from .int4_dequant import Int4DequantLinear
 from .int8 import Int8Kernel
 from .measure import Tuning, measure_family, why_not_measured
-from .phases import phase_kernel
+from .phases import PhaseKernel, phase_kernel
 from .torch_default import TorchKernel
 from .w8a8 import W8A8IntMmKernel, W8A8Kernel
 
@@ -58,6 +59,7 @@ KERNELS: dict[str, type[LinearKernel]] = {
     Int8Kernel.name: Int8Kernel,
     Fp8RowwiseLinear.name: Fp8RowwiseLinear,  # settings: activation_scale_ub
     Int4WeightOnlyLinear.name: Int4WeightOnlyLinear,  # settings: group_size
+    Int4DequantLinear.name: Int4DequantLinear,  # settings: group_size (int4's buffers, prefill)
     Int8DynActInt4Linear.name: Int8DynActInt4Linear,  # settings: group_size, lora_rank, lora_scale, dtype
     W8A8Kernel.name: W8A8Kernel,
     W8A8IntMmKernel.name: W8A8IntMmKernel,
@@ -68,7 +70,8 @@ QUANTIZE_MODES: dict[str, str] = {"int8": Int8Kernel.name, "fp8": Fp8RowwiseLine
 # The kernels measured against each other on the CPU (the ones that apply), for a float model and
 # for each quantize mode with several kernels; a mode with one kernel needs no timing.
 FLOAT_CANDIDATES: tuple[type[LinearKernel], ...] = (TorchKernel, CpuGemvKernel, FbgemmFp16Kernel)
-MODE_CANDIDATES: dict[str, tuple[type[LinearKernel], ...]] = {"w8a8": (W8A8Kernel, W8A8IntMmKernel)}
+MODE_CANDIDATES: dict[str, tuple[type[LinearKernel], ...]] = {
+    "w8a8": (W8A8Kernel, W8A8IntMmKernel), "int4": (Int4WeightOnlyLinear, Int4DequantLinear)}
 # Layer families: the last component of the layer names each covers.
 FAMILIES: dict[str, tuple[str, ...]] = {
     "attention": ("wq", "wk", "wv", "wo"),
@@ -291,7 +294,8 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
     before loading) on ``device`` in ``dtype``, and why; logged in one line.
 
     On the CPU, where several kernels can serve a family (torch, cpu-gemv and fbgemm-fp16 for a
-    bfloat16/float16 model; the w8a8 kernels with ``quantize="w8a8"``), they are measured on a
+    bfloat16/float16 model; the w8a8 kernels with ``quantize="w8a8"``; int4 and int4-dequant, which
+    share one layout, with ``quantize="int4"``), they are measured on a
     sample layer of the family's shape (:mod:`llama3.kernels.measure`: one row for decoding, a
     prefill chunk, about 0.3 s per family, the result cached per machine) and the fastest serves
     each phase; both layouts are kept only where the prefill gain pays (``KernelChoice.one_layout``
@@ -362,21 +366,27 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
     for family, pool in candidates.items():
         try:
             got = measure_family(family, pool, args, dtype, tuning,
-                                 {p: KERNELS[n] for p, n in forced.get(family, {}).items()})
-            one = KernelChoice(got.one_layout, got.reason + "; one layout: both would not fit in memory")
-            chosen[family] = KernelChoice(got.kernel, got.reason, one_layout=one if got.one_layout else None)
+                                 {p: KERNELS[n] for p, n in forced.get(family, {}).items()},
+                                 settings=chosen[family].settings)
+            one = KernelChoice(got.one_layout, got.reason + "; one layout: both would not fit in memory",
+                               settings=chosen[family].settings)
+            chosen[family] = KernelChoice(got.kernel, got.reason, settings=chosen[family].settings,
+                                          one_layout=one if got.one_layout else None)
             measured.add(family)
         except (RuntimeError, MemoryError) as e:  # measuring failed: the rule, and say so
             logger.warning("could not measure the kernels for %s (%s); using the rule: %s", family, e,
                            chosen[family].reason)
-    mode_kernel = KERNELS[QUANTIZE_MODES[quantize]] if quantize else None
+    # The quantize mode's kernels (forced on another family too) take the mode's settings (int4's group).
+    mode_kernels = ({KERNELS[QUANTIZE_MODES[quantize]], *MODE_CANDIDATES.get(quantize, ())} if quantize
+                    else set())
     for family, phases in forced.items():
         if family in measured:
             continue  # a partly forced family: measure_family took the forced phase
         kernel = phase_kernel(KERNELS[phases.get("decode", chosen[family].kernel.name)],
                               KERNELS[phases.get("prefill", chosen[family].kernel.name)])
-        # The quantize mode's kernel forced on another family takes the mode's settings (int4's group).
-        chosen[family] = KernelChoice(kernel, "override", settings=settings if kernel is mode_kernel else {})
+        parts = kernel.kernels if issubclass(kernel, PhaseKernel) else (kernel,)
+        chosen[family] = KernelChoice(kernel, "override",
+                                      settings=settings if mode_kernels.issuperset(parts) else {})
     families = {}
     for family, choice in chosen.items():
         if refusal := choice.kernel.refusal(None, device, dtype):

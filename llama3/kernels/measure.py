@@ -21,7 +21,7 @@ from torch import nn
 from ..distributed import ColumnParallelLinear, model_parallel_world_size
 from . import autotune
 from .base import LinearKernel, swap_linear
-from .phases import PhaseKernel, phase_kernel
+from .phases import PhaseKernel, phase_kernel, shares_layout
 
 __all__ = ["MEASURE_BUDGET_S", "MIN_MEASURED_DIM", "OUTPUT_SAMPLE_ROWS", "PREFILL_ROWS", "TWO_LAYOUTS_GAIN",
            "Measured", "Tuning", "measure_family", "why_not_measured"]
@@ -85,9 +85,12 @@ def _sample_shape(family: str, args: Any) -> tuple[tuple[int, int], tuple[int, i
 
 @torch.no_grad()
 def measure_family(family: str, pool: list[type[LinearKernel]], args: Any, dtype: torch.dtype, tuning: Tuning,
-                   forced: Mapping[str, type[LinearKernel]]) -> Measured:
+                   forced: Mapping[str, type[LinearKernel]], settings: Mapping[str, Any] | None = None
+                   ) -> Measured:
     """The kernel of ``family`` (``"attention"``, ``"feed-forward"``, ``"output"``) among ``pool``
-    by measurement; ``forced``: phase -> kernel kept as given (the other phase measured)."""
+    by measurement; ``forced``: phase -> kernel kept as given (the other phase measured);
+    ``settings``: the candidates' ``from_float`` settings (int4's group size; part of the cache key)."""
+    settings = dict(settings or {})
     (out_f, in_f), (rows, _) = _sample_shape(family, args)
     phases = tuple(p for p in (("decode",) if family == "output" else autotune.PHASES) if p not in forced)
     weight: list[torch.Tensor] = []
@@ -100,13 +103,17 @@ def measure_family(family: str, pool: list[type[LinearKernel]], args: Any, dtype
             with torch.device("meta"):
                 layer = ColumnParallelLinear(in_f, rows)
             layer.weight = nn.Parameter(weight[0], requires_grad=False)
-            swapped = swap_linear(layer, kernel)
+            swapped = swap_linear(layer, kernel, **settings)
             return lambda x: kernel.local_product(swapped, x)
         return build
 
+    fingerprint = tuning.fingerprint
+    if settings:  # another group size is another measurement
+        fingerprint = {**(fingerprint if fingerprint is not None else autotune.machine_fingerprint()),
+                       **{f"setting {k}": str(v) for k, v in sorted(settings.items())}}
     picked = autotune.choose({k.name: factory(k) for k in pool}, out_f, in_f, dtype, family=family,
                              prefill_rows=PREFILL_ROWS, budget_s=tuning.budget_s, override="",
-                             cache=tuning.cache, timer=tuning.timer, fingerprint=tuning.fingerprint,
+                             cache=tuning.cache, timer=tuning.timer, fingerprint=fingerprint,
                              phases=phases or ("decode",), log=False)
     by_name = {k.name: k for k in pool}
     decode = forced.get("decode") or by_name[picked.decode]
@@ -118,10 +125,12 @@ def measure_family(family: str, pool: list[type[LinearKernel]], args: Any, dtype
         reason += f", {', '.join(f'{p}={k.name}' for p, k in forced.items())} forced"
     elif prefill is not decode:
         slow, fast = seconds[decode.name].get("prefill"), seconds[prefill.name].get("prefill")
-        if slow is None or fast is None or slow <= TWO_LAYOUTS_GAIN * fast:
+        gain = 1.0 if shares_layout(decode, prefill) else TWO_LAYOUTS_GAIN  # one layout: no cost
+        if slow is None or fast is None or slow <= gain * fast:
             prefill = decode  # a second layout would not pay
     kernel = phase_kernel(decode, prefill)
-    two_layouts = issubclass(kernel, PhaseKernel) and not all(k.shares_float_weight for k in kernel.kernels)
+    two_layouts = issubclass(kernel, PhaseKernel) and not (
+        all(k.shares_float_weight for k in kernel.kernels) or shares_layout(*kernel.kernels))
     return Measured(kernel, reason, decode if two_layouts else None)
 
 

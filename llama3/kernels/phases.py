@@ -5,8 +5,10 @@ fast the weight streams) and many rows (a prefill: bound by arithmetic), measure
 classes this project ran on (:mod:`llama3.kernels.autotune`). :func:`phase_kernel` combines two
 kernel families into one: rows up to :data:`DECODE_ROWS` go to the decode kernel, more to the
 prefill kernel. Each keeps its own weight layout, except that a family computing from the float
-weight (torch, cpu-gemv) uses the layer's one float ``weight`` Parameter; the bytes of both
-layouts are what the fit check counts (:meth:`PhaseKernel.nbytes_for`).
+weight (torch, cpu-gemv) uses the layer's one float ``weight`` Parameter, and two families naming
+the same ``layout_name`` (one subclassing the other: "int4" and "int4-dequant") share one layer
+object holding that layout once; the bytes of the layouts held are what the fit check counts
+(:meth:`PhaseKernel.nbytes_for`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,19 @@ from torch import nn
 
 from .base import LinearKernel, swap_linear
 
-__all__ = ["DECODE_ROWS", "PhaseKernel", "phase_kernel"]
+__all__ = ["DECODE_ROWS", "PhaseKernel", "phase_kernel", "shares_layout"]
 
 # Products of at most this many rows are decoding steps (one row per sequence of a batch): the
 # weight-streaming regime the decode kernel was measured in.
 DECODE_ROWS = 8
+
+
+def shares_layout(a: type[LinearKernel], b: type[LinearKernel]) -> bool:
+    """Whether kernels ``a`` and ``b`` compute from one weight layout, held once: the same
+    ``layout_name``, one a subclass of the other (so one layer object serves both)."""
+    name = getattr(a, "layout_name", None)
+    return name is not None and name == getattr(b, "layout_name", None) and (
+        issubclass(a, b) or issubclass(b, a))
 
 
 class PhaseKernel(LinearKernel):
@@ -43,6 +53,8 @@ class PhaseKernel(LinearKernel):
     @classmethod
     def nbytes_for(cls, out_features: int, in_features: int, dtype: torch.dtype, **settings: Any) -> int:
         """Both layouts; the float weight once when both families compute from it."""
+        if shares_layout(*cls.kernels):
+            return cls.kernels[0].nbytes_for(out_features, in_features, dtype, **settings)
         own = sum(k.nbytes_for(out_features, in_features, dtype) for k in cls.kernels
                   if not k.shares_float_weight)
         shared = LinearKernel.nbytes_for(out_features, in_features, dtype) if cls.shares_float_weight else 0
@@ -55,6 +67,11 @@ class PhaseKernel(LinearKernel):
             new.weight = layer.weight
         # A tuple, not submodules: the converted layouts stay out of state_dict (never saved), and a
         # float-weight family computes from ``new.weight`` itself (None here).
+        if shares_layout(*cls.kernels):  # one layer object, of the subclass: it serves both kernels
+            derived = max(cls.kernels, key=lambda k: len(k.__mro__))
+            part = swap_linear(layer, derived, **settings)
+            new._parts = (part, part)
+            return new
         new._parts = tuple(None if k.shares_float_weight else swap_linear(layer, k, **settings)
                            for k in cls.kernels)
         return new
@@ -62,7 +79,8 @@ class PhaseKernel(LinearKernel):
     def local_product(self, x: torch.Tensor) -> torch.Tensor:
         phase = 0 if x.numel() <= DECODE_ROWS * x.shape[-1] else 1
         part = self._parts[phase]
-        return self.kernels[phase].local_product(self, x) if part is None else part.local_product(x)
+        # The phase's kernel's own product, on the part holding its layout (itself for a float weight).
+        return self.kernels[phase].local_product(self if part is None else part, x)
 
     def weight_nbytes(self) -> int:
         """Bytes a decoding step reads: the decode kernel's layout."""
@@ -71,7 +89,8 @@ class PhaseKernel(LinearKernel):
 
     def held_nbytes(self) -> int:
         """Bytes both layouts hold (the float weight once): what :meth:`nbytes_for` predicts."""
-        own = sum(part.weight_nbytes() for part in self._parts if part is not None)
+        parts = {id(p): p for p in self._parts if p is not None}.values()  # a shared layout once
+        own = sum(part.weight_nbytes() for part in parts)
         return own + (super().weight_nbytes() if self.shares_float_weight else 0)
 
 
