@@ -148,7 +148,7 @@ class Llama:
                 weight-only, ``llama3.kernels.int8``), ``"w8a8"`` (int8 weights and int8 dynamic
                 activations, CPU, the speed mode: ``llama3.kernels.w8a8``), ``"fp8"`` (Meta's
                 fp8_mixed: row-wise float8 feed-forward of every layer but the first and last,
-                ``llama3.kernels.fp8``) or ``"int4"`` (group-wise int4 weight-only block linears,
+                ``llama3.kernels.fp8``) or ``"int4"`` (group-wise int4 weight-only, every linear,
                 ``llama3.kernels.int4``).
                 A checkpoint shipped quantized (Meta fp8_mixed / INT4_EO8, Hugging Face
                 fbgemm_fp8) is recognised by itself; ``quantize=`` on it is refused.

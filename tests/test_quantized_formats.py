@@ -632,8 +632,8 @@ def test_quantize_at_load_stays_close_to_the_float_model(mode):
     prompts = _prompts(4, 32, 12)
     with torch.no_grad():
         want = model(prompts, 0)
-        # The chooser's selection: fp8 = Meta's (FFN of the middle layers), int4 = every block
-        # linear, group 32 (the tiny model's 64 inputs).
+        # The chooser's selection: fp8 = Meta's (FFN of the middle layers), int4 = every linear,
+        # output included, group 32 (the tiny model's 64 inputs).
         apply_kernels(model, choose_kernels(model, "cpu", torch.float32, mode,
                                                  int4_group_size=32 if mode == "int4" else None))
         chosen = kernels_in(model)
@@ -649,10 +649,10 @@ def test_quantize_at_load_stays_close_to_the_float_model(mode):
 
 
 def _expected_kernel(mode: str, name: str, n_layers: int) -> str:
+    if mode == "int4":
+        return "int4"  # every linear, the output projection too
     if name == "output":
         return "torch"
-    if mode == "int4":
-        return "int4"
     layer = int(name.split(".")[1])
     return "fp8-rowwise" if "feed_forward" in name and 0 < layer < n_layers - 1 else "torch"
 

@@ -328,18 +328,20 @@ def weight_bytes_per_rank(args: ModelArgs, scheme: str | None, world: int = 1, *
                           float_bytes: int = 2, group_size: int = 128) -> int:
     """Bytes of weights one of ``world`` model-parallel ranks holds in ``scheme``: None (the
     model's ``float_bytes`` dtype), ``"fp8_mixed"`` or ``"fp8"`` (Meta's selection float8 + row
-    scales, as shipped or quantized at load), ``"int4"`` (every block linear int4
-    group-wise, bfloat16 scale + offset per group; quantize-at-load) or ``"int4_eo8"`` (Meta's
+    scales, as shipped or quantized at load), ``"int4"`` (every linear, the output projection too,
+    int4 group-wise, bfloat16 scale + offset per group; quantize-at-load: a tied output gets its own
+    int4 copy beside the float embedding) or ``"int4_eo8"`` (Meta's
     mobile layout as we hold it: int4 values one per int8 byte, float32 scales, int8 embedding and
     output multiplied out to ``float_bytes``). Layers not quantized stay ``float_bytes``."""
     if scheme not in (None, "fp8_mixed", "fp8", "int4", "int4_eo8"):
         raise ValueError(f"scheme must be None, 'fp8_mixed', 'fp8', 'int4' or 'int4_eo8', got {scheme!r}")
     quant = {"fp8_mixed": set(meta_fp8_layers(args.n_layers)), "fp8": set(meta_fp8_layers(args.n_layers)),
-             "int4": set(block_linears(args)), "int4_eo8": set(block_linears(args))}.get(scheme or "", set())
+             "int4": {*block_linears(args), "output"},
+             "int4_eo8": set(block_linears(args))}.get(scheme or "", set())
     total = 0.0
     for name in param_names(args):
-        if name == "output.weight" and args.tie_word_embeddings:
-            continue
+        if name == "output.weight" and args.tie_word_embeddings and "output" not in quant:
+            continue  # the embedding's own bytes
         shape = shard_shape(name, args, 0, world)
         n = shape[0] * (shape[1] if len(shape) > 1 else 1)
         if name.removesuffix(".weight") not in quant:

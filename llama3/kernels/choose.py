@@ -80,11 +80,12 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 }
 # The layer families each quantize mode converts; the others keep the float rule. fp8 is Meta's
 # fp8_mixed selection (feed-forward of every layer but the first and the last, see
-# :func:`quantized_layers`); int4 converts the transformer blocks, not the output projection,
-# whose error the logits feel directly.
+# :func:`quantized_layers`); int4 converts every linear, the output projection too, as torchao's
+# and gpt-fast's int4 and llama.cpp's Q4_0 do: the output projection is the largest matrix of the
+# small models (a third of Llama 3.2 1B's weight bytes), and keeping it in bf16 costs decode speed
+# a 4-bit mode is chosen for. ``LLAMA3_KERNELS=output=torch`` keeps it float (more accurate).
 QUANTIZED_FAMILIES: dict[str, tuple[str, ...]] = {"int8": tuple(FAMILIES), "fp8": ("feed-forward",),
-                                                  "int4": ("attention", "feed-forward"),
-                                                  "w8a8": tuple(FAMILIES)}
+                                                  "int4": tuple(FAMILIES), "w8a8": tuple(FAMILIES)}
 ENV_OVERRIDE = "LLAMA3_KERNELS"
 # Below this model width a layer's product takes a few microseconds and FBGEMM's fixed cost per call
 # (float32 copy of the input, dispatch) outweighs its faster arithmetic: the tiny test shapes.
@@ -302,7 +303,7 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
     is the fallback the fit check takes when both do not fit). Elsewhere :func:`decide`'s rule.
 
     ``quantize``: a ``QUANTIZE_MODES`` key (``"int8"``, ``"w8a8"``: int8 weights and activations,
-    ``"fp8"``: Meta's fp8_mixed selection, ``"int4"``: the block linears, group-wise with
+    ``"fp8"``: Meta's fp8_mixed selection, ``"int4"``: every linear, group-wise with
     ``int4_group_size``, default :func:`default_int4_group_size`) or None. ``stored``: the
     format of a checkpoint shipped quantized (its layers keep their stored kernel; quantize= is
     then refused). ``fbgemm``: ``Llama.build``'s flag (True: pack, False: never pack, None: when it

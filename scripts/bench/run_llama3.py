@@ -24,10 +24,10 @@ PRECISIONS: dict[str, tuple[torch.dtype, str | None, bool | None]] = {
     "int4": (torch.bfloat16, "int4", None), "fp8": (torch.bfloat16, "fp8", None),
     "bf16-torch": (torch.bfloat16, None, False), "fp16-torch": (torch.float16, None, False),
     "bf16-fbgemm": (torch.bfloat16, None, True), "fp16-fbgemm": (torch.float16, None, True),
-    "int4-all": (torch.bfloat16, "int4", None)}
-# Kernel overrides of a precision beyond the library's default: int4-all quantizes the output
-# projection too (as llama.cpp's Q4_0 file quantizes every matrix), which quantize="int4" keeps bf16.
-OVERRIDES = {"int4-all": "output=int4"}
+    "int4-bf16-output": (torch.bfloat16, "int4", None)}
+# Kernel overrides of a precision beyond the library's default: int4-bf16-output keeps the output
+# projection in bf16 (torch's kernels), which quantize="int4" makes int4 like every other linear.
+OVERRIDES = {"int4-bf16-output": "output=torch"}
 # int4's group size here: 32 weights per scale, as llama.cpp's Q4_0 blocks (the comparison).
 INT4_GROUP = 32
 
