@@ -125,8 +125,8 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
         max_seq_lens: e.g. "2048,32768": batch-1 decode tok/s after the ``decode_context`` prompt
             with the model built for each of these context sizes, side by side.
         table: the README speed table instead (see the module docstring).
-        precisions: for ``table``: any of bf16, fp16, int8, w8a8, int4, bf16-torch, fp16-torch,
-            bf16-fbgemm, fp16-fbgemm.
+        precisions: for ``table``: any of bf16, fp16, int8, w8a8, int4, int4-bf16-output, fp8,
+            bf16-torch, fp16-torch, bf16-fbgemm, fp16-fbgemm.
         bandwidth_gib: size of the bandwidth probes' buffer (default 1 GiB on CPU, 4 on GPU; it must
             exceed the caches: smaller only for quick dry runs).
         prefill_len: for ``table``: prefill tokens timed per precision (default 512 with
