@@ -58,6 +58,7 @@ import torch  # noqa: E402
 from bench.gguf_reader import read_gguf  # noqa: E402
 from bench.logit_metrics import compare, perplexity  # noqa: E402
 from bench.machine import cpu_info  # noqa: E402
+from bench.report import write_results  # noqa: E402
 from bench.run_llama3 import OVERRIDES, PRECISIONS, prepare  # noqa: E402
 
 from llama3.checkpoint import load_model, save_meta_checkpoint  # noqa: E402
@@ -259,10 +260,7 @@ def main(gguf: str | None = None, text_file: str | None = None, threads: int = 2
               "is wrong for this file, and the other rows mean nothing", flush=True)
     results = {"machine": machine, "gguf": gguf, "n_tokens": len(tokens), "kernels": kernels, "table": table,
                "ours_vs_llamacpp": pairs, "activation_peaks": peak_stats, "argv": sys.argv[1:]}
-    if out:
-        with open(out, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"# wrote {out}")
+    write_results(results, out)
     return results
 
 

@@ -65,7 +65,7 @@ except ModuleNotFoundError:  # loaded by path from elsewhere (a test): nothing t
 import torch  # noqa: E402
 from bench.machine import cpu_info, cpu_summary  # noqa: E402
 from bench.probes import measure_bandwidth, peak_memory  # noqa: E402
-from bench.report import print_table  # noqa: E402
+from bench.report import print_table, write_results  # noqa: E402
 from bench.run_llama3 import build_model, decode_at_max_seq_lens, prepare, run_ours  # noqa: E402
 from bench.table import print_speed_table, speed_table  # noqa: E402
 
@@ -242,10 +242,7 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
                "decode_tokens": decode_tokens, "decode_context": decode_context, "rows": rows,
                "load_avg_at_end": os.getloadavg()[0], "argv": sys.argv[1:]}
     print_table(results)
-    if out:
-        with open(out, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"# wrote {out}")
+    write_results(results, out)
     return results
 
 
