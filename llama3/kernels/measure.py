@@ -1,10 +1,18 @@
 """Measuring which kernel serves a layer family on this CPU, for :func:`~llama3.kernels.choose_kernels`.
 
 For a family (attention projections, feed-forward, output projection) and its candidate kernels,
-:func:`measure_family` builds each candidate on a random sample weight of the family's shape and
-times it through :func:`llama3.kernels.autotune.choose` (one row for decoding, ``PREFILL_ROWS``
-rows for a prefill, ``MEASURE_BUDGET_S`` per family, cached per machine), then decides whether a
-second weight layout for the prefill pays (``TWO_LAYOUTS_GAIN``).
+:func:`measure_family` builds each candidate on random weights of the family's layers, one of each
+as a transformer block holds them (attention wq, wk, wv, wo; feed-forward w1, w3, w2; at most
+``OUTPUT_SAMPLE_ROWS`` rows of the output projection), and times one pass through them in the
+order a forward pass runs them, through :func:`llama3.kernels.autotune.choose` (one row for
+decoding, ``PREFILL_ROWS`` rows for a prefill, ``MEASURE_BUDGET_S`` per family, cached per
+machine); then it decides whether a second weight layout for the prefill pays (``TWO_LAYOUTS_GAIN``).
+
+Why a pass and not one sample layer timed again and again: on the AMX Xeon (2 cores) w8a8's
+``torch._int_mm`` kernel took 1.10 ms per call on the feed-forward's ``w1`` repeated alone against
+1.76 ms for oneDNN's, yet through w1, w3, w2 in turn 3.64 ms against oneDNN's 2.64, and the full 1B
+model decoded 10.5 tok/s with the first and 12.2 with the second: a kernel's speed on one repeated
+shape does not carry over to the sequence a decoding step runs.
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ from . import autotune
 from .base import LinearKernel, swap_linear
 from .phases import PhaseKernel, phase_kernel, shares_layout
 
-__all__ = ["MEASURE_BUDGET_S", "MIN_MEASURED_DIM", "OUTPUT_SAMPLE_ROWS", "PREFILL_ROWS", "TWO_LAYOUTS_GAIN",
-           "Measured", "Tuning", "measure_family", "why_not_measured"]
+__all__ = ["MAX_MEASURED_WEIGHTS", "MEASURE_BUDGET_S", "MIN_MEASURED_DIM", "OUTPUT_SAMPLE_ROWS",
+           "PREFILL_ROWS", "TWO_LAYOUTS_GAIN", "Measured", "Tuning", "measure_family", "why_not_measured"]
 
 # Nothing narrower is measured: microseconds are noise (the test shapes; every released Llama 3 is wider).
 MIN_MEASURED_DIM = 1024
@@ -34,6 +42,8 @@ MIN_MEASURED_DIM = 1024
 PREFILL_ROWS = 128
 OUTPUT_SAMPLE_ROWS = 16384
 MEASURE_BUDGET_S = 0.3
+# The most weights one family's measurement builds (per candidate layout): 384 MB in bfloat16.
+MAX_MEASURED_WEIGHTS = 192 * 2**20
 # Two weight layouts for one layer (decode kernel + prefill kernel) only when the prefill winner is
 # at least this much faster than the decode winner at prefill; otherwise the decode winner does both.
 TWO_LAYOUTS_GAIN = 1.25
@@ -76,11 +86,18 @@ def why_not_measured(args: Any, device: torch.device, tuning: Tuning) -> str:
     return ""
 
 
-def _sample_shape(family: str, args: Any) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(the family's shape, the shape measured): wq, w1, and at most OUTPUT_SAMPLE_ROWS of output."""
-    shape = {"attention": (args.dim, args.dim), "feed-forward": (args.ffn_hidden_dim, args.dim),
-             "output": (args.vocab_size, args.dim)}[family]
-    return shape, (min(shape[0], OUTPUT_SAMPLE_ROWS) if family == "output" else shape[0], shape[1])
+def _family_shapes(family: str, args: Any) -> list[tuple[int, int]]:
+    """The (out, in) shape of each layer a measurement passes through, in forward order: one block's
+    wq, wk, wv, wo or w1, w3, w2, or at most OUTPUT_SAMPLE_ROWS rows of the output projection; the
+    rows of a family larger than MAX_MEASURED_WEIGHTS cut in proportion (70B, 405B)."""
+    kv = (args.n_kv_heads or args.n_heads) * (args.dim // args.n_heads)
+    shapes = {"attention": [(args.dim, args.dim), (kv, args.dim), (kv, args.dim), (args.dim, args.dim)],
+              "feed-forward": [(args.ffn_hidden_dim, args.dim)] * 2 + [(args.dim, args.ffn_hidden_dim)],
+              "output": [(min(args.vocab_size, OUTPUT_SAMPLE_ROWS), args.dim)]}[family]
+    share = MAX_MEASURED_WEIGHTS / sum(o * i for o, i in shapes)
+    if share < 1:  # rows in multiples of 64, which every kernel's packing takes
+        shapes = [(max(64, int(o * share) // 64 * 64), i) for o, i in shapes]
+    return shapes
 
 
 @torch.no_grad()
@@ -91,26 +108,43 @@ def measure_family(family: str, pool: list[type[LinearKernel]], args: Any, dtype
     by measurement; ``forced``: phase -> kernel kept as given (the other phase measured);
     ``settings``: the candidates' ``from_float`` settings (int4's group size; part of the cache key)."""
     settings = dict(settings or {})
-    (out_f, in_f), (rows, _) = _sample_shape(family, args)
+    shapes = _family_shapes(family, args)
+    # The first layer's real shape names the measurement in the cache (the output projection's
+    # whole vocabulary, though a sample of its rows is timed).
+    out_f, in_f = (args.vocab_size, args.dim) if family == "output" else shapes[0]
     phases = tuple(p for p in (("decode",) if family == "output" else autotune.PHASES) if p not in forced)
-    weight: list[torch.Tensor] = []
+    weights: list[torch.Tensor] = []
 
     def factory(kernel: type[LinearKernel]) -> autotune.Candidate:
         def build() -> autotune.Product:
-            if not weight:  # one random sample weight per family, shared by the candidates
-                weight.append(torch.randn(rows, in_f, generator=torch.Generator().manual_seed(0))
-                              .mul_(0.02).to(dtype))
-            with torch.device("meta"):
-                layer = ColumnParallelLinear(in_f, rows)
-            layer.weight = nn.Parameter(weight[0], requires_grad=False)
-            swapped = swap_linear(layer, kernel, **settings)
-            return lambda x: kernel.local_product(swapped, x)
+            if not weights:  # random weights, one per layer, shared by the candidates
+                generator = torch.Generator().manual_seed(0)
+                weights.extend(torch.randn(shape, generator=generator).mul_(0.02).to(dtype)
+                               for shape in shapes)
+            layers = []
+            for w in weights:
+                with torch.device("meta"):
+                    layer = ColumnParallelLinear(w.shape[1], w.shape[0])
+                layer.weight = nn.Parameter(w, requires_grad=False)
+                layers.append((swap_linear(layer, kernel, **settings), w.shape[1]))
+            inputs: dict[tuple[int, int], torch.Tensor] = {}
+
+            def one_pass(x: torch.Tensor) -> None:
+                for layer, width in layers:
+                    # A layer wider than the family's input (w2) takes an input of its own width,
+                    # made on the first call of each row count (the untimed warm-up).
+                    xi = x if width == x.shape[-1] else inputs.setdefault(
+                        (x.shape[0], width), torch.randn(x.shape[0], width).to(x.dtype))
+                    kernel.local_product(layer, xi)
+            return one_pass
         return build
 
-    fingerprint = tuning.fingerprint
+    # The layers passed through are part of the cache key, and so is the method: a choice cached
+    # from one sample layer timed on its own (which misled, see the module doc) is not reused.
+    machine = tuning.fingerprint if tuning.fingerprint is not None else autotune.machine_fingerprint()
+    fingerprint = {**machine, "measured": "one pass through " + ", ".join(f"{o}x{i}" for o, i in shapes)}
     if settings:  # another group size is another measurement
-        fingerprint = {**(fingerprint if fingerprint is not None else autotune.machine_fingerprint()),
-                       **{f"setting {k}": str(v) for k, v in sorted(settings.items())}}
+        fingerprint.update({f"setting {k}": str(v) for k, v in sorted(settings.items())})
     picked = autotune.choose({k.name: factory(k) for k in pool}, out_f, in_f, dtype, family=family,
                              prefill_rows=PREFILL_ROWS, budget_s=tuning.budget_s, override="",
                              cache=tuning.cache, timer=tuning.timer, fingerprint=fingerprint,
@@ -120,7 +154,7 @@ def measure_family(family: str, pool: list[type[LinearKernel]], args: Any, dtype
     prefill = forced.get("prefill") or by_name[picked.prefill]
     seconds = picked.seconds
     reason = f"{family} measured{' (cached)' if picked.source == 'cache' else ''}: " + _rates(
-        seconds, out_f if family != "output" else rows, in_f)
+        seconds, sum(o * i for o, i in shapes))
     if forced:
         reason += f", {', '.join(f'{p}={k.name}' for p, k in forced.items())} forced"
     elif prefill is not decode:
@@ -134,11 +168,11 @@ def measure_family(family: str, pool: list[type[LinearKernel]], args: Any, dtype
     return Measured(kernel, reason, decode if two_layouts else None)
 
 
-def _rates(seconds: Mapping[str, Mapping[str, float]], out_f: int, in_f: int) -> str:
+def _rates(seconds: Mapping[str, Mapping[str, float]], weights: int) -> str:
     """"decode fbgemm-fp16 3.1, torch 1.2 G weights/s; prefill torch 950, ... GFLOP/s"."""
     parts = []
-    for phase, unit, work in (("decode", "G weights/s", out_f * in_f),
-                              ("prefill", "GFLOP/s", 2 * PREFILL_ROWS * out_f * in_f)):
+    for phase, unit, work in (("decode", "G weights/s", weights),
+                              ("prefill", "GFLOP/s", 2 * PREFILL_ROWS * weights)):
         timed = sorted((t[phase], name) for name, t in seconds.items() if phase in t)
         if timed:
             parts.append(f"{phase} " + ", ".join(f"{name} {work / t / 1e9:.3g}" for t, name in timed)
