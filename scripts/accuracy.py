@@ -33,7 +33,6 @@ checkpoint mapping (names, shapes, RoPE layout, tied embedding) is right: it mus
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -58,11 +57,10 @@ import torch  # noqa: E402
 from bench.gguf_reader import read_gguf  # noqa: E402
 from bench.logit_metrics import compare, perplexity  # noqa: E402
 from bench.machine import cpu_info  # noqa: E402
-from bench.report import write_results  # noqa: E402
+from bench.report import run_cli, write_results  # noqa: E402
 from bench.run_llama3 import OVERRIDES, PRECISIONS, prepare  # noqa: E402
 
 from llama3.checkpoint import load_model, save_meta_checkpoint  # noqa: E402
-from llama3.cli import fire_strict  # noqa: E402
 
 TEXT = """Four score and seven years ago our fathers brought forth on this continent, a new nation, \
 conceived in Liberty, and dedicated to the proposition that all men are created equal.
@@ -264,11 +262,5 @@ def main(gguf: str | None = None, text_file: str | None = None, threads: int = 2
     return results
 
 
-@functools.wraps(main)
-def cli(*args: Any, **kwargs: Any) -> None:
-    """Command line: ``main`` without echoing its result dict."""
-    main(*args, **kwargs)
-
-
 if __name__ == "__main__":
-    raise SystemExit(fire_strict(cli))
+    run_cli(main)

@@ -43,7 +43,6 @@ tokens after 512.
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import os
@@ -65,11 +64,10 @@ except ModuleNotFoundError:  # loaded by path from elsewhere (a test): nothing t
 import torch  # noqa: E402
 from bench.machine import cpu_info, cpu_summary  # noqa: E402
 from bench.probes import measure_bandwidth, peak_memory  # noqa: E402
-from bench.report import print_table, write_results  # noqa: E402
+from bench.report import print_table, run_cli, write_results  # noqa: E402
 from bench.run_llama3 import build_model, decode_at_max_seq_lens, prepare, run_ours  # noqa: E402
 from bench.table import print_speed_table, speed_table  # noqa: E402
 
-from llama3.cli import fire_strict  # noqa: E402
 from llama3.decoding import make_decode_step  # noqa: E402
 from llama3.distributed import select_device, select_dtype  # noqa: E402
 
@@ -246,11 +244,5 @@ def main(shape: str = "llama-3.2-1b", ckpt_dir: str | None = None, n_layers: int
     return results
 
 
-@functools.wraps(main)
-def cli(*args: Any, **kwargs: Any) -> None:
-    """Command line: ``main`` without echoing its result dict."""
-    main(*args, **kwargs)
-
-
 if __name__ == "__main__":
-    raise SystemExit(fire_strict(cli))
+    run_cli(main)

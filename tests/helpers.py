@@ -19,6 +19,8 @@ from typing import Any, NoReturn
 import pytest
 import torch
 
+from llama3.kernels.autotune import KernelCache
+from llama3.kernels.measure import Tuning
 from llama3.model import ModelArgs, Transformer
 from llama3.presets import preset_args
 
@@ -176,3 +178,43 @@ class LogLines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
+
+
+# ----------------------------------------------------------------------------------
+# The kernel chooser with a stubbed timer: kernels advance a fake clock by a cost the test sets.
+# ----------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """A timer that only the stubbed kernels advance."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stub_kernel_costs(monkeypatch: pytest.MonkeyPatch, clock: FakeClock,
+                      kernels: tuple[type, ...]) -> dict[str, tuple[float, float]]:
+    """Make each of ``kernels`` (subclasses before their bases: each wrapper calls the product its
+    class had before any patching) advance ``clock`` on every product by the cost the returned
+    table gives its name: kernel name -> (seconds for one row, seconds for many rows)."""
+    table: dict[str, tuple[float, float]] = {}
+    for cls in kernels:
+        original = cls.local_product
+
+        def timed(self, x, original=original, name=cls.name):
+            if name in table:
+                clock.now += table[name][0 if x.numel() == x.shape[-1] else 1]
+            return original(self, x)
+        monkeypatch.setattr(cls, "local_product", timed)
+    monkeypatch.delenv("LLAMA3_KERNELS", raising=False)
+    return table
+
+
+def stubbed_tuning(tmp_path: Path, clock: FakeClock, machine: dict[str, str]) -> Tuning:
+    """Measure on ``clock``, with no time budget (the minimum rounds), a cache file in ``tmp_path``
+    and ``machine`` as the machine's fingerprint."""
+    return Tuning(budget_s=0.0, cache=KernelCache(tmp_path / "kernels.json"), timer=clock,
+                  fingerprint=machine)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FakeClock
 
 from llama3.errors import LlamaError
 from llama3.kernels.autotune import (
@@ -22,17 +23,7 @@ from llama3.kernels.autotune import (
 MACHINE = {"cpu": "Test CPU 9000", "flags": "avx2 fma", "torch": "2.13.0", "capability": "AVX2"}
 
 
-class Clock:
-    """A fake timer: a kernel's product advances it by that kernel's cost for the phase."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def candidates(clock: Clock, costs: dict[str, tuple[float, float]], built: list[str]) -> dict:
+def candidates(clock: FakeClock, costs: dict[str, tuple[float, float]], built: list[str]) -> dict:
     """name -> factory; product cost (decode seconds, prefill seconds) by the input's rows."""
     def factory(name: str):
         def build():
@@ -54,14 +45,14 @@ def cache(tmp_path: Path) -> KernelCache:
 COSTS = {"torch": (3e-3, 1e-2), "fbgemm-fp16": (1e-3, 4e-2), "gemv": (2e-3, 9e-2)}
 
 
-def run(cache: KernelCache, clock: Clock, built: list[str], costs=COSTS, machine=MACHINE, **kw):
+def run(cache: KernelCache, clock: FakeClock, built: list[str], costs=COSTS, machine=MACHINE, **kw):
     return choose(candidates(clock, costs, built), 2048, 512, torch.bfloat16, family="feed_forward",
                   threads=2, prefill_rows=8, cache=cache, timer=clock, fingerprint=machine,
                   override=kw.pop("override", ""), **kw)
 
 
 def test_picks_the_fastest_per_phase(cache: KernelCache, caplog: pytest.LogCaptureFixture) -> None:
-    clock, built = Clock(), []
+    clock, built = FakeClock(), []
     with caplog.at_level(logging.INFO, logger="llama3.kernels.autotune"):
         choice = run(cache, clock, built)
     assert (choice.decode, choice.prefill, choice.source) == ("fbgemm-fp16", "torch", "measured")
@@ -75,7 +66,7 @@ def test_picks_the_fastest_per_phase(cache: KernelCache, caplog: pytest.LogCaptu
 
 
 def test_budget_bounds_the_rounds(cache: KernelCache) -> None:
-    clock, built = Clock(), []
+    clock, built = FakeClock(), []
     run(cache, clock, built, budget_s=0.0)
     per_round = sum(d + p for d, p in COSTS.values())
     # one warm-up and the minimum of three timed rounds
@@ -83,10 +74,10 @@ def test_budget_bounds_the_rounds(cache: KernelCache) -> None:
 
 
 def test_cache_hit_builds_nothing(cache: KernelCache) -> None:
-    clock, built = Clock(), []
+    clock, built = FakeClock(), []
     first = run(cache, clock, built)
     built.clear()
-    again = run(cache, Clock(), built)
+    again = run(cache, FakeClock(), built)
     assert built == []
     assert again.source == "cache"
     assert (again.decode, again.prefill, again.seconds) == (first.decode, first.prefill, first.seconds)
@@ -95,25 +86,25 @@ def test_cache_hit_builds_nothing(cache: KernelCache) -> None:
 @pytest.mark.parametrize("change", [{"cpu": "Other CPU"}, {"flags": "avx2 fma avx512f"},
                                     {"torch": "2.14.0"}, {"capability": "AVX512"}])
 def test_cache_invalidated_when_cpu_or_torch_changes(cache: KernelCache, change: dict) -> None:
-    run(cache, Clock(), [])
+    run(cache, FakeClock(), [])
     built: list[str] = []
     swapped = {"torch": (1e-3, 5e-2), "fbgemm-fp16": (3e-3, 1e-2), "gemv": (2e-3, 9e-2)}
-    choice = run(cache, Clock(), built, costs=swapped, machine={**MACHINE, **change})
+    choice = run(cache, FakeClock(), built, costs=swapped, machine={**MACHINE, **change})
     assert choice.source == "measured"
     assert sorted(built) == sorted(COSTS)
     assert (choice.decode, choice.prefill) == ("torch", "fbgemm-fp16")
     # the old machine's entry is still there for the old machine
-    assert run(cache, Clock(), [], machine=MACHINE).source == "cache"
+    assert run(cache, FakeClock(), [], machine=MACHINE).source == "cache"
 
 
 def test_cache_key_includes_shape_threads_and_candidates(cache: KernelCache) -> None:
-    run(cache, Clock(), [])
+    run(cache, FakeClock(), [])
     built: list[str] = []
     costs = dict(COSTS, w8a8=(5e-4, 1.0))
-    assert run(cache, Clock(), built, costs=costs).decode == "w8a8"
+    assert run(cache, FakeClock(), built, costs=costs).decode == "w8a8"
     assert "w8a8" in built
     built.clear()
-    clock = Clock()
+    clock = FakeClock()
     choose(candidates(clock, COSTS, built), 2048, 512, torch.bfloat16, threads=1, prefill_rows=8,
            cache=cache, timer=clock, fingerprint=MACHINE, override="")
     assert sorted(built) == sorted(COSTS)
@@ -122,7 +113,7 @@ def test_cache_key_includes_shape_threads_and_candidates(cache: KernelCache) -> 
 def test_corrupt_cache_is_ignored_and_rewritten(cache: KernelCache, caplog: pytest.LogCaptureFixture) -> None:
     cache.path.write_text("{not json")
     with caplog.at_level(logging.WARNING, logger="llama3.kernels.autotune"):
-        choice = run(cache, Clock(), [])
+        choice = run(cache, FakeClock(), [])
     assert choice.source == "measured"
     assert any("ignoring the kernel cache" in r.getMessage() for r in caplog.records)
     data = json.loads(cache.path.read_text())
@@ -135,22 +126,22 @@ def test_corrupt_cache_is_ignored_and_rewritten(cache: KernelCache, caplog: pyte
 
 def test_override_argument_and_environment(cache: KernelCache, monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[str] = []
-    forced = run(cache, Clock(), built, override="gemv")
+    forced = run(cache, FakeClock(), built, override="gemv")
     assert (forced.decode, forced.prefill, forced.source, built) == ("gemv", "gemv", "forced", [])
     monkeypatch.setenv("LLAMA3_KERNELS", "prefill=gemv")
-    clock = Clock()
+    clock = FakeClock()
     choice = choose(candidates(clock, COSTS, built), 2048, 512, torch.bfloat16, threads=2,
                     prefill_rows=8, cache=cache, timer=clock, fingerprint=MACHINE)
     assert (choice.decode, choice.prefill) == ("fbgemm-fp16", "gemv")
     assert choice.source == "forced+measured"
     # a family-scoped entry applies to that family only, and beats an unscoped one
-    assert run(cache, Clock(), [], override="torch,feed_forward:decode=gemv").decode == "gemv"
-    assert run(cache, Clock(), [], override="output:decode=gemv").decode == "fbgemm-fp16"
+    assert run(cache, FakeClock(), [], override="torch,feed_forward:decode=gemv").decode == "gemv"
+    assert run(cache, FakeClock(), [], override="output:decode=gemv").decode == "fbgemm-fp16"
 
 
 def test_override_errors(cache: KernelCache) -> None:
     with pytest.raises(KernelOverrideError, match="candidates: torch, fbgemm-fp16, gemv") as info:
-        run(cache, Clock(), [], override="decode=int4")
+        run(cache, FakeClock(), [], override="decode=int4")
     assert isinstance(info.value, ValueError)
     assert isinstance(info.value, LlamaError)
     with pytest.raises(KernelOverrideError, match="PHASE one of decode, prefill"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FakeClock, stub_kernel_costs, stubbed_tuning
 
 from llama3 import ModelArgs, Transformer
 from llama3.decoding import make_decode_step
@@ -44,41 +45,20 @@ needs_fbgemm = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.suppo
                                   reason="this torch build has no FBGEMM")
 
 
-class Clock:
-    """A fake timer that only the stubbed kernels advance."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def costs(monkeypatch: pytest.MonkeyPatch, clock: Clock) -> dict[str, tuple[float, float]]:
+def costs(monkeypatch: pytest.MonkeyPatch, clock: FakeClock) -> dict[str, tuple[float, float]]:
     """kernel name -> (seconds for one row, seconds for many rows); fill it in the test."""
-    table: dict[str, tuple[float, float]] = {}
-    # Subclasses first: each wrapper calls the product its class had before any patching.
-    for cls in (W8A8IntMmKernel, W8A8Kernel, TorchKernel, CpuGemvKernel, FbgemmFp16Kernel):
-        original = cls.local_product
-
-        def timed(self, x, original=original, name=cls.name):
-            if name in table:
-                clock.now += table[name][0 if x.numel() == x.shape[-1] else 1]
-            return original(self, x)
-        monkeypatch.setattr(cls, "local_product", timed)
-    monkeypatch.delenv("LLAMA3_KERNELS", raising=False)
-    return table
+    return stub_kernel_costs(monkeypatch, clock,
+                             (W8A8IntMmKernel, W8A8Kernel, TorchKernel, CpuGemvKernel, FbgemmFp16Kernel))
 
 
-def tuning(tmp_path: Path, clock: Clock, machine: dict | None = None) -> Tuning:
-    return Tuning(budget_s=0.0, cache=KernelCache(tmp_path / "kernels.json"), timer=clock,
-                  fingerprint=machine or MACHINE)
+def tuning(tmp_path: Path, clock: FakeClock, machine: dict | None = None) -> Tuning:
+    return stubbed_tuning(tmp_path, clock, machine or MACHINE)
 
 
 def phases(plan, family: str) -> tuple[str, str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FakeClock, stub_kernel_costs, stubbed_tuning
 from torch import nn
 
 from llama3 import ModelArgs, Transformer
@@ -18,7 +19,6 @@ from llama3.decoding import make_decode_step
 from llama3.distributed import ColumnParallelLinear
 from llama3.kernels import apply_kernels, choose_kernels, kernels_in
 from llama3.kernels import int4_dequant as dq
-from llama3.kernels.autotune import KernelCache
 from llama3.kernels.base import kernel_of, swap_linear
 from llama3.kernels.int4 import (
     INT4_GROUP_SIZES,
@@ -125,33 +125,15 @@ def test_without_a_compiler_it_dequantizes_eagerly(monkeypatch, caplog):
 # --- the chooser -------------------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def stubbed(monkeypatch):
     """(clock, costs): kernel name -> (seconds for one row, for many rows), advanced on a fake clock."""
-    clock, table = Clock(), {}
-    for cls in (Int4DequantLinear, Int4WeightOnlyLinear):  # the subclass first: it calls the base
-        original = cls.local_product
-
-        def timed(self, x, original=original, name=cls.name):
-            if name in table:
-                clock.now += table[name][0 if x.numel() == x.shape[-1] else 1]
-            return original(self, x)
-        monkeypatch.setattr(cls, "local_product", timed)
-    monkeypatch.delenv("LLAMA3_KERNELS", raising=False)
-    return clock, table
+    clock = FakeClock()
+    return clock, stub_kernel_costs(monkeypatch, clock, (Int4DequantLinear, Int4WeightOnlyLinear))
 
 
-def _tuning(tmp_path: Path, clock: Clock) -> Tuning:
-    return Tuning(budget_s=0.0, cache=KernelCache(tmp_path / "kernels.json"), timer=clock,
-                  fingerprint=MACHINE)
+def _tuning(tmp_path: Path, clock: FakeClock) -> Tuning:
+    return stubbed_tuning(tmp_path, clock, MACHINE)
 
 
 def _model(dtype: torch.dtype = torch.float32, seed: int = 0) -> Transformer:

@@ -133,8 +133,12 @@ def measure_family(family: str, pool: list[type[LinearKernel]], args: Any, dtype
                 for layer, width in layers:
                     # A layer wider than the family's input (w2) takes an input of its own width,
                     # made on the first call of each row count (the untimed warm-up).
-                    xi = x if width == x.shape[-1] else inputs.setdefault(
-                        (x.shape[0], width), torch.randn(x.shape[0], width).to(x.dtype))
+                    xi = x
+                    if width != x.shape[-1]:
+                        key = (x.shape[0], width)
+                        if key not in inputs:
+                            inputs[key] = torch.randn(key).to(x.dtype)
+                        xi = inputs[key]
                     kernel.local_product(layer, xi)
             return one_pass
         return build

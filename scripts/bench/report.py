@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from llama3.cli import fire_strict
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -39,3 +43,12 @@ def write_results(results: dict[str, Any], out: str | None) -> None:
         with open(out, "w") as f:
             json.dump(results, f, indent=2)
         print(f"# wrote {out}")
+
+
+def run_cli(main: Callable[..., Any]) -> NoReturn:
+    """Run a script's ``main`` from the command line (its flags, strictly), without echoing the
+    result dict it returns to Python callers."""
+    @functools.wraps(main)
+    def cli(*args: Any, **kwargs: Any) -> None:
+        main(*args, **kwargs)
+    raise SystemExit(fire_strict(cli))
