@@ -214,7 +214,7 @@ def stub_kernel_costs(monkeypatch: pytest.MonkeyPatch, clock: FakeClock,
 
 
 def stubbed_tuning(tmp_path: Path, clock: FakeClock, machine: dict[str, str]) -> Tuning:
-    """Measure on ``clock``, with no time budget (the minimum rounds), a cache file in ``tmp_path``
-    and ``machine`` as the machine's fingerprint."""
+    """Measure on ``clock``, with no time budget (the minimum rounds), a cache file in ``tmp_path``,
+    ``machine`` as the machine's fingerprint and a 64 KiB cache flush (not twice this CPU's cache)."""
     return Tuning(budget_s=0.0, cache=KernelCache(tmp_path / "kernels.json"), timer=clock,
-                  fingerprint=machine)
+                  fingerprint=machine, flush_bytes=2**16)

@@ -73,6 +73,35 @@ def test_budget_bounds_the_rounds(cache: KernelCache) -> None:
     assert clock.now == pytest.approx(4 * per_round)
 
 
+def test_a_kernel_fast_only_from_the_cache_loses_when_each_round_empties_it(cache: KernelCache) -> None:
+    # "cached" is fast when its weight is still in the CPU's cache (called again with no eviction
+    # between), slow from memory; "steady" costs the same either way. A model's decoding step reads
+    # every weight from memory, so the measurement must rank them as they run from memory.
+    clock, evictions, warm = FakeClock(), [], set()
+    cost = {"cached": (1e-3, 8e-3), "steady": (3e-3, 3e-3)}
+
+    def factory(name: str):
+        def build():
+            def product(x: torch.Tensor) -> torch.Tensor:
+                clock.now += cost[name][0] if name in warm else cost[name][1]
+                warm.add(name)
+                return x
+            return product
+        return build
+
+    def evict() -> None:
+        evictions.append(clock.now)
+        warm.clear()
+
+    common = dict(family="output", threads=2, cache=cache, timer=clock, fingerprint=MACHINE, override="",
+                  phases=("decode",), budget_s=0.0)
+    assert choose({n: factory(n) for n in cost}, 128, 64, torch.bfloat16, **common).decode == "cached"
+    choice = choose({n: factory(n) for n in cost}, 256, 64, torch.bfloat16, evict=evict, **common)
+    assert choice.decode == "steady"
+    assert choice.seconds["cached"]["decode"] == pytest.approx(8e-3)
+    assert len(evictions) == 3  # once before each timed round (the minimum of three)
+
+
 def test_cache_hit_builds_nothing(cache: KernelCache) -> None:
     clock, built = FakeClock(), []
     first = run(cache, clock, built)

@@ -138,6 +138,57 @@ def test_w8a8_variants_are_measured(tmp_path, clock, costs):
     assert plan.kernel("output") is W8A8Kernel
 
 
+def test_each_round_starts_from_memory_and_float_candidates_have_their_own_weight(tmp_path, clock, costs,
+                                                                                monkeypatch):
+    from llama3.kernels import measure
+    costs.update({"torch": (3e-3, 1e-2), "cpu-gemv": (1e-3, 1e-2)})
+    flushes: list[int] = []
+    real_flush = measure._cache_flush
+
+    def recording_flush(nbytes: int):
+        flush = real_flush(nbytes)
+
+        def run() -> None:
+            flushes.append(nbytes)
+            flush()
+        return run
+    monkeypatch.setattr(measure, "_cache_flush", recording_flush)
+    seen: dict[str, list[torch.Tensor]] = {"torch": [], "cpu-gemv": []}  # kept alive: no address reused
+    for cls in (TorchKernel, CpuGemvKernel):
+        stubbed = cls.local_product
+
+        def record(self, x, stubbed=stubbed, name=cls.name):
+            seen[name].append(self.weight)
+            return stubbed(self, x)
+        monkeypatch.setattr(cls, "local_product", record)
+    plan = choose_kernels(ModelArgs(**ARGS), "cpu", torch.bfloat16, fbgemm=False,
+                          tuning=tuning(tmp_path, clock))
+    assert plan.kernel("attention") is CpuGemvKernel
+    # Three families, each the minimum of three rounds, each round after reading the flush buffer.
+    assert flushes == [2**16] * 9
+    # torch and cpu-gemv compute from a float weight each: neither reads the other's from the cache.
+    addresses = {name: {w.data_ptr() for w in weights} for name, weights in seen.items()}
+    assert addresses["torch"]
+    assert addresses["cpu-gemv"]
+    assert not addresses["torch"] & addresses["cpu-gemv"]
+
+
+def test_cache_size_from_sysfs_sizes_the_flush(tmp_path, monkeypatch):
+    from llama3.kernels import measure
+    for index, (kind, level, size) in enumerate([("Data", 1, "48K"), ("Instruction", 1, "32K"),
+                                                 ("Unified", 2, "2048K"), ("Unified", 3, "307200K")]):
+        entry = tmp_path / f"index{index}"
+        entry.mkdir()
+        for name, value in (("type", kind), ("level", level), ("size", size)):
+            (entry / name).write_text(f"{value}\n")
+    assert measure.last_level_cache_bytes(str(tmp_path)) == 307200 * 1024
+    assert measure.last_level_cache_bytes(str(tmp_path / "missing")) is None
+    low, high = measure.FLUSH_BYTES_BOUNDS
+    for cache, expected in ((300 * 2**20, 600 * 2**20), (2**20, low), (2**30, high), (None, high)):
+        monkeypatch.setattr(measure, "last_level_cache_bytes", lambda cache=cache: cache)
+        assert measure.flush_bytes() == expected
+
+
 def test_cache_answers_the_second_build_and_a_new_cpu_or_torch_measures_again(tmp_path, clock, costs):
     costs.update({"torch": (3e-3, 1e-2), "cpu-gemv": (1e-3, 1e-2)})
     args = ModelArgs(**ARGS)

@@ -177,8 +177,10 @@ def _cache_key(fingerprint: Mapping[str, str], out_features: int, in_features: i
 
 
 def _measure(products: Mapping[str, Product], inputs: Mapping[str, torch.Tensor], budget_s: float,
-             timer: Callable[[], float], min_rounds: int = 3) -> dict[str, dict[str, float]]:
-    """Median seconds per call of each product for each phase's input, rounds interleaved."""
+             timer: Callable[[], float], min_rounds: int = 3,
+             evict: Callable[[], None] | None = None) -> dict[str, dict[str, float]]:
+    """Median seconds per call of each product for each phase's input, rounds interleaved;
+    ``evict`` (untimed) starts each round."""
     times: dict[str, dict[str, list[float]]] = {n: {p: [] for p in inputs} for n in products}
     for product in products.values():  # warm-up: first-call allocations, oneDNN primitive creation
         for x in inputs.values():
@@ -186,6 +188,8 @@ def _measure(products: Mapping[str, Product], inputs: Mapping[str, torch.Tensor]
     start = timer()
     rounds = 0
     while rounds < min_rounds or timer() - start < budget_s:
+        if evict is not None:
+            evict()
         for name, product in products.items():
             for phase, x in inputs.items():
                 t0 = timer()
@@ -202,7 +206,7 @@ def choose(candidates: Mapping[str, Candidate], out_features: int, in_features: 
            budget_s: float = 0.5, override: str | None = None, cache: KernelCache | None = None,
            timer: Callable[[], float] = time.perf_counter,
            fingerprint: Mapping[str, str] | None = None, phases: tuple[str, ...] = PHASES,
-           log: bool = True) -> Choice:
+           log: bool = True, evict: Callable[[], None] | None = None) -> Choice:
     """The fastest of ``candidates`` for a ``[out_features, in_features]`` layer in ``dtype``, for one
     row (decode) and for ``prefill_rows`` rows (prefill), measured on this machine.
 
@@ -211,7 +215,9 @@ def choose(candidates: Mapping[str, Candidate], out_features: int, in_features: 
     ``KernelCache(os.devnull)``-like paths to disable) remembers measured choices; ``timer`` and
     ``fingerprint`` are for tests. ``phases``: the phases to time (a layer that never sees a
     prefill, such as the output projection, times ``("decode",)`` and takes the decode winner for
-    both). Logs the choice and each candidate's time unless ``log`` is False."""
+    both). ``evict``: called, untimed, at the start of each round of timing (to empty the CPU's
+    caches, so that a product reads its weight from memory as it would in a model too large for
+    them). Logs the choice and each candidate's time unless ``log`` is False."""
     if not candidates:
         raise ValueError("choose() needs at least one candidate kernel")
     names = list(candidates)
@@ -240,7 +246,7 @@ def choose(candidates: Mapping[str, Candidate], out_features: int, in_features: 
             rows = {"decode": 1, "prefill": prefill_rows}
             inputs = {p: torch.randn(rows[p], in_features, generator=generator).to(dtype) for p in phases}
             products = {name: factory() for name, factory in candidates.items()}
-            seconds = _measure(products, inputs, budget_s, timer)
+            seconds = _measure(products, inputs, budget_s, timer, evict=evict)
             del products
             entry = {p: min(names, key=lambda n, p=p: seconds[n][p]) for p in phases}
             entry.update({p: entry[phases[0]] for p in PHASES if p not in entry})

@@ -13,6 +13,18 @@ Why a pass and not one sample layer timed again and again: on the AMX Xeon (2 co
 1.76 ms for oneDNN's, yet through w1, w3, w2 in turn 3.64 ms against oneDNN's 2.64, and the full 1B
 model decoded 10.5 tok/s with the first and 12.2 with the second: a kernel's speed on one repeated
 shape does not carry over to the sequence a decoding step runs.
+
+Why each round of timing starts by reading a buffer twice the size of the CPU's last-level cache
+(:func:`last_level_cache_bytes`): a decoding step of any model this measures (width >= 1024: 1B
+parameters and more) streams its weights from memory, but one block's layers (21 MB in Llama 3.2
+1B's attention, 100 MB in its feed-forward) stay in a large last-level cache (300 MiB on the AMX
+Xeon) when timed again and again, and a kernel's rate from the cache does not rank the kernels as
+they run from memory. Measured on the AMX Xeon (2 threads, G weights/s): bfloat16 attention,
+FBGEMM 17.9 / torch.mv 17.4 from the cache, 8.9 / 11.6 from memory; float16 on the output
+projection's 16384-row sample, torch 14 against FBGEMM 12-15 in one build's measurement from the
+cache, while over the whole 128,256-row matrix (525 MB, from memory) FBGEMM took 24.6 ms and torch
+34.9. The candidates that share a float weight get a copy each, so one does not read the other's
+from the cache.
 """
 
 from __future__ import annotations
@@ -32,7 +44,8 @@ from .base import LinearKernel, swap_linear
 from .phases import PhaseKernel, phase_kernel, shares_layout
 
 __all__ = ["MAX_MEASURED_WEIGHTS", "MEASURE_BUDGET_S", "MIN_MEASURED_DIM", "OUTPUT_SAMPLE_ROWS",
-           "PREFILL_ROWS", "TWO_LAYOUTS_GAIN", "Measured", "Tuning", "measure_family", "why_not_measured"]
+           "PREFILL_ROWS", "TWO_LAYOUTS_GAIN", "Measured", "Tuning", "flush_bytes", "last_level_cache_bytes",
+           "measure_family", "why_not_measured"]
 
 # Nothing narrower is measured: microseconds are noise (the test shapes; every released Llama 3 is wider).
 MIN_MEASURED_DIM = 1024
@@ -44,6 +57,9 @@ OUTPUT_SAMPLE_ROWS = 16384
 MEASURE_BUDGET_S = 0.3
 # The most weights one family's measurement builds (per candidate layout): 384 MB in bfloat16.
 MAX_MEASURED_WEIGHTS = 192 * 2**20
+# The buffer read before each round of timing: twice the last-level cache, within these bounds
+# (a cache size that cannot be read: the upper bound).
+FLUSH_BYTES_BOUNDS = (64 * 2**20, 1 * 2**30)
 # Two weight layouts for one layer (decode kernel + prefill kernel) only when the prefill winner is
 # at least this much faster than the decode winner at prefill; otherwise the decode winner does both.
 TWO_LAYOUTS_GAIN = 1.25
@@ -53,10 +69,12 @@ TWO_LAYOUTS_GAIN = 1.25
 class Tuning:
     """How :func:`~llama3.kernels.choose_kernels` measures: time budget per layer family, the
     cache of measured choices (None: :class:`~llama3.kernels.autotune.KernelCache` at its default
-    path), and the clock and machine fingerprint (tests stub them). ``enabled=False``: never
+    path), the clock and machine fingerprint (tests stub them), and the bytes read to empty the
+    CPU's caches before each round (None: :func:`flush_bytes`; 0: none). ``enabled=False``: never
     measure (the rule of :func:`~llama3.kernels.decide` instead)."""
 
     budget_s: float = MEASURE_BUDGET_S
+    flush_bytes: int | None = None
     cache: autotune.KernelCache | None = None
     timer: Callable[[], float] = time.perf_counter
     fingerprint: Mapping[str, str] | None = None
@@ -84,6 +102,51 @@ def why_not_measured(args: Any, device: torch.device, tuning: Tuning) -> str:
     if model_parallel_world_size() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "model-parallel ranks would measure each other's load"
     return ""
+
+
+def last_level_cache_bytes(sysfs: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The size of the largest data cache level of the CPU that runs this (Linux's sysfs), or None."""
+    levels: dict[int, int] = {}
+    try:
+        entries = sorted(os.listdir(sysfs))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(os.path.join(sysfs, entry, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(sysfs, entry, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(sysfs, entry, "size")) as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:].upper(), 1)
+        digits = text[:-1] if scale > 1 else text
+        if kind != "Instruction" and digits.isdigit():
+            levels[level] = max(levels.get(level, 0), int(digits) * scale)
+    return levels[max(levels)] if levels else None
+
+
+def flush_bytes() -> int:
+    """How much to read to empty the caches: twice the last-level cache, within ``FLUSH_BYTES_BOUNDS``."""
+    low, high = FLUSH_BYTES_BOUNDS
+    cache = last_level_cache_bytes()
+    return high if cache is None else min(high, max(low, 2 * cache))
+
+
+def _cache_flush(nbytes: int) -> Callable[[], None] | None:
+    """A function that reads ``nbytes`` of memory of its own, which leaves no weight in the caches
+    (the memory is taken on the first call: a choice found in the kernel cache takes none)."""
+    if nbytes <= 0:
+        return None
+    buffer: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if not buffer:
+            buffer.append(torch.ones(max(1, nbytes // 4), dtype=torch.float32))
+        buffer[0].sum()
+    return flush
 
 
 def _family_shapes(family: str, args: Any) -> list[tuple[int, int]]:
@@ -125,7 +188,10 @@ def measure_family(family: str, pool: list[type[LinearKernel]], args: Any, dtype
             for w in weights:
                 with torch.device("meta"):
                     layer = ColumnParallelLinear(w.shape[1], w.shape[0])
-                layer.weight = nn.Parameter(w, requires_grad=False)
+                # A copy each for the kernels computing from the float weight: one must not find
+                # the weight the other just read in the cache.
+                layer.weight = nn.Parameter(w.clone() if kernel.shares_float_weight else w,
+                                            requires_grad=False)
                 layers.append((swap_linear(layer, kernel, **settings), w.shape[1]))
             inputs: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -146,13 +212,16 @@ def measure_family(family: str, pool: list[type[LinearKernel]], args: Any, dtype
     # The layers passed through are part of the cache key, and so is the method: a choice cached
     # from one sample layer timed on its own (which misled, see the module doc) is not reused.
     machine = tuning.fingerprint if tuning.fingerprint is not None else autotune.machine_fingerprint()
-    fingerprint = {**machine, "measured": "one pass through " + ", ".join(f"{o}x{i}" for o, i in shapes)}
+    fingerprint = {**machine, "measured": "one pass through " + ", ".join(f"{o}x{i}" for o, i in shapes)
+                   + ", weights from memory"}
     if settings:  # another group size is another measurement
         fingerprint.update({f"setting {k}": str(v) for k, v in sorted(settings.items())})
+    flush = _cache_flush(flush_bytes() if tuning.flush_bytes is None else tuning.flush_bytes)
     picked = autotune.choose({k.name: factory(k) for k in pool}, out_f, in_f, dtype, family=family,
                              prefill_rows=PREFILL_ROWS, budget_s=tuning.budget_s, override="",
                              cache=tuning.cache, timer=tuning.timer, fingerprint=fingerprint,
-                             phases=phases or ("decode",), log=False)
+                             phases=phases or ("decode",), log=False,
+                             evict=flush)
     by_name = {k.name: k for k in pool}
     decode = forced.get("decode") or by_name[picked.decode]
     prefill = forced.get("prefill") or by_name[picked.prefill]

@@ -50,10 +50,6 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
     for name in precisions:
         dtype, quantize, fbgemm = PRECISIONS[name]
         model = build_model(shape, None, n_layers, device, dtype, 1, max_seq_len)
-        gguf_type = GGUF_FOR.get(name.split("-")[0])  # fp8: no llama.cpp counterpart
-        if compare == "llamacpp" and gguf_type and gguf_type not in cpp:  # written from the float weights
-            cpp[gguf_type] = dict(runner=LlamaCpp(model, gguf_type, max_seq_len), runs=[], prefill=[],
-                                  precision=name)
         kernels[name] = prepare(model, quantize, fbgemm, OVERRIDES.get(name))
         models[name] = model
         prefills[name] = []
@@ -64,6 +60,15 @@ def speed_table(shape: str, n_layers: int | None, precisions: list[str], compile
             for sampling in [TOP_P if top_p else GREEDY for top_p in (samplings or [False, True])]:
                 cells[(name, compiled, sampling is TOP_P)] = dict(step=step, runs=[], tokens=None,
                                                                   bytes=w_bytes + kv_bytes)
+    # llama.cpp's workers start once every kernel is measured (nothing else runs while it is), each
+    # on GGUF weights written from a rebuild of the same float weights (build_model is seeded).
+    for name in precisions:
+        gguf_type = GGUF_FOR.get(name.split("-")[0])  # fp8: no llama.cpp counterpart
+        if compare == "llamacpp" and gguf_type and gguf_type not in cpp:
+            weights = build_model(shape, None, n_layers, device, PRECISIONS[name][0], 1, max_seq_len)
+            cpp[gguf_type] = dict(runner=LlamaCpp(weights, gguf_type, max_seq_len), runs=[], prefill=[],
+                                  precision=name)
+            del weights
     vocab = models[precisions[0]].params.vocab_size
     prompt = make_prompt(1, decode_context, vocab, device)
     long_prompt = make_prompt(1, prefill_len, vocab, device) if prefill_len else None
