@@ -5,6 +5,7 @@ scripts/benchmark.py, not here."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from unittest import mock
 
@@ -17,6 +18,8 @@ from llama3.generation import Llama, make_decode_step
 from llama3.kernels import (
     FbgemmFp16Kernel,
     UnknownKernelError,
+    W8A8IntMmKernel,
+    W8A8Kernel,
     choose_kernels,
     fbgemm_is_the_fast_path,
     kernel_of,
@@ -94,16 +97,31 @@ def test_packed_model_decodes_the_unpacked_models_tokens(dtype):
 
 
 @pytest.mark.slow
-def test_packed_model_compiles_around_the_packed_products():
-    """torch.compile cannot trace FBGEMM's packed weight: each product is a clean graph break and
-    the compiled step decodes the eager tokens."""
+@pytest.mark.parametrize("kernel", [FbgemmFp16Kernel, W8A8Kernel, W8A8IntMmKernel], ids=lambda k: k.name)
+def test_packed_model_compiles_whole_around_the_packed_products(kernel):
+    """torch.compile cannot trace FBGEMM's or oneDNN's packed weights: the compiled step calls each
+    product through one opaque op (llama3::opaque_product), with no graph break, and decodes the
+    eager tokens. A layer collected takes its product out of the registry."""
+    from torch._dynamo.utils import counters
+
+    from llama3.kernels import opaque
+    if kernel is W8A8Kernel and kernel.refusal(None, "cpu", torch.bfloat16):
+        pytest.skip(kernel.refusal(None, "cpu", torch.bfloat16))
     torch._dynamo.reset()
+    counters.clear()
     tokens = torch.randint(0, TINY["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(2))
     model = make_model(torch.bfloat16)
-    pack_linear_layers(model)
+    registered = len(opaque._PRODUCTS)
+    assert swap_linears(model, kernel) == 7 * TINY["n_layers"] + 1
+    assert len(opaque._PRODUCTS) == registered + 7 * TINY["n_layers"] + 1
     want, _ = greedy(model, tokens)
     got, _ = greedy(model, tokens, step=make_decode_step(model, compile=True))
     assert torch.equal(got, want)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    del model
+    torch._dynamo.reset()  # compiled code holds the model too
+    gc.collect()
+    assert len(opaque._PRODUCTS) == registered
 
 
 def test_every_linear_is_packed_and_the_tied_embedding_kept():

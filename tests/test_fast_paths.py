@@ -15,6 +15,7 @@ from llama3.distributed import ColumnParallelLinear, RowParallelLinear
 from llama3.generation import make_decode_step
 from llama3.kernels import (
     CpuGemvKernel,
+    CpuGemvNativeKernel,
     Int8Kernel,
     apply_kernels,
     choose_kernels,
@@ -50,11 +51,11 @@ def with_default_kernels(model: Transformer) -> Transformer:
     return model
 
 
-def gemv_layer(weight: torch.Tensor) -> torch.nn.Module:
-    """A column-parallel layer holding ``weight``, swapped to the CPU GEMV kernel."""
+def gemv_layer(weight: torch.Tensor, kernel: type = CpuGemvKernel) -> torch.nn.Module:
+    """A column-parallel layer holding ``weight``, swapped to a CPU GEMV kernel."""
     layer = ColumnParallelLinear(weight.shape[1], weight.shape[0])
     layer.weight = torch.nn.Parameter(weight, requires_grad=False)
-    return swap_linear(layer, CpuGemvKernel)
+    return swap_linear(layer, kernel)
 
 
 def prompt(batch: int = 2, seed: int = 1, device: str = "cpu") -> torch.Tensor:
@@ -115,8 +116,12 @@ def test_compiled_cpu_decode_in_reduced_precision_gives_the_eager_tokens(dtype):
     assert (got_logits - want_logits).abs().max().item() <= 4 * step
 
 
+GEMV_KERNELS = pytest.mark.parametrize("kernel", [CpuGemvKernel, CpuGemvNativeKernel], ids=lambda k: k.name)
+
+
+@GEMV_KERNELS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_compiled_cpu_gemv_accumulates_in_float32(dtype):
+def test_compiled_cpu_gemv_accumulates_in_float32(dtype, kernel):
     """The compiled single-row product equals x Wᵀ computed in float64 to within the final rounding
     to ``dtype`` (plus float32 summation error): no intermediate rounding to ``dtype``. Rows of
     4096 and 8192 inputs, the shapes of the 8B model's projections."""
@@ -125,11 +130,12 @@ def test_compiled_cpu_gemv_accumulates_in_float32(dtype):
         x = torch.randn(1, 1, n_in, generator=g).to(dtype)
         weight = (torch.randn(96, n_in, generator=g) / n_in**0.5).to(dtype)
         exact = (x.double() @ weight.double().T)
-        layer = gemv_layer(weight)
+        layer = gemv_layer(weight, kernel)
         torch._dynamo.reset()
         gemv = torch.compile(layer, fullgraph=True)
         with torch.no_grad():
             results = (gemv(x), layer(x))
+        assert torch.backends.mkldnn.enabled  # cpu-gemv-native turns oneDNN off for its call only
         for got in results:  # compiled, eager (torch.mv)
             assert got.dtype == dtype
             assert got.shape == (1, 1, 96)
@@ -223,15 +229,16 @@ def test_int8_model_decodes_like_the_float_model(dtype, device):
 # --- CPU half-precision decode (torch.mv for one row) -------------------------------------------------
 
 
+@GEMV_KERNELS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_single_row_cpu_linear_is_the_product_to_half_precision(dtype):
+def test_single_row_cpu_linear_is_the_product_to_half_precision(dtype, kernel):
     """One bf16/fp16 row on the CPU goes through torch.mv (float32 accumulation); rows in a batch
     through F.linear. Both equal the float64 product to the dtype's rounding of the result."""
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(300, 2048, generator=g).to(dtype)
     x = torch.randn(3, 2048, generator=g).to(dtype)
     want = x.double() @ weight.double().T
-    layer = gemv_layer(weight)
+    layer = gemv_layer(weight, kernel)
     one = layer(x[:1, None])  # [1, 1, in]: the decode shape
     batch = layer(x)
     assert one.shape == (1, 1, 300)

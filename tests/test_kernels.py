@@ -116,7 +116,7 @@ def test_override_by_argument_and_environment(monkeypatch):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("fp4", r"unknown kernel 'fp4'.*torch, cpu-gemv, fbgemm-fp16, int8"),
+    ("fp4", r"unknown kernel 'fp4'.*torch, cpu-gemv, cpu-gemv-native, fbgemm-fp16, int8"),
     ({"mlp": "int8"}, r"unknown layer family 'mlp'.*attention, feed-forward, output"),
     ("attention=int8,output=nope", "unknown kernel 'nope' for output"),
     ("cpu-gemv", "cpu-gemv computes bfloat16/float16 on the CPU; this is torch.float32"),
@@ -213,7 +213,7 @@ def _held_bytes(model: Transformer) -> int:
 
 
 @pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("kernel", ["torch", "cpu-gemv", "int8", "fbgemm-fp16"])
+@pytest.mark.parametrize("kernel", ["torch", "cpu-gemv", "cpu-gemv-native", "int8", "fbgemm-fp16"])
 def test_weight_bytes_per_kernel_are_what_the_swapped_model_holds(monkeypatch, kernel, tie):
     monkeypatch.delenv("LLAMA3_KERNELS", raising=False)
     if kernel == "fbgemm-fp16" and "fbgemm" not in torch.backends.quantized.supported_engines:

@@ -21,6 +21,7 @@ from llama3.decoding import make_decode_step
 from llama3.kernels import (
     FAMILIES,
     CpuGemvKernel,
+    CpuGemvNativeKernel,
     FbgemmFp16Kernel,
     PhaseKernel,
     TorchKernel,
@@ -54,7 +55,8 @@ def clock() -> FakeClock:
 def costs(monkeypatch: pytest.MonkeyPatch, clock: FakeClock) -> dict[str, tuple[float, float]]:
     """kernel name -> (seconds for one row, seconds for many rows); fill it in the test."""
     return stub_kernel_costs(monkeypatch, clock,
-                             (W8A8IntMmKernel, W8A8Kernel, TorchKernel, CpuGemvKernel, FbgemmFp16Kernel))
+                             (W8A8IntMmKernel, W8A8Kernel, TorchKernel, CpuGemvNativeKernel, CpuGemvKernel,
+                              FbgemmFp16Kernel))
 
 
 def tuning(tmp_path: Path, clock: FakeClock, machine: dict | None = None) -> Tuning:

@@ -24,7 +24,7 @@ from .choose import (
     kernels_in,
     quantized_alternatives,
 )
-from .cpu_gemv import CpuGemvKernel
+from .cpu_gemv import CpuGemvKernel, CpuGemvNativeKernel
 from .fbgemm import FbgemmFp16Kernel, cpu_has_bf16_matrix_units, fbgemm_available
 from .fp8 import Fp8RowwiseLinear
 from .int4 import Int4WeightOnlyLinear, Int8DynActInt4Linear
@@ -34,7 +34,8 @@ from .torch_default import TorchKernel
 from .w8a8 import W8A8IntMmKernel, W8A8Kernel
 
 __all__ = [
-    "ENV_OVERRIDE", "FAMILIES", "KERNELS", "QUANTIZE_MODES", "CpuGemvKernel", "FbgemmFp16Kernel",
+    "ENV_OVERRIDE", "FAMILIES", "KERNELS", "QUANTIZE_MODES", "CpuGemvKernel", "CpuGemvNativeKernel",
+    "FbgemmFp16Kernel",
     "Int8Kernel", "Fp8RowwiseLinear", "Int4WeightOnlyLinear", "Int8DynActInt4Linear", "QUANTIZED_FAMILIES",
     "quantized_alternatives",
     "KernelChoice", "KernelPlan", "LinearKernel", "PhaseKernel", "TorchKernel", "Tuning",

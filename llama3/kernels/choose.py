@@ -30,7 +30,7 @@ from ..errors import LlamaError
 from . import autotune
 from . import fbgemm as _fbgemm
 from .base import LinearKernel, kernel_of, swap_linears
-from .cpu_gemv import CpuGemvKernel
+from .cpu_gemv import CpuGemvKernel, CpuGemvNativeKernel
 from .fbgemm import FbgemmFp16Kernel
 from .fp8 import Fp8RowwiseLinear, meta_fp8_layers
 from .int4 import INT4_GROUP_SIZES, Int4WeightOnlyLinear, Int8DynActInt4Linear, UnsupportedGroupSizeError
@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 KERNELS: dict[str, type[LinearKernel]] = {
     TorchKernel.name: TorchKernel,
     CpuGemvKernel.name: CpuGemvKernel,
+    CpuGemvNativeKernel.name: CpuGemvNativeKernel,
     FbgemmFp16Kernel.name: FbgemmFp16Kernel,
     Int8Kernel.name: Int8Kernel,
     Fp8RowwiseLinear.name: Fp8RowwiseLinear,  # settings: activation_scale_ub
@@ -69,7 +70,8 @@ QUANTIZE_MODES: dict[str, str] = {"int8": Int8Kernel.name, "fp8": Fp8RowwiseLine
                                   "int4": Int4WeightOnlyLinear.name, "w8a8": W8A8Kernel.name}
 # The kernels measured against each other on the CPU (the ones that apply), for a float model and
 # for each quantize mode with several kernels; a mode with one kernel needs no timing.
-FLOAT_CANDIDATES: tuple[type[LinearKernel], ...] = (TorchKernel, CpuGemvKernel, FbgemmFp16Kernel)
+FLOAT_CANDIDATES: tuple[type[LinearKernel], ...] = (TorchKernel, CpuGemvKernel, CpuGemvNativeKernel,
+                                                    FbgemmFp16Kernel)
 MODE_CANDIDATES: dict[str, tuple[type[LinearKernel], ...]] = {
     "w8a8": (W8A8Kernel, W8A8IntMmKernel), "int4": (Int4WeightOnlyLinear, Int4DequantLinear)}
 # Layer families: the last component of the layer names each covers.
@@ -294,13 +296,14 @@ def choose_kernels(model: Any, device: torch.device | str, dtype: torch.dtype, q
     """The kernel of each linear-layer family of ``model`` (a Transformer, or its ``ModelArgs``
     before loading) on ``device`` in ``dtype``, and why; logged in one line.
 
-    On the CPU, where several kernels can serve a family (torch, cpu-gemv and fbgemm-fp16 for a
-    bfloat16/float16 model; the w8a8 kernels with ``quantize="w8a8"``; int4 and int4-dequant, which
-    share one layout, with ``quantize="int4"``), they are measured on a
-    sample layer of the family's shape (:mod:`llama3.kernels.measure`: one row for decoding, a
-    prefill chunk, about 0.3 s per family, the result cached per machine) and the fastest serves
-    each phase; both layouts are kept only where the prefill gain pays (``KernelChoice.one_layout``
-    is the fallback the fit check takes when both do not fit). Elsewhere :func:`decide`'s rule.
+    On the CPU, where several kernels can serve a family (torch, cpu-gemv, cpu-gemv-native and
+    fbgemm-fp16 for a bfloat16/float16 model; the w8a8 kernels with ``quantize="w8a8"``; int4 and
+    int4-dequant, which share one layout, with ``quantize="int4"``), they are measured on one pass
+    through a block's layers of the family (:mod:`llama3.kernels.measure`: one row for decoding,
+    from memory, and a prefill chunk, about 0.3 s per family, the result cached per machine) and the
+    fastest serves each phase; both layouts are kept only where the prefill gain pays
+    (``KernelChoice.one_layout`` is the fallback the fit check takes when both do not fit).
+    Elsewhere :func:`decide`'s rule.
 
     ``quantize``: a ``QUANTIZE_MODES`` key (``"int8"``, ``"w8a8"``: int8 weights and activations,
     ``"fp8"``: Meta's fp8_mixed selection, ``"int4"``: every linear, group-wise with

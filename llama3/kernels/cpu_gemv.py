@@ -8,6 +8,13 @@ was never measured (on the AMX Xeon of README "Speed" it made the compiled bf16 
 eager one: 14.3 against 22.0 tok/s; through ``llama3::gemv`` it runs at 21.6).
 
 Several rows (prefill, batches) go to ``F.linear``. The weight stays the layer's float Parameter.
+
+``torch.mv`` itself is two kernels: where oneDNN is on (torch's default) a bfloat16 / float16 GEMV
+goes to oneDNN's matmul on CPUs it supports, else to torch's own GEMV. Which is faster depends on the
+CPU and dtype, so both are candidates: ``cpu-gemv`` (torch's default) and ``cpu-gemv-native``
+(oneDNN off for the one call). Measured: on an AMD Zen 5 (AVX512-BF16), oneDNN's bf16 GEMV streamed
+~19 GB/s and torch's own ~40-43; on the AMX Xeon oneDNN's bf16 20 GB/s against 13, its fp16 8.4
+against 12.6 (2 threads, weights from memory).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from torch import nn
 
 from .base import LinearKernel
 
-__all__ = ["CpuGemvKernel", "gemv"]
+__all__ = ["CpuGemvKernel", "CpuGemvNativeKernel", "gemv", "gemv_native", "mv_without_onednn"]
 
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -32,6 +39,27 @@ def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @gemv.register_fake
+def _(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(weight.shape[0])
+
+
+def mv_without_onednn(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``torch.mv`` with oneDNN off for this one call: torch's own GEMV."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return torch.mv(weight, x)
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
+@torch.library.custom_op("llama3::gemv_native", mutates_args=())
+def gemv_native(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """:func:`mv_without_onednn` behind an opaque op, for the compiled step."""
+    return mv_without_onednn(weight, x)
+
+
+@gemv_native.register_fake
 def _(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(weight.shape[0])
 
@@ -52,11 +80,23 @@ class CpuGemvKernel(LinearKernel):
         return "" if cls.applies(layer, device, dtype) else (
             f"cpu-gemv computes bfloat16/float16 on the CPU; this is {dtype} on {device}")
 
+    # The GEMV eagerly, and the opaque op running it in a compiled step.
+    mv: ClassVar = staticmethod(torch.mv)
+    compiled_mv: ClassVar = staticmethod(gemv)
+
     def local_product(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if x.numel() != x.shape[-1] or x.device.type != "cpu" or x.dtype not in _DTYPES:
             return F.linear(x, weight)
         out_shape = (*x.shape[:-1], weight.shape[0])
-        if torch.compiler.is_compiling():
-            return gemv(weight, x.reshape(-1)).view(out_shape)
-        return torch.mv(weight, x.reshape(-1)).view(out_shape)
+        mv = self.compiled_mv if torch.compiler.is_compiling() else self.mv
+        return mv(weight, x.reshape(-1)).view(out_shape)
+
+
+class CpuGemvNativeKernel(CpuGemvKernel):
+    """As :class:`CpuGemvKernel`, with torch's own GEMV (oneDNN off) for one row."""
+
+    name: ClassVar[str] = "cpu-gemv-native"
+    decode: ClassVar[str] = "cpu-gemv-native"
+    mv: ClassVar = staticmethod(mv_without_onednn)
+    compiled_mv: ClassVar = staticmethod(gemv_native)

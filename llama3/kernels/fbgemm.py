@@ -21,12 +21,14 @@ gets its own packed copy; the token embedding keeps its table.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .base import LinearKernel
+from .opaque import opaque_product, register_product
 
 __all__ = ["FbgemmFp16Kernel", "cpu_has_bf16_matrix_units", "fbgemm_available"]
 
@@ -49,7 +51,6 @@ def cpu_has_bf16_matrix_units() -> bool:
                ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
-@torch.compiler.disable  # the packed weight is an opaque object torch.compile cannot trace
 def _packed_linear(x: torch.Tensor, packs: list, out_features: int) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1]).float()
     parts = [torch.ops.quantized.linear_dynamic_fp16(rows, pack) for pack in packs]
@@ -72,6 +73,7 @@ class FbgemmFp16Kernel(LinearKernel):
     packs: list
     local_out: int
     _nbytes: int
+    _handle: int
 
     @classmethod
     def applies(cls, layer: nn.Module | None, device: torch.device, dtype: torch.dtype) -> bool:
@@ -100,9 +102,14 @@ class FbgemmFp16Kernel(LinearKernel):
         new.local_out = weight.shape[0]
         # The bytes of the weight the packs replaced: what a decoding step reads.
         new._nbytes = weight.numel() * weight.element_size()
+        # A compiled step calls the product through an opaque op (the packs are not traceable).
+        new._handle = register_product(new, functools.partial(_packed_linear, packs=new.packs,
+                                                              out_features=new.local_out))
         return new
 
     def local_product(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return opaque_product(x, self._handle, self.local_out)
         return _packed_linear(x, self.packs, self.local_out)
 
     def weight_nbytes(self) -> int:

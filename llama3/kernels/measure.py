@@ -19,12 +19,10 @@ Why each round of timing starts by reading a buffer twice the size of the CPU's 
 parameters and more) streams its weights from memory, but one block's layers (21 MB in Llama 3.2
 1B's attention, 100 MB in its feed-forward) stay in a large last-level cache (300 MiB on the AMX
 Xeon) when timed again and again, and a kernel's rate from the cache does not rank the kernels as
-they run from memory. Measured on the AMX Xeon (2 threads, G weights/s): bfloat16 attention,
-FBGEMM 17.9 / torch.mv 17.4 from the cache, 8.9 / 11.6 from memory; float16 on the output
-projection's 16384-row sample, torch 14 against FBGEMM 12-15 in one build's measurement from the
-cache, while over the whole 128,256-row matrix (525 MB, from memory) FBGEMM took 24.6 ms and torch
-34.9. The candidates that share a float weight get a copy each, so one does not read the other's
-from the cache.
+they run from memory. Measured on the AMX Xeon (2 threads, bfloat16 attention of Llama 3.2 1B,
+G weights/s): FBGEMM 17.9, torch.mv 17.4, torch 13.2 from the cache; 8.9, 11.6, 9.7 from memory.
+The candidates that share a float weight get a copy each, so one does not read the other's from
+the cache.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import LlamaError
 from .base import LinearKernel
+from .opaque import opaque_product, register_product
 
 __all__ = ["KERNELS", "W8A8IntMmKernel", "W8A8Kernel", "W8A8Linear", "W8A8Weight", "W8A8Error",
            "onednn_available", "quantize_rows", "quantize_weight", "w8a8_reference"]
@@ -138,6 +139,7 @@ class W8A8Kernel(LinearKernel):
     kernel: ClassVar[str] = "onednn"
     shares_float_weight: ClassVar[bool] = False
     w8a8: W8A8Weight
+    _handle: int
 
     @classmethod
     def applies(cls, layer: nn.Module | None, device: torch.device, dtype: torch.dtype) -> bool:
@@ -162,11 +164,14 @@ class W8A8Kernel(LinearKernel):
         """The swapped layer: ``layer``'s shape and parallel role, its weight quantized."""
         new = cls.blank(layer)
         new.w8a8 = W8A8Weight.from_float(layer.weight.detach(), kernel=cls.kernel)
+        # A compiled step calls the product through an opaque op (oneDNN's packed weight is not traceable).
+        new._handle = register_product(new, new.w8a8.forward)
         return new
 
-    @torch.compiler.disable  # the oneDNN packed weight is opaque to torch.compile
     def local_product(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_local] -> [..., out_local] in x's dtype."""
+        if torch.compiler.is_compiling():
+            return opaque_product(x, self._handle, self.w8a8.out_features)
         return self.w8a8.forward(x)
 
     def weight_nbytes(self) -> int:
