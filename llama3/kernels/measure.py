@@ -72,11 +72,11 @@ class Tuning:
     measure (the rule of :func:`~llama3.kernels.decide` instead)."""
 
     budget_s: float = MEASURE_BUDGET_S
-    flush_bytes: int | None = None
     cache: autotune.KernelCache | None = None
     timer: Callable[[], float] = time.perf_counter
     fingerprint: Mapping[str, str] | None = None
     enabled: bool = True
+    flush_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -218,8 +218,7 @@ def measure_family(family: str, pool: list[type[LinearKernel]], args: Any, dtype
     picked = autotune.choose({k.name: factory(k) for k in pool}, out_f, in_f, dtype, family=family,
                              prefill_rows=PREFILL_ROWS, budget_s=tuning.budget_s, override="",
                              cache=tuning.cache, timer=tuning.timer, fingerprint=fingerprint,
-                             phases=phases or ("decode",), log=False,
-                             evict=flush)
+                             phases=phases or ("decode",), log=False, evict=flush)
     by_name = {k.name: k for k in pool}
     decode = forced.get("decode") or by_name[picked.decode]
     prefill = forced.get("prefill") or by_name[picked.prefill]

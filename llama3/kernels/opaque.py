@@ -37,7 +37,11 @@ def register_product(owner: object, product: Product) -> int:
 @torch.library.custom_op("llama3::opaque_product", mutates_args=())
 def opaque_product(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     """The registered product ``handle`` of ``x``."""
-    return _PRODUCTS[handle](x)
+    product = _PRODUCTS.get(handle)
+    if product is None:  # e.g. a copy.deepcopy of a layer whose original was collected
+        raise RuntimeError(f"the packed product {handle} of this layer is gone (its original layer "
+                           "was garbage-collected); swap the layer to its kernel again instead of copying it")
+    return product(x)
 
 
 @opaque_product.register_fake
