@@ -66,6 +66,19 @@ def test_batched_input_and_zero_rows(kernel: str) -> None:
     assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("kernel", AVAILABLE)
+def test_compiled_layer_is_one_graph_with_the_eager_result(kernel: str) -> None:
+    from torch._dynamo.utils import counters
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
+    layer = W8A8Linear(W8A8Weight.from_float(w, kernel=kernel))
+    x = _rows(3, 128, seed=3).to(torch.bfloat16)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda v: layer(v) * 2, fullgraph=True)  # fullgraph: a break would raise
+    assert torch.equal(compiled(x), layer(x) * 2)
+    assert not counters["graph_break"]
+
+
 def test_quantizers_are_symmetric_per_channel_and_row() -> None:
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(4)).double()
     q, s = quantize_weight(w)
