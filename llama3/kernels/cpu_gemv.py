@@ -13,8 +13,8 @@ Several rows (prefill, batches) go to ``F.linear``. The weight stays the layer's
 goes to oneDNN's matmul on CPUs it supports, else to torch's own GEMV. Which is faster depends on the
 CPU and dtype, so both are candidates: ``cpu-gemv`` (torch's default) and ``cpu-gemv-native``
 (oneDNN off for the one call). Measured: on an AMD Zen 5 (AVX512-BF16), oneDNN's bf16 GEMV streamed
-~19 GB/s and torch's own ~40-43; on the AMX Xeon oneDNN's bf16 20 GB/s against 13, its fp16 8.4
-against 12.6 (2 threads, weights from memory).
+~19 GB/s and torch's own ~40-43; on the AMX Xeon oneDNN's bf16 21-24 GB/s against 10-13, its fp16
+8.5 against 12.1 (2 threads, weights from memory, ``scripts/bench/kernels.py``).
 """
 
 from __future__ import annotations

@@ -58,6 +58,14 @@ def _no_onednn(w: torch.Tensor) -> tuple[Kernel, int]:
     return run, w.nbytes
 
 
+def _float16(factory: Factory) -> Factory:
+    """``factory`` on the weight converted to float16, its input converted too (a float16 model)."""
+    def build(w: torch.Tensor) -> tuple[Kernel, int]:
+        run, nbytes = factory(w.half())
+        return (lambda x: run(x.half())), nbytes
+    return build
+
+
 def _fbgemm_fp16(w: torch.Tensor) -> tuple[Kernel, int]:
     packs = [torch.ops.quantized.linear_prepack_fp16(rows, None) for rows in w.split(16384)]
 
@@ -130,6 +138,9 @@ CANDIDATES: dict[str, Factory] = {
     "bf16 torch.mv": _torch_mv,
     "bf16 torch, oneDNN off": _no_onednn,
     "FBGEMM fp16 packed": _fbgemm_fp16,
+    "fp16 F.linear (oneDNN)": _float16(_torch_default),
+    "fp16 torch.mv": _float16(_torch_mv),
+    "fp16 torch, oneDNN off": _float16(_no_onednn),
     "int8 weight-only (_weight_int8pack_mm)": _int8_weight_only,
     "int4 g32 (_weight_int4pack_mm_for_cpu)": _int4,
     "w8a8 FBGEMM linear_dynamic (7-bit act, per tensor)": _engine_dynamic("fbgemm", True),
