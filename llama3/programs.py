@@ -48,7 +48,7 @@ def quiet_interrupts() -> None:
     # A Ctrl-C that lands while the handler is being put in place (signal.signal is Python code,
     # so Python may deliver it there) is the same Ctrl-C: end quietly too.
     try:
-        if threading.current_thread() is threading.main_thread():
+        if _main_thread():
             signal.signal(signal.SIGINT, _exit_quietly)
     except KeyboardInterrupt:
         _exit_quietly(signal.SIGINT, None)

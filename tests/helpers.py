@@ -185,6 +185,11 @@ class LogLines(logging.Handler):
 # ----------------------------------------------------------------------------------
 
 
+# A model wide enough for the chooser to measure (MIN_MEASURED_DIM), small enough to build in a test.
+MEASURED_ARGS = dict(dim=1024, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=256, multiple_of=256,
+                     max_batch_size=2, max_seq_len=32)
+
+
 class FakeClock:
     """A timer that only the stubbed kernels advance."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FakeClock, stub_kernel_costs, stubbed_tuning
+from helpers import MEASURED_ARGS, FakeClock, stub_kernel_costs, stubbed_tuning
 
 from llama3 import ModelArgs, Transformer
 from llama3.decoding import make_decode_step
@@ -38,9 +38,7 @@ from llama3.kernels import (
 from llama3.kernels.autotune import KernelCache
 from llama3.memory import NotEnoughMemoryError, check_fits, weight_bytes
 
-# Wide enough to be measured (MIN_FBGEMM_DIM), small enough to build in a test.
-ARGS = dict(dim=1024, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=256, multiple_of=256,
-            max_batch_size=2, max_seq_len=32)
+ARGS = MEASURED_ARGS
 MACHINE = {"cpu": "Test CPU 9000", "flags": "avx2 fma", "torch": "2.13.0", "capability": "AVX2"}
 needs_fbgemm = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
                                   reason="this torch build has no FBGEMM")

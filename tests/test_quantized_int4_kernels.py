@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FakeClock, stub_kernel_costs, stubbed_tuning
+from helpers import MEASURED_ARGS, FakeClock, stub_kernel_costs, stubbed_tuning
 from torch import nn
 
 from llama3 import ModelArgs, Transformer
@@ -30,8 +30,7 @@ from llama3.kernels.int4_dequant import Int4DequantLinear
 from llama3.kernels.measure import Tuning
 from llama3.kernels.phases import DECODE_ROWS, PhaseKernel
 
-ARGS = dict(dim=1024, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=256, multiple_of=256,
-            max_batch_size=2, max_seq_len=32)
+ARGS = MEASURED_ARGS
 MACHINE = {"cpu": "Test CPU 9000", "flags": "avx512f", "torch": "2.13.0", "capability": "AVX512"}
 
 

@@ -210,11 +210,12 @@ def measure_family(family: str, pool: list[type[LinearKernel]], args: Any, dtype
     # The layers passed through are part of the cache key, and so is the method: a choice cached
     # from one sample layer timed on its own (which misled, see the module doc) is not reused.
     machine = tuning.fingerprint if tuning.fingerprint is not None else autotune.machine_fingerprint()
+    between_rounds = flush_bytes() if tuning.flush_bytes is None else tuning.flush_bytes
     fingerprint = {**machine, "measured": "one pass through " + ", ".join(f"{o}x{i}" for o, i in shapes)
-                   + ", weights from memory"}
+                   + (", weights from memory" if between_rounds > 0 else ", weights from the cache")}
     if settings:  # another group size is another measurement
         fingerprint.update({f"setting {k}": str(v) for k, v in sorted(settings.items())})
-    flush = _cache_flush(flush_bytes() if tuning.flush_bytes is None else tuning.flush_bytes)
+    flush = _cache_flush(between_rounds)
     picked = autotune.choose({k.name: factory(k) for k in pool}, out_f, in_f, dtype, family=family,
                              prefill_rows=PREFILL_ROWS, budget_s=tuning.budget_s, override="",
                              cache=tuning.cache, timer=tuning.timer, fingerprint=fingerprint,
