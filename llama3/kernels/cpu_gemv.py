@@ -78,7 +78,7 @@ class CpuGemvKernel(LinearKernel):
     @classmethod
     def refusal(cls, layer: nn.Module | None, device: torch.device, dtype: torch.dtype) -> str:
         return "" if cls.applies(layer, device, dtype) else (
-            f"cpu-gemv computes bfloat16/float16 on the CPU; this is {dtype} on {device}")
+            f"{cls.name} computes bfloat16/float16 on the CPU; this is {dtype} on {device}")
 
     # The GEMV eagerly, and the opaque op running it in a compiled step.
     mv: ClassVar = staticmethod(torch.mv)
